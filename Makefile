@@ -1,0 +1,38 @@
+# relay: `make run` and `make test` do all their own setup on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install run test lint format clean all
+
+all: lint test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+# With no DATABASE_URL: embedded PostgreSQL in .relay/pgdata, demo table, demo receiver, relay.
+# With DATABASE_URL (and RELAY_CONFIG or CONFIG=path): relay for that database.
+run: $(STAMP)
+	$(BIN)/python -m relay.demo $(if $(CONFIG),--config $(CONFIG),)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format relay tests
+	$(BIN)/ruff check --fix relay tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

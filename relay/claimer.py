@@ -1,0 +1,151 @@
+"""Claims batches for one source when woken, when a timer falls due, or when swept.
+
+It claims only as many rows as there are free delivery slots, so claimed-but-unfinished rows
+never exceed `max_in_flight` whatever the backlog; then it sets a timer to the next row that is
+scheduled for later, so a retry is delivered when it falls due rather than at the next sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from relay.config import Config, Source
+from relay.store import RETRYABLE, Claimed
+
+log = logging.getLogger("relay.claimer")
+
+
+class Slots:
+    """The in-flight budget shared by every source's claimer."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._freed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return self.size - self.free
+
+    async def reserve(self, most: int, stop: asyncio.Event) -> int:
+        """Wait for at least one free slot and take up to `most`; 0 when stopping."""
+        while self.free == 0:
+            if stop.is_set():
+                return 0
+            self._freed.clear()
+            await self._freed.wait()
+        if stop.is_set():
+            return 0
+        taken = min(most, self.free)
+        self.free -= taken
+        return taken
+
+    def give(self, n: int = 1) -> None:
+        if n:
+            self.free += n
+            self._freed.set()
+
+    def poke(self) -> None:
+        self._freed.set()
+
+
+class ClaimStore(Protocol):
+    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]: ...
+    async def next_due(self, source: str) -> float | None: ...
+
+
+class Starter(Protocol):
+    def start(self, source: Source, row: Claimed) -> None: ...
+
+
+class Claimer:
+    def __init__(
+        self, source: Source, config: Config, store: ClaimStore, deliverer: Starter, slots: Slots
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.store = store
+        self.deliverer = deliverer
+        self.slots = slots
+        self._kick = asyncio.Event()
+        self._woken = True  # claim once at start
+        self._deadline = 0.0
+        self.claimed = 0
+
+    # -- called by the listener, the sweeper and the deliverer ---------------------------------
+
+    def wake(self) -> None:
+        self._woken = True
+        self._kick.set()
+
+    def schedule(self, delay: float) -> None:
+        """A row falls due in `delay` seconds: make sure a claim runs then."""
+        when = asyncio.get_running_loop().time() + max(delay, 0.0)
+        if when < self._deadline:
+            self._deadline = when
+            self._kick.set()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            await self._sleep(stop)
+            if stop.is_set():
+                break
+            self._woken = False
+            self._deadline = loop.time() + self.config.sweep_interval
+            try:
+                await self._drain(stop)
+                due = await self.store.next_due(self.source.name)
+            except RETRYABLE as exc:
+                # The database is away; the listener's reconnect will wake us, and the timer
+                # tries again meanwhile.
+                log.warning(
+                    "claim.failed source=%s error=%s", self.source.name, str(exc).splitlines()[0]
+                )
+                self._deadline = loop.time() + 1.0
+                continue
+            if due is not None:
+                self.schedule(due)
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set() and not self._woken:
+            timeout = self._deadline - loop.time()
+            if timeout <= 0:
+                return
+            self._kick.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._kick.wait()
+            except TimeoutError:
+                return
+
+    async def _drain(self, stop: asyncio.Event) -> None:
+        """Claim until the source has nothing claimable left (or we are stopping)."""
+        name = self.source.name
+        while not stop.is_set():
+            want = await self.slots.reserve(self.config.batch_size, stop)
+            if want == 0:
+                return
+            try:
+                rows = await self.store.claim(name, want, self.config.claim_timeout)
+            except BaseException:
+                self.slots.give(want)
+                raise
+            self.slots.give(want - len(rows))
+            self.claimed += len(rows)
+            for row in rows:
+                self.deliverer.start(self.source, row)
+            if len(rows) < want:
+                # Notifications that arrived while we claimed have been served by this pass
+                # only if they came before the claim; check once more if any did.
+                if not self._woken:
+                    return
+                self._woken = False

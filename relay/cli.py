@@ -1,0 +1,135 @@
+"""The `relay` command. Exit codes: 0 ok, 1 failed, 2 configuration error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import psycopg
+import psycopg_pool
+
+from relay import config as config_mod
+from relay.app import Relay, install_signal_handlers
+from relay.config import Config, ConfigError
+from relay.store import Store
+
+log = logging.getLogger("relay.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relay",
+        description="Postgres LISTEN/NOTIFY relay: delivers committed rows over HTTP.",
+    )
+    p.add_argument("--config", "-c", help="TOML configuration file (default: $RELAY_CONFIG)")
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: INFO)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="relay until SIGTERM/SIGINT")
+    sub.add_parser("install", help="create relay's schema and the sources' triggers (idempotent)")
+    sub.add_parser("uninstall", help="remove relay's triggers and functions (keeps data)")
+    sub.add_parser("check", help="check the configuration against the database")
+    sub.add_parser("status", help="rows by status and the oldest due row, per source")
+    rd = sub.add_parser("retry-dead", help="make a source's dead rows claimable again")
+    rd.add_argument("source", help="the source name from the configuration")
+    return p
+
+
+def _setup_logging(level: str | None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("RELAY_LOG_LEVEL") or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _with_store(config: Config, command: str, source: str | None) -> int:
+    store = Store(config.database_url, config.sources, channel=config.notify_channel, max_size=2)
+    try:
+        await store.open()
+    except psycopg_pool.PoolTimeout:
+        print(
+            f"relay {command}: cannot connect to the database at database.url "
+            f"({_redact(config.database_url)}); is it running and reachable?",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        if command == "install":
+            await store.install()
+            print(f"installed relay schema and triggers for: {', '.join(store.sources)}")
+        elif command == "uninstall":
+            await store.uninstall()
+            print("removed relay's triggers and functions (relay.outbox and its rows are kept)")
+        else:
+            await store.prepare()
+            if command == "check":
+                missing = await store.check_triggers()
+                for name in missing:
+                    print(f"sources.{name}: trigger not installed; run `relay install`")
+                print(f"configuration OK for sources: {', '.join(store.sources)}")
+            elif command == "status":
+                for name in store.sources:
+                    counts = await store.counts(name)
+                    oldest = await store.oldest_due(name)
+                    shown = ", ".join(f"{k}={v}" for k, v in counts.items()) or "empty"
+                    age = "none" if oldest is None else f"{oldest:.1f}s"
+                    print(f"{name}: {shown}; oldest due row waiting: {age}")
+            elif command == "retry-dead":
+                assert source is not None
+                if source not in store.sources:
+                    raise ConfigError(
+                        f"retry-dead: no source named {source!r}; sources are: "
+                        f"{', '.join(store.sources)}"
+                    )
+                count = await store.retry_dead(source)
+                print(f"{source}: {count} dead rows made claimable again")
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+def _redact(url: str) -> str:
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparsable>"
+    info.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in info.items())
+
+
+async def run_relay(config: Config) -> int:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    relay = Relay(config)
+    await relay.run(stop)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        config = config_mod.load(args.config, os.environ)
+        if args.command == "run":
+            return asyncio.run(run_relay(config))
+        return asyncio.run(_with_store(config, args.command, getattr(args, "source", None)))
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except psycopg.Error as exc:
+        print(f"relay: database error: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

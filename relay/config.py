@@ -1,0 +1,478 @@
+"""Configuration: one TOML file plus environment overrides, validated once into frozen dataclasses.
+
+Nothing else in relay reads the environment. Every error names the key that is wrong and says
+what to do, and the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key and the fix."""
+
+
+class SourceKind(StrEnum):
+    outbox = "outbox"
+    table = "table"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    base: float = 1.0  # seconds before the second attempt
+    factor: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.2  # +/- this fraction of the delay
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One watched table, and how relay claims, settles and delivers its rows."""
+
+    name: str
+    kind: SourceKind
+    schema: str
+    table: str
+    key: str
+    status: str
+    pending: tuple[str, ...]  # statuses a row can be claimed from
+    retry: str  # status a row waits in for its next attempt
+    processing: str
+    done: str
+    dead: str
+    attempts: str
+    max_attempts: int  # used when the column is absent or NULL
+    max_attempts_column: str | None
+    due: str
+    last_error: str | None = None
+    last_status: str | None = None
+    done_at: str | None = None
+    payload_column: str | None = None  # None: the whole row as JSON
+    url: str | None = None
+    url_column: str | None = None
+    topic_column: str | None = None
+    topics: Mapping[str, str] = field(default_factory=dict)
+    secret: str | None = None
+    secret_column: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def target_for_topic(self, topic: str) -> str | None:
+        """Exact topic first, then the longest `prefix.*` pattern, then `*`."""
+        if topic in self.topics:
+            return self.topics[topic]
+        best: tuple[int, str] | None = None
+        for pattern, url in self.topics.items():
+            matches = pattern.endswith("*") and topic.startswith(pattern[:-1])
+            if matches and (best is None or len(pattern) > best[0]):
+                best = (len(pattern), url)
+        return best[1] if best else None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database_url: str
+    listen_url: str  # the direct (non-PgBouncer) URL the listener uses
+    worker_id: str
+    sources: tuple[Source, ...]
+    max_in_flight: int = 20
+    batch_size: int = 50
+    sweep_interval: float = 30.0
+    claim_timeout: float = 60.0
+    shutdown_grace: float = 10.0
+    heartbeat_interval: float = 10.0
+    http_timeout: float = 10.0
+    max_response_bytes: int = 64 * 1024
+    user_agent: str = "relay/0.1"
+    retry: RetryPolicy = RetryPolicy()
+    health_host: str | None = "127.0.0.1"
+    health_port: int = 8081
+    notify_channel: str = "relay"
+
+
+# The outbox is relay's own table; as a source it is a fixed mapping onto relay.outbox.
+OUTBOX_TABLE = ("relay", "outbox")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_IDENT = re.compile(r"^[^\x00]{1,63}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources"}
+_SECTION_KEYS = {
+    "database": {"url", "listen_url"},
+    "relay": {
+        "worker_id",
+        "max_in_flight",
+        "batch_size",
+        "sweep_interval",
+        "claim_timeout",
+        "shutdown_grace",
+        "heartbeat_interval",
+        "channel",
+    },
+    "http": {"timeout", "max_response_bytes", "user_agent"},
+    "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
+    "health": {"listen"},
+}
+_COMMON_SOURCE_KEYS = {
+    "kind",
+    "url",
+    "secret",
+    "headers",
+    "max_attempts",
+}
+_OUTBOX_KEYS = _COMMON_SOURCE_KEYS | {"topics"}
+_TABLE_KEYS = _COMMON_SOURCE_KEYS | {
+    "table",
+    "key",
+    "status",
+    "pending",
+    "retry",
+    "processing",
+    "done",
+    "dead",
+    "attempts",
+    "max_attempts_column",
+    "due",
+    "last_error",
+    "last_status",
+    "done_at",
+    "payload",
+    "url_column",
+    "secret_column",
+}
+
+
+# -- small typed readers; each names the key it reads ------------------------------------------
+
+
+def _unknown(section: str, data: Mapping[str, Any], allowed: set[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(f"{where}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _str(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _ident(where: str, value: Any) -> str:
+    text = _str(where, value)
+    if not _IDENT.match(text):
+        raise ConfigError(f"{where}: {text!r} is not a valid column or table name")
+    return text
+
+
+def _opt_ident(where: str, value: Any) -> str | None:
+    return None if value is None else _ident(where, value)
+
+
+def _int(where: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum}, got {value}")
+    return value
+
+
+def duration(where: str, value: Any) -> float:
+    """Seconds from a number or a string like '250ms', '30s', '5m', '1h'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration like 30 or '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(
+            f"{where}: expected a duration like 30, '250ms', '30s' or '5m', got {value!r}"
+        )
+    if seconds < 0:
+        raise ConfigError(f"{where}: must not be negative, got {value!r}")
+    return seconds
+
+
+def _fraction(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def http_url(where: str, value: Any) -> str:
+    text = _str(where, value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {text!r} is not an http:// or https:// URL with a host")
+    return text
+
+
+def _headers(where: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table of header names to values")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        out[k] = _str(f"{where}.{k}", v)
+    return out
+
+
+def _status_list(where: str, value: Any) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a status value or a list of them, got {value!r}")
+    return tuple(_str(f"{where}[{i}]", v) for i, v in enumerate(values))
+
+
+def _table_name(where: str, value: Any) -> tuple[str, str]:
+    text = _str(where, value)
+    schema, _, table = text.rpartition(".")
+    return _ident(where, schema or "public"), _ident(where, table)
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
+    where = f"sources.{name}"
+    _unknown(where, data, _OUTBOX_KEYS)
+    topics_raw = data.get("topics", {})
+    if not isinstance(topics_raw, dict):
+        raise ConfigError(f"{where}.topics: expected a table of topic = URL")
+    topics = {t: http_url(f"{where}.topics.{t!r}", u) for t, u in topics_raw.items()}
+    url = http_url(f"{where}.url", data["url"]) if "url" in data else None
+    if url is not None:
+        topics.setdefault("*", url)
+    if not topics:
+        raise ConfigError(
+            f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
+            f"[{where}.topics] table of topic = URL"
+        )
+    return Source(
+        name=name,
+        kind=SourceKind.outbox,
+        schema=OUTBOX_TABLE[0],
+        table=OUTBOX_TABLE[1],
+        key="id",
+        status="status",
+        pending=("pending",),
+        retry="pending",
+        processing="processing",
+        done="delivered",
+        dead="dead",
+        attempts="attempts",
+        max_attempts=_int(f"{where}.max_attempts", data.get("max_attempts", max_attempts)),
+        max_attempts_column="max_attempts",
+        due="due_at",
+        last_error="last_error",
+        last_status="last_status",
+        done_at="delivered_at",
+        payload_column="payload",
+        topic_column="topic",
+        topics=topics,
+        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
+        headers=_headers(f"{where}.headers", data.get("headers", {})),
+    )
+
+
+def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
+    where = f"sources.{name}"
+    _unknown(where, data, _TABLE_KEYS)
+    for required in ("table", "key", "status", "attempts", "due"):
+        if required not in data:
+            raise ConfigError(f"{where}.{required}: required for a table source")
+    schema, table = _table_name(f"{where}.table", data["table"])
+    pending = _status_list(f"{where}.pending", data.get("pending", "pending"))
+    has_url = "url" in data
+    has_url_column = "url_column" in data
+    if has_url == has_url_column:
+        raise ConfigError(
+            f"{where}: set exactly one of url (a fixed target) or url_column (the row's column "
+            f"that holds the target URL)"
+        )
+    if "secret" in data and "secret_column" in data:
+        raise ConfigError(f"{where}: set at most one of secret or secret_column")
+    max_attempts_value = data.get("max_attempts", max_attempts)
+    column = data.get("max_attempts_column")
+    source = Source(
+        name=name,
+        kind=SourceKind.table,
+        schema=schema,
+        table=table,
+        key=_ident(f"{where}.key", data["key"]),
+        status=_ident(f"{where}.status", data["status"]),
+        pending=pending,
+        retry=_str(f"{where}.retry", data.get("retry", pending[0])),
+        processing=_str(f"{where}.processing", data.get("processing", "processing")),
+        done=_str(f"{where}.done", data.get("done", "done")),
+        dead=_str(f"{where}.dead", data.get("dead", "dead")),
+        attempts=_ident(f"{where}.attempts", data["attempts"]),
+        max_attempts=_int(f"{where}.max_attempts", max_attempts_value),
+        max_attempts_column=_opt_ident(f"{where}.max_attempts_column", column),
+        due=_ident(f"{where}.due", data["due"]),
+        last_error=_opt_ident(f"{where}.last_error", data.get("last_error")),
+        last_status=_opt_ident(f"{where}.last_status", data.get("last_status")),
+        done_at=_opt_ident(f"{where}.done_at", data.get("done_at")),
+        payload_column=_opt_ident(f"{where}.payload", data.get("payload")),
+        url=http_url(f"{where}.url", data["url"]) if has_url else None,
+        url_column=_opt_ident(f"{where}.url_column", data.get("url_column")),
+        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
+        secret_column=_opt_ident(f"{where}.secret_column", data.get("secret_column")),
+        headers=_headers(f"{where}.headers", data.get("headers", {})),
+    )
+    states = {
+        "processing": source.processing,
+        "done": source.done,
+        "dead": source.dead,
+    }
+    for label, value in states.items():
+        if value in source.pending:
+            raise ConfigError(f"{where}.{label}: {value!r} is also listed in {where}.pending")
+    if source.retry not in source.pending:
+        raise ConfigError(
+            f"{where}.retry: {source.retry!r} must be one of {where}.pending {list(pending)}, "
+            f"or a retried row would never be claimed again"
+        )
+    return source
+
+
+def _source(name: str, data: Any, max_attempts: int) -> Source:
+    where = f"sources.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"{where}: source names are lower-case letters, digits and _ (at most 40), "
+            f"starting with a letter"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    kind = data.get("kind")
+    if kind == SourceKind.outbox:
+        return _outbox(name, data, max_attempts)
+    if kind == SourceKind.table:
+        return _table(name, data, max_attempts)
+    raise ConfigError(f"{where}.kind: expected 'outbox' or 'table', got {kind!r}")
+
+
+# -- the whole file ------------------------------------------------------------------------
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table ([{name}])")
+    _unknown(name, value, _SECTION_KEYS[name])
+    return value
+
+
+def _health(value: Any) -> tuple[str | None, int]:
+    if value in ("", False):
+        return None, 0
+    text = _str("health.listen", value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"health.listen: expected host:port like '127.0.0.1:8081', got {text!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    """Build a Config from parsed TOML and the environment (DATABASE_URL, RELAY_LISTEN_URL)."""
+    _unknown("", raw, _TOP_KEYS)
+    database = _section(raw, "database")
+    relay = _section(raw, "relay")
+    http = _section(raw, "http")
+    retry = _section(raw, "retry")
+    health = _section(raw, "health")
+
+    url = env.get("DATABASE_URL") or database.get("url")
+    if not url:
+        raise ConfigError(
+            "database.url: no database to relay for; set DATABASE_URL or [database] url"
+        )
+    url = _str("database.url", url)
+    listen_url = env.get("RELAY_LISTEN_URL") or database.get("listen_url") or url
+    listen_url = _str("database.listen_url", listen_url)
+
+    max_attempts = _int("retry.max_attempts", retry.get("max_attempts", 5))
+    sources_raw = raw.get("sources", {})
+    if not isinstance(sources_raw, dict) or not sources_raw:
+        raise ConfigError(
+            "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
+            "or kind = 'table'"
+        )
+    sources = tuple(_source(n, d, max_attempts) for n, d in sources_raw.items())
+    outboxes = [s.name for s in sources if s.kind is SourceKind.outbox]
+    if len(outboxes) > 1:
+        raise ConfigError(f"sources: only one outbox source is allowed, got {outboxes}")
+
+    host, port = _health(health.get("listen", "127.0.0.1:8081"))
+    channel = _ident("relay.channel", relay.get("channel", "relay"))
+    policy = RetryPolicy(
+        base=duration("retry.base", retry.get("base", 1.0)),
+        factor=float(retry.get("factor", 2.0)),
+        max_delay=duration("retry.max_delay", retry.get("max_delay", 3600.0)),
+        jitter=_fraction("retry.jitter", retry.get("jitter", 0.2)),
+    )
+    if policy.factor < 1:
+        raise ConfigError(f"retry.factor: must be at least 1, got {policy.factor}")
+    return Config(
+        database_url=url,
+        listen_url=listen_url,
+        worker_id=_str(
+            "relay.worker_id", relay.get("worker_id", f"{socket.gethostname()}:{os.getpid()}")
+        ),
+        sources=sources,
+        max_in_flight=_int("relay.max_in_flight", relay.get("max_in_flight", 20)),
+        batch_size=_int("relay.batch_size", relay.get("batch_size", 50)),
+        sweep_interval=duration("relay.sweep_interval", relay.get("sweep_interval", 30.0)),
+        claim_timeout=duration("relay.claim_timeout", relay.get("claim_timeout", 60.0)),
+        shutdown_grace=duration("relay.shutdown_grace", relay.get("shutdown_grace", 10.0)),
+        heartbeat_interval=duration(
+            "relay.heartbeat_interval", relay.get("heartbeat_interval", 10.0)
+        ),
+        http_timeout=duration("http.timeout", http.get("timeout", 10.0)),
+        max_response_bytes=_int(
+            "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
+        ),
+        user_agent=_str("http.user_agent", http.get("user_agent", "relay/0.1")),
+        retry=policy,
+        health_host=host,
+        health_port=port,
+        notify_channel=channel,
+    )
+
+
+def load(path: str | Path | None, env: Mapping[str, str]) -> Config:
+    """Read the TOML file at `path` (or RELAY_CONFIG) and validate it."""
+    chosen = path or env.get("RELAY_CONFIG")
+    if not chosen:
+        raise ConfigError(
+            "no configuration file: pass --config PATH or set RELAY_CONFIG (see README)"
+        )
+    file = Path(chosen)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the configuration file: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    try:
+        return from_mapping(raw, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None

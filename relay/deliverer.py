@@ -1,0 +1,351 @@
+"""Sign, POST, classify the outcome, settle.
+
+Delivery happens outside any transaction: the claim committed before the request starts and the
+settle is a separate statement after it ends. Settles from concurrent deliveries are batched into
+one statement per source (the `Settler`), which also keeps the pool small under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from relay import retry, signing
+from relay.claimer import Slots
+from relay.config import Config, Source
+from relay.store import RETRYABLE, Claimed, Outcome, Settlement
+
+log = logging.getLogger("relay.deliverer")
+
+ERROR_SNIPPET = 300  # characters of a failing response body kept in last_error
+SETTLE_BATCH = 500
+
+
+class SettleStore(Protocol):
+    async def settle(self, source: str, settlements: list[Settlement]) -> set[Any]: ...
+
+
+class Settler:
+    """Collects settlements and writes each source's pending ones in one statement."""
+
+    def __init__(self, store: SettleStore) -> None:
+        self.store = store
+        self._queue: dict[str, list[tuple[Settlement, asyncio.Future[bool]]]] = defaultdict(list)
+        self._ready = asyncio.Event()
+        self._closing = False
+        self.lost = 0  # settles that found the row no longer ours
+
+    async def settle(self, source: str, settlement: Settlement) -> bool:
+        """True if the row was still ours and is now settled."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue[source].append((settlement, future))
+        self._ready.set()
+        return await future
+
+    def close(self) -> None:
+        self._closing = True
+        self._ready.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self._queue = self._queue, defaultdict(list)
+            for source, items in batch.items():
+                for start in range(0, len(items), SETTLE_BATCH):
+                    await self._write(source, items[start : start + SETTLE_BATCH])
+            if self._closing and not self._queue:
+                return
+
+    async def _write(
+        self, source: str, items: list[tuple[Settlement, asyncio.Future[bool]]]
+    ) -> None:
+        try:
+            settled = await self.store.settle(source, [s for s, _ in items])
+        except RETRYABLE as exc:
+            # The database stayed away longer than the store retries for. These rows keep
+            # their claim until it expires; then a sweep returns them and they are delivered
+            # again (at-least-once), with the same id.
+            log.error(
+                "settle.failed source=%s rows=%d error=%s",
+                source,
+                len(items),
+                str(exc).splitlines()[0],
+            )
+            settled = set()
+        for settlement, future in items:
+            ok = settlement.key in settled
+            if not ok:
+                self.lost += 1
+                log.warning(
+                    "settle.lost source=%s key=%s outcome=%s reason=claim no longer held "
+                    "(expired and taken over, or the row was deleted or changed)",
+                    source,
+                    settlement.key,
+                    settlement.outcome,
+                )
+            if not future.done():
+                future.set_result(ok)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one HTTP attempt came to."""
+
+    ok: bool
+    http_status: int | None
+    error: str | None
+    retry_after: float | None = None
+
+
+def _valid_url(url: str | None) -> bool:
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+class Deliverer:
+    def __init__(
+        self,
+        config: Config,
+        settler: Settler,
+        slots: Slots,
+        *,
+        on_retry: Callable[[str, float], None],
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.settler = settler
+        self.slots = slots
+        self.on_retry = on_retry
+        self.rand = rand
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._keys = {
+            s.name: signing.secret_key(s.secret) for s in config.sources if s.secret is not None
+        }
+        self.delivered = 0
+        self.failed = 0
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_in_flight,
+            limit_per_host=0,
+            keepalive_timeout=30,
+            ttl_dns_cache=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.config.http_timeout),
+            headers={"User-Agent": self.config.user_agent},
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def start(self, source: Source, row: Claimed) -> None:
+        task = asyncio.create_task(self._run(source, row), name=f"deliver:{source.name}:{row.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, grace: float) -> None:
+        """Let in-flight deliveries finish for up to `grace` seconds, then release the rest."""
+        if not self._tasks:
+            return
+        log.info("shutdown.draining in_flight=%d grace=%.1fs", len(self._tasks), grace)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("shutdown.releasing unfinished=%d", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run(self, source: Source, row: Claimed) -> None:
+        try:
+            try:
+                settlement = await self._deliver(source, row)
+            except asyncio.CancelledError:
+                # Shutdown ran out of grace: hand the row back without counting the attempt.
+                release = Settlement(row.key, row.lease, Outcome.release)
+                await asyncio.shield(self.settler.settle(source.name, release))
+                raise
+            except Exception as exc:  # a bug here must not lose the row or kill the relay
+                log.exception("delivery.crashed source=%s key=%s", source.name, row.key)
+                settlement = self._failure(source, row, f"relay error: {exc!r}", None, None)
+            settled = await self.settler.settle(source.name, settlement)
+            if settled and settlement.outcome is Outcome.retry:
+                self.on_retry(source.name, settlement.delay)
+        finally:
+            self.slots.give(1)
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _failure(
+        self,
+        source: Source,
+        row: Claimed,
+        error: str,
+        http_status: int | None,
+        retry_after: float | None,
+    ) -> Settlement:
+        self.failed += 1
+        if row.attempt >= row.max_attempts:
+            log.error(
+                "delivery.dead source=%s key=%s attempt=%d status=%s error=%s",
+                source.name,
+                row.key,
+                row.attempt,
+                http_status,
+                error,
+            )
+            return Settlement(row.key, row.lease, Outcome.dead, 0.0, error, http_status)
+        wait = retry.delay(self.config.retry, row.attempt, self.rand(), retry_after)
+        log.warning(
+            "delivery.failed source=%s key=%s attempt=%d status=%s retry_in=%.1fs error=%s",
+            source.name,
+            row.key,
+            row.attempt,
+            http_status,
+            wait,
+            error,
+        )
+        return Settlement(row.key, row.lease, Outcome.retry, wait, error, http_status)
+
+    def _dead(self, source: Source, row: Claimed, reason: str) -> Settlement:
+        self.failed += 1
+        log.error("delivery.dead source=%s key=%s reason=%s", source.name, row.key, reason)
+        return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None)
+
+    def _target(self, source: Source, row: Claimed) -> str | None:
+        if source.url_column is not None:
+            return row.url
+        if source.topic_column is not None:
+            return source.target_for_topic(row.topic or "")
+        return source.url
+
+    async def _deliver(self, source: Source, row: Claimed) -> Settlement:
+        if row.attempt > row.max_attempts:
+            return self._dead(
+                source,
+                row,
+                f"claimed {row.attempt} times with at most {row.max_attempts} attempts allowed: "
+                f"earlier claims expired without a settle (the relay crashed or lost the "
+                f"database while delivering this row)",
+            )
+        url = self._target(source, row)
+        if url is None and source.topic_column is not None:
+            return self._dead(
+                source,
+                row,
+                f"no target for topic {row.topic!r}: add it (or '*') under "
+                f"[sources.{source.name}.topics], then `relay retry-dead {source.name}`",
+            )
+        if not _valid_url(url):
+            return self._dead(
+                source,
+                row,
+                f"invalid target URL {url!r} in column {source.url_column!r}: "
+                f"it must be an http:// or https:// URL with a host",
+            )
+        assert url is not None
+        body = (row.payload if row.payload is not None else "null").encode()
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return self._dead(
+                source,
+                row,
+                f"payload in column {source.payload_column!r} is not valid JSON ({exc}); "
+                f"store JSON text there",
+            )
+        try:
+            headers = self._headers(source, row, body)
+        except ValueError as exc:
+            return self._dead(source, row, f"cannot sign: {exc}")
+        started = time.perf_counter()
+        result = await self._post(url, body, headers)
+        elapsed = (time.perf_counter() - started) * 1000
+        if result.ok:
+            self.delivered += 1
+            log.info(
+                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
+                source.name,
+                row.key,
+                row.attempt,
+                result.http_status,
+                elapsed,
+            )
+            return Settlement(row.key, row.lease, Outcome.done, 0.0, None, result.http_status)
+        return self._failure(
+            source, row, result.error or "failed", result.http_status, result.retry_after
+        )
+
+    def _headers(self, source: Source, row: Claimed, body: bytes) -> dict[str, str]:
+        # The id is the same on every attempt of this row, so receivers can drop duplicates.
+        msg_id = f"{source.name}_{row.key}"
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "relay-attempt": str(row.attempt),
+            **source.headers,
+        }
+        if row.topic is not None:
+            headers["relay-topic"] = row.topic
+        key = signing.secret_key(row.secret) if row.secret else self._keys.get(source.name)
+        if key is not None:
+            headers["webhook-signature"] = signing.sign(key, msg_id, timestamp, body)
+        return headers
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
+        assert self._session is not None, "Deliverer.open() was not called"
+        cap = self.config.max_response_bytes
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                # Read at most `cap` bytes: a huge or endless response cannot grow memory.
+                # (A body left unread past the cap closes the connection instead of reusing it.)
+                received = bytearray()
+                while len(received) < cap:
+                    chunk = await resp.content.read(cap - len(received))
+                    if not chunk:
+                        break
+                    received += chunk
+                if 200 <= resp.status < 300:
+                    return Attempt(True, resp.status, None)
+                snippet = received.decode("utf-8", "replace")[:ERROR_SNIPPET].strip()
+                error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
+                retry_after = retry.parse_retry_after(
+                    resp.headers.get("Retry-After"), datetime.now(UTC)
+                )
+                return Attempt(False, resp.status, error, retry_after)
+        except TimeoutError:
+            return Attempt(
+                False, None, f"no response within {self.config.http_timeout:g}s (http.timeout)"
+            )
+        except aiohttp.ClientError as exc:
+            return Attempt(False, None, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,117 @@
+"""The dedicated LISTEN connection: wakes claimers, and reconnects by itself.
+
+It owns exactly one autocommit connection, never one from the pool (a pooled or PgBouncer
+connection cannot be trusted to keep a LISTEN). Between notifications it probes the connection
+with `SELECT 1` every heartbeat, so a half-open TCP connection is noticed rather than trusted
+for ever. On every (re)connect it LISTENs first and then asks for a sweep, so a row committed
+while it was away is found by query: notifications are only a hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+
+log = logging.getLogger("relay.listener")
+
+# libpq keepalives: a peer that vanished without closing the socket is detected by the kernel
+# too, not only by the heartbeat.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "connect_timeout": 5,
+}
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "listener.reconnecting attempt=%d retry_in=%.2fs error=%s",
+        state.attempt_number,
+        wait,
+        str(exc).strip().splitlines()[0] if exc else "",
+    )
+
+
+class Listener:
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        *,
+        heartbeat: float,
+        on_notify: Callable[[str], None],
+        on_connect: Callable[[], None],
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.channel = channel
+        self.heartbeat = heartbeat
+        self.on_notify = on_notify
+        self.on_connect = on_connect
+        self.max_backoff = max_backoff
+        self.connected = False
+        self.up = asyncio.Event()  # set while connected and listening
+        self.connections = 0  # successful connects, for status and tests
+        self.backend_pid: int | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        work = asyncio.create_task(self._loop(), name="listener.loop")
+        stopped = asyncio.create_task(stop.wait(), name="listener.stop")
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, stopped):
+                task.cancel()
+            await asyncio.gather(work, stopped, return_exceptions=True)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+        self.connected = False
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
+            wait=wait_random_exponential(multiplier=0.1, max=self.max_backoff),
+            before_sleep=_log_retry,
+        ):
+            with attempt:
+                return await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, **KEEPALIVES
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _loop(self) -> None:
+        while True:
+            conn = await self._connect()
+            try:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                self.connected = True
+                self.up.set()
+                self.connections += 1
+                self.backend_pid = conn.info.backend_pid
+                log.info("listener.connected channel=%s pid=%s", self.channel, self.backend_pid)
+                self.on_connect()
+                await self._consume(conn)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                log.warning("listener.lost error=%s", str(exc).strip().splitlines()[0] or "timeout")
+            finally:
+                self.connected = False
+                self.up.clear()
+                await conn.close()
+
+    async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            async for notify in conn.notifies(timeout=self.heartbeat):
+                self.on_notify(notify.payload)
+            # No notification for a whole heartbeat: prove the connection is still alive.
+            async with asyncio.timeout(self.heartbeat):
+                await conn.execute("SELECT 1")

@@ -1,0 +1,488 @@
+"""The only module that runs SQL: check, install, claim, settle, sweep and report.
+
+Queries live in `sql/queries/*.sql` as named queries. For each source they are compiled once
+(identifiers and literals quoted by psycopg.sql) against the column types found in the database,
+so the hot path only binds parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from relay.config import ConfigError, Source, SourceKind
+
+log = logging.getLogger("relay.store")
+T = TypeVar("T")
+
+# -- SQL files ---------------------------------------------------------------------------------
+
+
+def sql_dir() -> Path:
+    """`relay/sql` in an installed wheel; the repository's `sql/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "triggers").is_dir():
+            return candidate
+    raise FileNotFoundError(f"relay's SQL files are missing: looked in {here / 'sql'}")
+
+
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(path: Path) -> dict[str, str]:
+    """Split a file of `-- name: x` sections into {name: sql}."""
+    text = path.read_text()
+    parts = _NAME_LINE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+_SOURCE_QUERIES = load_queries(sql_dir() / "queries" / "source.sql")
+_CATALOG = load_queries(sql_dir() / "queries" / "catalog.sql")
+_SCHEMA_SQL = (sql_dir() / "triggers" / "relay_schema.sql").read_text()
+_NOTIFY_SQL = (sql_dir() / "triggers" / "notify.sql").read_text()
+_UNINSTALL_SQL = (sql_dir() / "triggers" / "uninstall.sql").read_text()
+
+
+# -- what the store hands out and takes back ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A row this worker holds until `lease`; `lease` is also the token its settle must match."""
+
+    key: Any
+    lease: datetime
+    attempt: int
+    max_attempts: int
+    url: str | None
+    secret: str | None
+    topic: str | None
+    payload: str | None  # JSON text
+
+
+class Outcome(StrEnum):
+    done = "done"
+    retry = "retry"
+    dead = "dead"
+    release = "release"  # not attempted (shutdown): back to claimable, attempt not counted
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    key: Any
+    lease: datetime
+    outcome: Outcome
+    delay: float = 0.0
+    error: str | None = None
+    http_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str  # format_type(), already quoted as SQL
+    typtype: str  # 'e' for enums
+    type_oid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    claim: sql.Composed
+    settle: sql.Composed
+    rescue: sql.Composed
+    next_due: sql.Composed
+    counts: sql.Composed
+    oldest_due: sql.Composed
+    retry_dead: sql.Composed
+    install: sql.Composed
+    insert_trigger: str
+    update_trigger: str
+
+
+RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+
+# -- compiling a source's queries ----------------------------------------------------------------
+
+_TIMESTAMP_TYPES = re.compile(r"^timestamp(\(\d\))? with(out)? time zone$")
+_INTEGER_TYPES = {"integer", "bigint", "smallint"}
+_TEXTUAL = {"text", "character varying", "json", "jsonb"}
+
+
+def _check_columns(source: Source, columns: dict[str, Column]) -> None:
+    where = f"sources.{source.name}"
+    table = source.qualified_table
+    mapped = {
+        "key": source.key,
+        "status": source.status,
+        "attempts": source.attempts,
+        "due": source.due,
+        "max_attempts_column": source.max_attempts_column,
+        "last_error": source.last_error,
+        "last_status": source.last_status,
+        "done_at": source.done_at,
+        "payload": source.payload_column,
+        "url_column": source.url_column,
+        "secret_column": source.secret_column,
+    }
+    if source.kind is SourceKind.outbox:
+        where = f"sources.{source.name} (the outbox, relay.outbox)"
+    for key, column in mapped.items():
+        if column is not None and column not in columns:
+            raise ConfigError(
+                f"{where}.{key}: column {column!r} does not exist in table {table}; "
+                f"its columns are: {', '.join(sorted(columns))}"
+            )
+    due_type = columns[source.due].type
+    if not _TIMESTAMP_TYPES.match(due_type):
+        raise ConfigError(
+            f"{where}.due: column {source.due!r} is {due_type}; it must be a timestamp "
+            f"(with or without time zone)"
+        )
+    for key, column in (
+        ("attempts", source.attempts),
+        ("max_attempts_column", source.max_attempts_column),
+    ):
+        if column is not None and columns[column].type not in _INTEGER_TYPES:
+            raise ConfigError(
+                f"{where}.{key}: column {column!r} is {columns[column].type}; it must be an integer"
+            )
+    for key, column in (("url_column", source.url_column), ("secret_column", source.secret_column)):
+        if column is not None and columns[column].type not in ("text", "character varying"):
+            raise ConfigError(
+                f"{where}.{key}: column {column!r} is {columns[column].type}; it must be text"
+            )
+
+
+def _now(due_type: str) -> sql.Composable:
+    # timestamp-without-time-zone columns hold UTC by convention (Prisma, Documenso); compare
+    # and write them in UTC whatever the session's TimeZone is.
+    if "without" in due_type:
+        return sql.SQL("(now() AT TIME ZONE 'UTC')")
+    return sql.SQL("now()")
+
+
+def _text_or_null(column: str | None) -> sql.Composable:
+    if column is None:
+        return sql.SQL("NULL::text")
+    return sql.SQL("t.{}::text").format(sql.Identifier(column))
+
+
+def compile_source(source: Source, columns: dict[str, Column], channel: str) -> Compiled:
+    ident = sql.Identifier
+    due_type = columns[source.due].type
+    now = _now(due_type)
+    max_attempts: sql.Composable = sql.Literal(source.max_attempts)
+    if source.max_attempts_column is not None:
+        max_attempts = sql.SQL("COALESCE(t.{}, {})::int").format(
+            ident(source.max_attempts_column), sql.Literal(source.max_attempts)
+        )
+    payload: sql.Composable
+    if source.payload_column is not None:
+        payload = _text_or_null(source.payload_column)
+    else:
+        payload = sql.SQL("to_jsonb(t)::text")
+    returning = sql.SQL(", ").join(
+        [
+            sql.SQL("t.{}").format(ident(source.key)),
+            sql.SQL("t.{}").format(ident(source.due)),
+            sql.SQL("t.{}::int").format(ident(source.attempts)),
+            max_attempts,
+            _text_or_null(source.url_column),
+            _text_or_null(source.secret_column),
+            _text_or_null(source.topic_column),
+            payload,
+        ]
+    )
+    extra: list[sql.Composable] = []
+    if source.last_error is not None:
+        extra.append(
+            sql.SQL(
+                "{c} = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.{c} "
+                "ELSE s.error END"
+            ).format(c=ident(source.last_error))
+        )
+    if source.last_status is not None:
+        extra.append(
+            sql.SQL(
+                "{c} = CASE s.outcome WHEN 'release' THEN t.{c} "
+                "ELSE CAST(s.http_status AS {ty}) END"
+            ).format(c=ident(source.last_status), ty=sql.SQL(columns[source.last_status].type))
+        )
+    if source.done_at is not None:
+        extra.append(
+            sql.SQL("{c} = CASE s.outcome WHEN 'done' THEN {now} ELSE t.{c} END").format(
+                c=ident(source.done_at), now=_now(columns[source.done_at].type)
+            )
+        )
+    extra_sets = sql.SQL("").join(sql.SQL(", ") + e for e in extra)
+    names = {
+        "table": sql.Identifier(source.schema, source.table),
+        "key": ident(source.key),
+        "status": ident(source.status),
+        "due": ident(source.due),
+        "attempts": ident(source.attempts),
+        "now": now,
+        "pending": sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
+        "processing": sql.Literal(source.processing),
+        "retry": sql.Literal(source.retry),
+        "release": sql.Literal(source.retry),
+        "done": sql.Literal(source.done),
+        "dead": sql.Literal(source.dead),
+        "status_type": sql.SQL(columns[source.status].type),
+        "key_type": sql.SQL(columns[source.key].type),
+        "due_type": sql.SQL(due_type),
+        "returning": returning,
+        "extra_sets": extra_sets,
+    }
+
+    def q(name: str) -> sql.Composed:
+        return sql.SQL(_SOURCE_QUERIES[name]).format(
+            **{k: v for k, v in names.items() if "{" + k + "}" in _SOURCE_QUERIES[name]}
+        )
+
+    insert_trigger = f"relay_notify_{source.name}_insert"
+    update_trigger = f"relay_notify_{source.name}_update"
+    install = sql.SQL(_NOTIFY_SQL).format(
+        function=sql.Identifier("relay", f"notify_{source.name}"),
+        table=names["table"],
+        status=names["status"],
+        pending=names["pending"],
+        due=names["due"],
+        now=now,
+        channel=sql.Literal(channel),
+        source=sql.Literal(source.name),
+        insert_trigger=ident(insert_trigger),
+        update_trigger=ident(update_trigger),
+    )
+    return Compiled(
+        claim=q("claim"),
+        settle=q("settle"),
+        rescue=q("rescue"),
+        next_due=q("next_due"),
+        counts=q("counts"),
+        oldest_due=q("oldest_due"),
+        retry_dead=q("retry_dead"),
+        install=install,
+        insert_trigger=insert_trigger,
+        update_trigger=update_trigger,
+    )
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[str, Column]:
+    cur = await conn.execute(_CATALOG["columns"], {"schema": source.schema, "table": source.table})
+    columns = {r[0]: Column(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
+    if not columns:
+        if source.kind is SourceKind.outbox:
+            raise ConfigError(
+                f"sources.{source.name}: relay's outbox table relay.outbox does not exist; "
+                f"run `relay install` first"
+            )
+        raise ConfigError(
+            f"sources.{source.name}.table: table {source.qualified_table} does not exist "
+            f"in the database; create it or correct the name"
+        )
+    _check_columns(source, columns)
+    status = columns[source.status]
+    if status.typtype == "e":
+        cur = await conn.execute(_CATALOG["enum_labels"], {"type_oid": status.type_oid})
+        labels = {r[0] for r in await cur.fetchall()}
+        for key, value in (
+            *((f"pending[{i}]", v) for i, v in enumerate(source.pending)),
+            ("processing", source.processing),
+            ("done", source.done),
+            ("dead", source.dead),
+        ):
+            if value not in labels:
+                raise ConfigError(
+                    f"sources.{source.name}.{key}: {value!r} is not a value of enum "
+                    f"{status.type}; its values are: {', '.join(sorted(labels))}"
+                )
+    return columns
+
+
+class Store:
+    """A connection pool and the compiled queries of every configured source."""
+
+    def __init__(
+        self,
+        url: str,
+        sources: Sequence[Source],
+        *,
+        channel: str = "relay",
+        max_size: int = 8,
+        retry_for: float = 30.0,
+    ) -> None:
+        self.sources = {s.name: s for s in sources}
+        self.channel = channel
+        self.retry_for = retry_for
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            # Every query here is one statement, so autocommit makes each its own short
+            # transaction without a BEGIN/COMMIT round trip.
+            kwargs={"autocommit": True},
+            name="relay",
+            timeout=10.0,
+            reconnect_timeout=0,  # keep trying for ever: the database will come back
+        )
+        self.compiled: dict[str, Compiled] = {}
+
+    async def open(self) -> None:
+        if self.pool.closed:
+            await self.pool.open()
+        await self.pool.wait(timeout=15.0)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run `action`, retrying on a lost connection (the pool replaces broken ones)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                return await action()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Check every source against the database and compile its queries."""
+        async with self.pool.connection() as conn:
+            for source in self.sources.values():
+                columns = await _describe(conn, source)
+                self.compiled[source.name] = compile_source(source, columns, self.channel)
+
+    async def check_triggers(self) -> list[str]:
+        """Names of sources whose wake-up triggers are missing."""
+        missing = []
+        async with self.pool.connection() as conn:
+            for name, compiled in self.compiled.items():
+                source = self.sources[name]
+                cur = await conn.execute(
+                    _CATALOG["installed_trigger"],
+                    {
+                        "schema": source.schema,
+                        "table": source.table,
+                        "insert_trigger": compiled.insert_trigger,
+                        "update_trigger": compiled.update_trigger,
+                    },
+                )
+                row = await cur.fetchone()
+                if row is None or row[0] != 2:
+                    missing.append(name)
+        return missing
+
+    async def install(self) -> None:
+        """relay's schema and every source's trigger, in one transaction; idempotent."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
+            await conn.execute(_SCHEMA_SQL)
+            for source in self.sources.values():
+                columns = await _describe(conn, source)
+                compiled = compile_source(source, columns, self.channel)
+                self.compiled[source.name] = compiled
+                await conn.execute(compiled.install)
+
+    async def uninstall(self) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
+            await conn.execute(_UNINSTALL_SQL)
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
+        query = self.compiled[source].claim
+
+        async def run() -> list[Claimed]:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query, {"limit": limit, "lease_seconds": lease_seconds})
+                return [Claimed(*row) for row in await cur.fetchall()]
+
+        return await self._with_retries(run)
+
+    async def settle(self, source: str, settlements: Iterable[Settlement]) -> set[Any]:
+        """Apply a batch of settlements; returns the keys that were still ours and were settled."""
+        batch = list(settlements)
+        params = {
+            "keys": [s.key for s in batch],
+            "leases": [s.lease for s in batch],
+            "outcomes": [s.outcome.value for s in batch],
+            "delays": [s.delay for s in batch],
+            "errors": [s.error for s in batch],
+            "http_statuses": [s.http_status for s in batch],
+        }
+        query = self.compiled[source].settle
+
+        async def run() -> set[Any]:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return {row[0] for row in await cur.fetchall()}
+
+        return await self._with_retries(run)
+
+    async def _scalar(self, query: sql.Composed) -> Any:
+        async def run() -> Any:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query)
+                row = await cur.fetchone()
+                return None if row is None else row[0]
+
+        return await self._with_retries(run)
+
+    async def _rowcount(self, query: sql.Composed) -> int:
+        async def run() -> int:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query)
+                return cur.rowcount
+
+        return await self._with_retries(run)
+
+    async def rescue(self, source: str) -> int:
+        return await self._rowcount(self.compiled[source].rescue)
+
+    async def next_due(self, source: str) -> float | None:
+        value = await self._scalar(self.compiled[source].next_due)
+        return None if value is None else float(value)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def counts(self, source: str) -> dict[str, int]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.compiled[source].counts)
+            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+    async def oldest_due(self, source: str) -> float | None:
+        value = await self._scalar(self.compiled[source].oldest_due)
+        return None if value is None else float(value)
+
+    async def retry_dead(self, source: str) -> int:
+        return await self._rowcount(self.compiled[source].retry_dead)

@@ -1,0 +1,92 @@
+"""Sweeps: return expired claims to claimable, then have every claimer look for work.
+
+A sweep runs at start, right after every (re)connect of the listener, and every
+`sweep_interval`. It is what makes notifications optional: a row whose notification was never
+heard is found here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from relay.store import RETRYABLE
+
+log = logging.getLogger("relay.sweeper")
+
+
+class RescueStore(Protocol):
+    async def rescue(self, source: str) -> int: ...
+
+
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: RescueStore,
+        sources: Sequence[str],
+        claimers: Sequence[Wakeable],
+        interval: float,
+    ) -> None:
+        self.store = store
+        self.sources = sources
+        self.claimers = claimers
+        self.interval = interval
+        self._kick = asyncio.Event()
+        self._kick.set()  # sweep at start
+        self.sweeps = 0
+        self._swept = asyncio.Condition()
+        self._sweeping = False
+
+    def sweep_now(self) -> None:
+        self._kick.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            self._kick.clear()
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        self._sweeping = True
+        try:
+            await self._sweep()
+        finally:
+            self._sweeping = False
+        async with self._swept:
+            self._swept.notify_all()
+
+    async def _sweep(self) -> None:
+        for source in self.sources:
+            try:
+                rescued = await self.store.rescue(source)
+            except RETRYABLE as exc:
+                log.warning("sweep.failed source=%s error=%s", source, str(exc).splitlines()[0])
+                continue
+            if rescued:
+                log.warning(
+                    "sweep.rescued source=%s rows=%d reason=claim expired (worker died?)",
+                    source,
+                    rescued,
+                )
+        self.sweeps += 1
+        for claimer in self.claimers:
+            claimer.wake()
+
+    async def quiet(self) -> None:
+        """Wait until a sweep has run and none is asked for (used by tests and readiness)."""
+        async with self._swept:
+            await self._swept.wait_for(
+                lambda: self.sweeps > 0 and not self._kick.is_set() and not self._sweeping
+            )

@@ -1,0 +1,18 @@
+-- Named queries about the database itself (no source placeholders).
+
+-- name: columns
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), ty.typtype, a.atttypid::int8
+FROM pg_attribute AS a
+JOIN pg_type AS ty ON ty.oid = a.atttypid
+WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
+  AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- name: table_exists
+SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text)) IS NOT NULL;
+
+-- name: enum_labels
+SELECT enumlabel::text FROM pg_enum WHERE enumtypid = %(type_oid)s::oid ORDER BY enumsortorder;
+
+-- name: installed_trigger
+SELECT count(*)::int FROM pg_trigger WHERE tgname IN (%(insert_trigger)s, %(update_trigger)s)
+  AND tgrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text));

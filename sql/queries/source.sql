@@ -1,0 +1,70 @@
+-- Named queries for one source's table. `relay.store` loads them once and fills the braces with
+-- quoted identifiers, literals and types from the source's mapping (psycopg.sql); %(name)s are
+-- parameters. {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
+-- timestamp columns, which by convention hold UTC.
+
+-- name: claim
+-- Take up to %(limit)s claimable rows in one short transaction. The inner SELECT locks with
+-- SKIP LOCKED so concurrent relays never take the same row; `= ANY(ARRAY(...))` keeps the index
+-- scan a CTE or join loses after ANALYZE. Attempts count here, at claim time, so a row that
+-- crashes the relay cannot loop forever. The new due time is the claim's expiry and its token.
+UPDATE {table} AS t
+SET {status} = {processing},
+    {due} = {now} + make_interval(secs => %(lease_seconds)s::float8),
+    {attempts} = COALESCE(t.{attempts}, 0) + 1
+WHERE t.{key} = ANY(ARRAY(
+    SELECT c.{key} FROM {table} AS c
+    WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now})
+    ORDER BY c.{key}
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED))
+RETURNING {returning};
+
+-- name: settle
+-- Settle a batch in one statement. Each row is touched only if this worker still owns it:
+-- still processing, with the due time its claim set. A late settle after the claim expired and
+-- another worker took the row over changes nothing.
+UPDATE {table} AS t
+SET {status} = CAST(CASE s.outcome
+                        WHEN 'done' THEN {done}
+                        WHEN 'retry' THEN {retry}
+                        WHEN 'dead' THEN {dead}
+                        ELSE {release} END AS {status_type}),
+    {due} = CASE s.outcome
+                WHEN 'retry' THEN {now} + make_interval(secs => s.delay)
+                WHEN 'release' THEN {now}
+                ELSE t.{due} END,
+    {attempts} = CASE s.outcome WHEN 'release' THEN t.{attempts} - 1 ELSE t.{attempts} END
+    {extra_sets}
+FROM unnest(%(keys)s::{key_type}[], %(leases)s::{due_type}[], %(outcomes)s::text[],
+            %(delays)s::float8[], %(errors)s::text[], %(http_statuses)s::int4[])
+     AS s(key, lease, outcome, delay, error, http_status)
+WHERE t.{key} = s.key AND t.{status} = {processing} AND t.{due} = s.lease
+RETURNING t.{key};
+
+-- name: rescue
+-- Claims whose worker died: back to claimable once their expiry has passed.
+UPDATE {table}
+SET {status} = {retry}
+WHERE {status} = {processing} AND {due} < {now};
+
+-- name: next_due
+-- Seconds until the next row scheduled for later falls due (NULL if none).
+SELECT EXTRACT(EPOCH FROM (min({due}) - {now}))::float8
+FROM {table}
+WHERE {status} IN ({pending}) AND {due} > {now};
+
+-- name: counts
+SELECT {status}::text, count(*)::bigint FROM {table} GROUP BY 1 ORDER BY 1;
+
+-- name: oldest_due
+-- Seconds the longest-waiting claimable row has been due (NULL if none).
+SELECT EXTRACT(EPOCH FROM ({now} - min(COALESCE({due}, {now}))))::float8
+FROM {table}
+WHERE {status} IN ({pending}) AND ({due} IS NULL OR {due} <= {now});
+
+-- name: retry_dead
+-- Dead rows back to claimable now, with a fresh attempt budget.
+UPDATE {table}
+SET {status} = {retry}, {due} = {now}, {attempts} = 0
+WHERE {status} = {dead};

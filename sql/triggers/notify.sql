@@ -1,0 +1,30 @@
+-- The wake-up trigger for one source, installed by `relay install` for each configured source.
+-- Placeholders in braces are filled with quoted identifiers and literals (psycopg.sql).
+--
+-- Statement-level, with a transition table: a 10,000-row INSERT fires once, and sends one
+-- notification whose payload is only the source name (never row data, so the 8000-byte limit
+-- cannot matter). Identical notifications in one transaction fold into one. It notifies only
+-- when the statement left a row claimable now, so relay's own settles and retries scheduled for
+-- later wake nobody. The notification is a hint: relay's sweeps find every row without it.
+
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM relay_changed
+               WHERE {status} IN ({pending}) AND ({due} IS NULL OR {due} <= {now})) THEN
+        PERFORM pg_notify({channel}, {source});
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER {insert_trigger}
+    AFTER INSERT ON {table}
+    REFERENCING NEW TABLE AS relay_changed
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+
+CREATE OR REPLACE TRIGGER {update_trigger}
+    AFTER UPDATE ON {table}
+    REFERENCING NEW TABLE AS relay_changed
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}();

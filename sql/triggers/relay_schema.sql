@@ -1,0 +1,39 @@
+-- relay's own schema: the outbox that applications publish to, and relay.publish().
+-- Idempotent: `relay install` runs it on every install.
+
+CREATE SCHEMA IF NOT EXISTS relay;
+
+CREATE TABLE IF NOT EXISTS relay.outbox (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic         text        NOT NULL,
+    payload       jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    status        text        NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'processing', 'delivered', 'dead')),
+    attempts      integer     NOT NULL DEFAULT 0,
+    max_attempts  integer,                 -- NULL: the source's max_attempts from the config
+    -- When the row may next be claimed; while processing, when the claim expires. The claim's
+    -- expiry doubles as its token: a settle applies only if it still matches.
+    due_at        timestamptz NOT NULL DEFAULT now(),
+    last_error    text,
+    last_status   integer,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    delivered_at  timestamptz
+);
+
+-- The claim scans pending rows in id order; the partial index keeps that scan off the delivered
+-- history, however long it grows.
+CREATE INDEX IF NOT EXISTS outbox_pending_idx ON relay.outbox (id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_processing_idx ON relay.outbox (due_at) WHERE status = 'processing';
+
+CREATE OR REPLACE FUNCTION relay.publish(topic text, payload jsonb DEFAULT '{}'::jsonb,
+                                         deliver_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE sql
+AS $$
+    INSERT INTO relay.outbox (topic, payload, due_at)
+    VALUES (publish.topic, publish.payload, publish.deliver_at)
+    RETURNING id
+$$;
+
+COMMENT ON FUNCTION relay.publish(text, jsonb, timestamptz) IS
+    'Queue an event for relay: delivered to the URL configured for its topic once the transaction commits.';

@@ -1,0 +1,278 @@
+"""Shared test helpers: a loopback receiver, configs, and a relay running in-process or as a
+subprocess. Everything is real: PostgreSQL, HTTP over loopback, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from aiohttp import web
+
+from relay import config as config_mod
+from relay.app import Relay
+from relay.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 30.0  # the longest any test waits for an event before failing
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.time() when it arrived
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    @property
+    def id(self) -> str:
+        return self.headers["webhook-id"]
+
+
+Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+async def ok(_: web.Request, __: int) -> web.StreamResponse:
+    return web.Response(status=200, text="ok")
+
+
+@dataclass
+class Receiver:
+    """An HTTP server on loopback that records every request and answers as told."""
+
+    behaviour: Behaviour = ok
+    received: list[Received] = field(default_factory=list)
+    port: int = 0
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        record = Received(request.path, dict(request.headers), body, time.time())
+        count = sum(1 for r in self.received if r.id == record.id) + 1
+        self.received.append(record)
+        async with self._changed:
+            self._changed.notify_all()
+        return await self.behaviour(request, count)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.received))
+
+    async def wait_count(self, n: int, timeout: float = WAIT) -> None:
+        await self.wait_for(lambda r: len(r) >= n, timeout)
+
+    async def wait_ids(self, ids: set[str], timeout: float = WAIT) -> None:
+        await self.wait_for(lambda r: ids <= {x.id for x in r}, timeout)
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self.received]
+
+
+def queue_source(**overrides: Any) -> dict[str, Any]:
+    """A table source mapped onto the demo webhook_delivery_queue."""
+    source: dict[str, Any] = {
+        "kind": "table",
+        "table": "public.webhook_delivery_queue",
+        "key": "id",
+        "status": "status",
+        "pending": ["pending", "failed"],
+        "retry": "failed",
+        "processing": "processing",
+        "done": "delivered",
+        "dead": "dead_letter",
+        "attempts": "attempt_count",
+        "max_attempts_column": "max_attempts",
+        "due": "next_retry_at",
+        "last_error": "last_error",
+        "last_status": "last_response_status",
+        "done_at": "delivered_at",
+        "payload": "payload",
+        "url_column": "url",
+        "secret_column": "secret",
+    }
+    source.update(overrides)
+    return source
+
+
+def raw_config(db_url: str, **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "database": {"url": db_url},
+        "relay": {
+            "sweep_interval": 30,
+            "claim_timeout": 30,
+            "shutdown_grace": 5,
+            "heartbeat_interval": 2,
+        },
+        "http": {"timeout": 5},
+        "retry": {"base": 0.05, "max_delay": 0.5, "jitter": 0.0},
+        "health": {"listen": "127.0.0.1:0"},
+        "sources": {"deliveries": queue_source()},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(name), dict) and name != "sources":
+            raw[name] = {**raw[name], **value}
+        else:
+            raw[name] = value
+    return raw
+
+
+def make_config(db_url: str, **sections: Any) -> Config:
+    return config_mod.from_mapping(raw_config(db_url, **sections), {})
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """Just enough TOML for our configs: nested tables of scalars, lists and inline tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return orjson.dumps(v).decode()
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{orjson.dumps(k).decode()} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    lines: list[str] = []
+
+    def table(prefix: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) or k in ("topics", "headers")}
+        nested = {k: v for k, v in data.items() if k not in scalars}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{orjson.dumps(k).decode()} = {value(v)}")
+        for k, v in nested.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", raw)
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Relay]:
+    """A relay running in this event loop until the block ends (then a graceful stop)."""
+    relay = Relay(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop), name="relay-under-test")
+    try:
+        listening = asyncio.create_task(relay.listener.up.wait())
+        await asyncio.wait({task, listening}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        if task.done():
+            task.result()  # it died while starting: raise why
+        assert relay.listener.connected, "relay did not start listening in time"
+        # The sweep the connect asked for has run: from here on, only notifications, timers and
+        # the periodic sweep find rows.
+        await asyncio.wait_for(relay.sweeper.quiet(), WAIT)
+        yield relay
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int]:
+    """Insert `n` queue rows in one statement (one transaction); returns their ids."""
+    extra_cols = "".join(f", {c}" for c in columns)
+    extra_vals = "".join(f", %({c})s" for c in columns)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            f"INSERT INTO webhook_delivery_queue (url, payload{extra_cols}) "
+            f"SELECT %(url)s, jsonb_build_object('n', g){extra_vals} FROM generate_series(1, %(n)s) g "
+            f"RETURNING id",
+            {"url": target, "n": n, **columns},
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def fetch_rows(url: str) -> dict[int, dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        await cur.execute("SELECT * FROM webhook_delivery_queue ORDER BY id")
+        return {r["id"]: r for r in await cur.fetchall()}
+
+
+class RelayProcess:
+    """`relay run` as a subprocess, with its stderr collected."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._new_line = asyncio.Condition()
+
+    async def start(self, *args: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "--config",
+            str(self.config_path),
+            *(args or ("run",)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+            async with self._new_line:
+                self._new_line.notify_all()
+
+    async def wait_line(self, fragment: str, timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout), self._new_line:
+            await self._new_line.wait_for(lambda: any(fragment in line for line in self.lines))
+
+    async def wait_exit(self, timeout: float = WAIT) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)

@@ -20,6 +20,7 @@ from aiohttp import web
 from relay import config as config_mod
 from relay.app import Relay
 from relay.config import Config
+from relay.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # the longest any test waits for an event before failing
@@ -180,6 +181,16 @@ def to_toml(raw: dict[str, Any]) -> str:
 
     table("", raw)
     return "\n".join(lines) + "\n"
+
+
+async def install(config: Config) -> None:
+    """`relay install` for this config (schema and triggers), in-process."""
+    store = Store(config.database_url, config.sources, channel=config.notify_channel)
+    await store.open()
+    try:
+        await store.install()
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,18 +1,6 @@
 from __future__ import annotations
 
-import psycopg
-
-from relay.store import Store
-from tests.support import Receiver, fetch_rows, insert_rows, make_config, running
-
-
-async def install(config) -> None:  # type: ignore[no-untyped-def]
-    store = Store(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.install()
-    finally:
-        await store.close()
+from tests.support import Receiver, fetch_rows, insert_rows, install, make_config, running
 
 
 async def test_insert_is_delivered_through_notify(db: str, receiver: Receiver) -> None:
@@ -22,6 +10,7 @@ async def test_insert_is_delivered_through_notify(db: str, receiver: Receiver) -
         sweeps_before = relay.sweeper.sweeps
         ids = await insert_rows(db, receiver.url, 1)
         await receiver.wait_count(1, timeout=5)
+        # Found by the notification: no sweep ran between the insert and the delivery.
         assert relay.sweeper.sweeps == sweeps_before
     rows = await fetch_rows(db)
     assert rows[ids[0]]["status"] == "delivered"

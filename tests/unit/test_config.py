@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import config
+from relay.config import ConfigError, SourceKind
+from tests.support import queue_source
+
+DB = "postgresql://localhost/app"
+
+
+def build(**sections: Any) -> config.Config:
+    raw: dict[str, Any] = {
+        "database": {"url": DB},
+        "sources": {"q": queue_source(url_column="url")},
+    }
+    raw.update(sections)
+    return config.from_mapping(raw, {})
+
+
+def error(raw: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(raw, env or {})
+    return str(info.value)
+
+
+def test_defaults_are_sane() -> None:
+    cfg = build()
+    assert cfg.max_in_flight == 20
+    assert cfg.batch_size == 50
+    assert cfg.listen_url == DB
+    assert cfg.health_port == 8081
+    (source,) = cfg.sources
+    assert source.kind is SourceKind.table
+    assert (source.schema, source.table) == ("public", "webhook_delivery_queue")
+    assert source.pending == ("pending", "failed")
+
+
+def test_environment_overrides_the_file() -> None:
+    raw = {"database": {"url": DB}, "sources": {"q": queue_source()}}
+    cfg = config.from_mapping(
+        raw, {"DATABASE_URL": "postgresql://other/db", "RELAY_LISTEN_URL": "postgresql://direct/db"}
+    )
+    assert cfg.database_url == "postgresql://other/db"
+    assert cfg.listen_url == "postgresql://direct/db"
+
+
+def test_database_url_is_required() -> None:
+    assert "database.url" in error({"sources": {"q": queue_source()}})
+
+
+def test_unknown_top_level_key_is_named() -> None:
+    msg = error({"database": {"url": DB}, "sources": {"q": queue_source()}, "relya": {}})
+    assert msg.startswith("relya: unknown key")
+
+
+def test_unknown_key_in_a_section_is_named() -> None:
+    msg = error(
+        {"database": {"url": DB}, "relay": {"max_inflight": 3}, "sources": {"q": queue_source()}}
+    )
+    assert msg.startswith("relay.max_inflight: unknown key")
+    assert "max_in_flight" in msg  # the allowed keys are listed
+
+
+def test_unknown_key_in_a_source_is_named() -> None:
+    msg = error({"database": {"url": DB}, "sources": {"q": queue_source(colour="blue")}})
+    assert msg.startswith("sources.q.colour: unknown key")
+
+
+def test_wrong_type_is_named() -> None:
+    msg = error(
+        {
+            "database": {"url": DB},
+            "relay": {"max_in_flight": "ten"},
+            "sources": {"q": queue_source()},
+        }
+    )
+    assert msg.startswith("relay.max_in_flight: expected a whole number")
+
+
+def test_bad_url_is_named() -> None:
+    source = queue_source(url="not a url")
+    del source["url_column"]
+    msg = error({"database": {"url": DB}, "sources": {"q": source}})
+    assert msg.startswith("sources.q.url:") and "not a url" in msg
+
+
+def test_url_and_url_column_are_exclusive() -> None:
+    msg = error({"database": {"url": DB}, "sources": {"q": queue_source(url="http://x.test/")}})
+    assert "exactly one of url" in msg
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(5, 5.0), (2.5, 2.5), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0)],
+)
+def test_durations(value: Any, seconds: float) -> None:
+    assert build(relay={"sweep_interval": value}).sweep_interval == seconds
+
+
+def test_bad_duration_is_named() -> None:
+    msg = error(
+        {
+            "database": {"url": DB},
+            "relay": {"claim_timeout": "soon"},
+            "sources": {"q": queue_source()},
+        }
+    )
+    assert msg.startswith("relay.claim_timeout: expected a duration")
+
+
+def test_retry_status_must_be_claimable() -> None:
+    msg = error({"database": {"url": DB}, "sources": {"q": queue_source(retry="waiting")}})
+    assert msg.startswith("sources.q.retry:")
+
+
+def test_done_status_cannot_also_be_pending() -> None:
+    msg = error({"database": {"url": DB}, "sources": {"q": queue_source(done="pending")}})
+    assert msg.startswith("sources.q.done:")
+
+
+def test_required_mapping_keys_are_named() -> None:
+    source = queue_source()
+    del source["due"]
+    assert error({"database": {"url": DB}, "sources": {"q": source}}).startswith(
+        "sources.q.due: required"
+    )
+
+
+def test_source_names_are_identifiers() -> None:
+    assert "source names" in error(
+        {"database": {"url": DB}, "sources": {"Bad-Name": queue_source()}}
+    )
+
+
+def test_no_sources_is_an_error() -> None:
+    assert error({"database": {"url": DB}}).startswith("sources:")
+
+
+def test_outbox_topics_match_exact_then_longest_prefix_then_star() -> None:
+    cfg = build(
+        sources={
+            "events": {
+                "kind": "outbox",
+                "topics": {
+                    "order.created": "http://a.test/",
+                    "order.*": "http://b.test/",
+                    "*": "http://c.test/",
+                },
+            }
+        }
+    )
+    (outbox,) = cfg.sources
+    assert outbox.target_for_topic("order.created") == "http://a.test/"
+    assert outbox.target_for_topic("order.paid") == "http://b.test/"
+    assert outbox.target_for_topic("user.created") == "http://c.test/"
+
+
+def test_outbox_without_targets_is_an_error() -> None:
+    assert "somewhere to deliver" in error(
+        {"database": {"url": DB}, "sources": {"events": {"kind": "outbox"}}}
+    )
+
+
+def test_outbox_topic_urls_are_checked() -> None:
+    msg = error(
+        {
+            "database": {"url": DB},
+            "sources": {"events": {"kind": "outbox", "topics": {"a": "ftp://x"}}},
+        }
+    )
+    assert msg.startswith("sources.events.topics.'a':")
+
+
+def test_only_one_outbox() -> None:
+    out = {"kind": "outbox", "url": "http://a.test/"}
+    assert "only one outbox" in error({"database": {"url": DB}, "sources": {"a": out, "b": out}})
+
+
+def test_health_listen_can_be_disabled() -> None:
+    assert build(health={"listen": ""}).health_host is None
+    assert "health.listen" in error(
+        {"database": {"url": DB}, "health": {"listen": "8080"}, "sources": {"q": queue_source()}}
+    )
+
+
+def test_load_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[database]\nurl = "postgresql://x/y"\n[relay]\nbatch_size = 0\n'
+        '[sources.events]\nkind = "outbox"\nurl = "http://a.test/"\n'
+    )
+    with pytest.raises(ConfigError, match=r"relay.toml: relay.batch_size: must be at least 1"):
+        config.load(path, {})
+
+
+def test_load_reports_bad_toml_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[database\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad, {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml", {})
+    with pytest.raises(ConfigError, match="RELAY_CONFIG"):
+        config.load(None, {})
+
+
+def test_the_documented_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "relay.toml"
+    cfg = config.load(example, {})
+    assert {s.name for s in cfg.sources} == {"events", "deliveries"}

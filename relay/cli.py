@@ -129,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
+    except BaseExceptionGroup as group:
+        # A part of the relay died: say which and why, and exit non-zero.
+        for failure in group.exceptions:
+            log.critical("relay.crashed error=%r", failure, exc_info=failure)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class Settler:
         self, source: str, items: list[tuple[Settlement, asyncio.Future[bool]]]
     ) -> None:
         try:
-            settled = await self.store.settle(source, [s for s, _ in items])
+            settled: set[Any] | None = await self.store.settle(source, [s for s, _ in items])
         except RETRYABLE as exc:
             # The database stayed away longer than the store retries for. These rows keep
             # their claim until it expires; then a sweep returns them and they are delivered
@@ -83,10 +83,10 @@ class Settler:
                 len(items),
                 str(exc).splitlines()[0],
             )
-            settled = set()
+            settled = None
         for settlement, future in items:
-            ok = settlement.key in settled
-            if not ok:
+            ok = settled is not None and settlement.key in settled
+            if settled is not None and not ok:
                 self.lost += 1
                 log.warning(
                     "settle.lost source=%s key=%s outcome=%s reason=claim no longer held "

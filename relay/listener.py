@@ -10,6 +10,7 @@ while it was away is found by query: notifications are only a hint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -101,12 +102,16 @@ class Listener:
                 log.info("listener.connected channel=%s pid=%s", self.channel, self.backend_pid)
                 self.on_connect()
                 await self._consume(conn)
-            except (psycopg.OperationalError, TimeoutError) as exc:
-                log.warning("listener.lost error=%s", str(exc).strip().splitlines()[0] or "timeout")
+            except (psycopg.Error, TimeoutError) as exc:
+                # Any failure of this connection (terminated, server restarted, network gone,
+                # heartbeat unanswered) means the same thing: reconnect, LISTEN, sweep.
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timeout"
+                log.warning("listener.lost error=%s", reason)
             finally:
                 self.connected = False
                 self.up.clear()
-                await conn.close()
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:

@@ -40,7 +40,10 @@ class Server:
 
     def restart(self) -> None:
         if self.embedded is None:
-            pytest.skip("restarting the server needs the embedded PostgreSQL (unset RELAY_TEST_DATABASE_URL)")
+            pytest.skip(
+                "restarting the server needs the embedded PostgreSQL "
+                "(unset RELAY_TEST_DATABASE_URL)"
+            )
         self.embedded.restart()
 
     def stop(self) -> None:
@@ -70,7 +73,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def template(server: Server) -> str:
     with psycopg.connect(server.admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
     with psycopg.connect(server.url(TEMPLATE), autocommit=True) as conn:
         conn.execute((sql_dir() / "triggers" / "relay_schema.sql").read_text())
@@ -86,12 +91,18 @@ def db(server: Server, template: str) -> Iterator[str]:
     """The URL of a fresh database with relay's schema and the demo queue table (no triggers)."""
     name = f"relay_test_{os.getpid()}_{next(_counter)}"
     with psycopg.connect(server.admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
     try:
         yield server.url(name)
     finally:
         with psycopg.connect(server.admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture

@@ -85,7 +85,9 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = WAIT) -> None:
+    async def wait_for(
+        self, predicate: Callable[[list[Received]], bool], timeout: float = WAIT
+    ) -> None:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: predicate(self.received))
 
@@ -164,13 +166,19 @@ def to_toml(raw: dict[str, Any]) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{orjson.dumps(k).decode()} = {value(x)}" for k, x in v.items()) + "}"
+            return (
+                "{"
+                + ", ".join(f"{orjson.dumps(k).decode()} = {value(x)}" for k, x in v.items())
+                + "}"
+            )
         raise TypeError(v)
 
     lines: list[str] = []
 
     def table(prefix: str, data: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) or k in ("topics", "headers")}
+        scalars = {
+            k: v for k, v in data.items() if not isinstance(v, dict) or k in ("topics", "headers")
+        }
         nested = {k: v for k, v in data.items() if k not in scalars}
         if prefix:
             lines.append(f"[{prefix}]")
@@ -222,8 +230,8 @@ async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = await conn.execute(
             f"INSERT INTO webhook_delivery_queue (url, payload{extra_cols}) "
-            f"SELECT %(url)s, jsonb_build_object('n', g){extra_vals} FROM generate_series(1, %(n)s) g "
-            f"RETURNING id",
+            f"SELECT %(url)s, jsonb_build_object('n', g){extra_vals} "
+            f"FROM generate_series(1, %(n)s) g RETURNING id",
             {"url": target, "n": n, **columns},
         )
         return [r[0] for r in await cur.fetchall()]

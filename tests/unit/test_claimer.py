@@ -1,0 +1,121 @@
+"""The claimer against a fake store: bounded claims, wake-ups and the due timer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from relay.claimer import Claimer, Slots
+from relay.config import Config, Source
+from relay.store import Claimed
+from tests.support import make_config
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class FakeStore:
+    def __init__(self, rows: int) -> None:
+        self.waiting = list(range(rows))
+        self.claims: list[int] = []
+        self.due: float | None = None
+        self.claimed_event = asyncio.Event()
+
+    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
+        self.claims.append(limit)
+        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
+        self.claimed_event.set()
+        return [Claimed(k, NOW, 1, 5, None, None, None, "{}") for k in taken]
+
+    async def next_due(self, source: str) -> float | None:
+        return self.due
+
+
+class HeldDeliveries:
+    """Deliveries that finish only when the test says so."""
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        self.started: list[Claimed] = []
+        self.changed = asyncio.Event()
+
+    def start(self, source: Source, row: Claimed) -> None:
+        self.started.append(row)
+        self.changed.set()
+
+    def finish(self, n: int) -> None:
+        self.slots.give(n)
+
+
+def config(max_in_flight: int, batch: int) -> Config:
+    return make_config(
+        "postgresql://unused/x", relay={"max_in_flight": max_in_flight, "batch_size": batch}
+    )
+
+
+async def wait_until(event: asyncio.Event, predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not predicate():
+            event.clear()
+            await event.wait()
+
+
+async def test_never_claims_more_than_the_free_slots() -> None:
+    cfg = config(max_in_flight=3, batch=10)
+    store = FakeStore(rows=10)
+    slots = Slots(cfg.max_in_flight)
+    deliveries = HeldDeliveries(slots)
+    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
+    assert store.claims == [3]
+    assert slots.free == 0
+    deliveries.finish(2)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 5)
+    assert max(store.claims) <= 3
+    assert slots.in_flight == 3
+    deliveries.finish(3)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 8)
+    deliveries.finish(3)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 10)
+    stop.set()
+    slots.poke()
+    claimer.kick()
+    await asyncio.wait_for(task, 5)
+    assert [r.key for r in deliveries.started] == list(range(10))
+
+
+async def test_a_wake_claims_again_and_a_short_claim_ends_the_pass() -> None:
+    cfg = config(max_in_flight=10, batch=10)
+    store = FakeStore(rows=2)
+    slots = Slots(cfg.max_in_flight)
+    deliveries = HeldDeliveries(slots)
+    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 2)
+    assert store.claims == [10]  # one claim found fewer than asked: the pass ended
+    store.waiting = [100]
+    store.claimed_event.clear()
+    claimer.wake()
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
+    assert store.claims == [10, 8]
+    stop.set()
+    claimer.kick()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_the_next_due_row_sets_a_timer() -> None:
+    cfg = config(max_in_flight=10, batch=10)
+    store = FakeStore(rows=0)
+    store.due = 0.05
+    slots = Slots(cfg.max_in_flight)
+    claimer = Claimer(cfg.sources[0], cfg, store, HeldDeliveries(slots), slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    # The start-up pass, then the timer's pass 50 ms later, with no wake in between.
+    await wait_until(store.claimed_event, lambda: len(store.claims) >= 2)
+    stop.set()
+    claimer.kick()
+    await asyncio.wait_for(task, 5)

@@ -62,6 +62,8 @@ class Listener:
         self.max_backoff = max_backoff
         self.connected = False
         self.up = asyncio.Event()  # set while connected and listening
+        self.down = asyncio.Event()  # set while not (for tests and the health endpoint)
+        self.down.set()
         self.connections = 0  # successful connects, for status and tests
         self.backend_pid: int | None = None
 
@@ -97,6 +99,7 @@ class Listener:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 self.connected = True
                 self.up.set()
+                self.down.clear()
                 self.connections += 1
                 self.backend_pid = conn.info.backend_pid
                 log.info("listener.connected channel=%s pid=%s", self.channel, self.backend_pid)
@@ -110,6 +113,7 @@ class Listener:
             finally:
                 self.connected = False
                 self.up.clear()
+                self.down.set()
                 with contextlib.suppress(Exception):
                     await conn.close()
 

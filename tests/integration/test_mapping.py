@@ -1,0 +1,116 @@
+"""A mapping onto a Prisma-style table: text keys, an enum status, timestamp(3) without time
+zone, the whole row as the payload, a fixed target URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from aiohttp import web
+
+from relay import config as config_mod
+from relay.config import ConfigError
+from relay.store import Store
+from tests.support import Receiver, install, raw_config, running
+
+SCHEMA = """
+CREATE TYPE "JobStatus" AS ENUM ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED');
+CREATE TABLE "Job" (
+    id          text PRIMARY KEY,
+    status      "JobStatus" NOT NULL DEFAULT 'PENDING',
+    retried     integer NOT NULL DEFAULT 0,
+    "runAt"     timestamp(3) without time zone,
+    data        jsonb,
+    "lastError" text
+);
+"""
+
+
+def job_source(url: str, **overrides: Any) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "kind": "table",
+        "table": "Job",
+        "key": "id",
+        "status": "status",
+        "pending": "PENDING",
+        "processing": "PROCESSING",
+        "done": "COMPLETED",
+        "dead": "FAILED",
+        "attempts": "retried",
+        "max_attempts": 2,
+        "due": "runAt",
+        "last_error": "lastError",
+        "url": url,
+    }
+    source.update(overrides)
+    return source
+
+
+@pytest.fixture
+def job_db(db: str) -> str:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return db
+
+
+async def jobs(db: str) -> dict[str, tuple[str, int, str | None]]:
+    async with await psycopg.AsyncConnection.connect(db) as conn:
+        cur = await conn.execute('SELECT id, status::text, retried, "lastError" FROM "Job"')
+        return {r[0]: (r[1], r[2], r[3]) for r in await cur.fetchall()}
+
+
+async def test_whole_row_is_delivered_and_enum_status_settled(
+    job_db: str, receiver: Receiver
+) -> None:
+    config = config_mod.from_mapping(
+        raw_config(job_db, sources={"jobs": job_source(receiver.url)}), {}
+    )
+    await install(config)
+    async with running(config):
+        async with await psycopg.AsyncConnection.connect(job_db, autocommit=True) as conn:
+            await conn.execute(
+                """INSERT INTO "Job" (id, data) VALUES ('ckx1', '{"to": "a@example.com"}')"""
+            )
+        await receiver.wait_count(1)
+    body = receiver.received[0].json
+    assert body["id"] == "ckx1"
+    assert body["data"] == {"to": "a@example.com"}
+    assert receiver.received[0].id == "jobs_ckx1"
+    rows = await jobs(job_db)
+    assert rows["ckx1"][0] == "COMPLETED"
+
+
+async def test_enum_row_goes_dead_after_max_attempts(job_db: str, receiver: Receiver) -> None:
+    async def fail(_: web.Request, __: int) -> web.Response:
+        return web.Response(status=503, text="down for maintenance")
+
+    receiver.behaviour = fail
+    config = config_mod.from_mapping(
+        raw_config(job_db, sources={"jobs": job_source(receiver.url)}), {}
+    )
+    await install(config)
+    async with running(config):
+        async with await psycopg.AsyncConnection.connect(job_db, autocommit=True) as conn:
+            await conn.execute("""INSERT INTO "Job" (id) VALUES ('ckx2')""")
+        await receiver.wait_count(2)
+    # A graceful stop waits for in-flight deliveries and their settles, so the row is final.
+    status, retried, error = (await jobs(job_db))["ckx2"]
+    assert (status, retried) == ("FAILED", 2)
+    assert error is not None and "HTTP 503: down for maintenance" in error
+    assert len(receiver.received) == 2
+
+
+async def test_a_status_value_missing_from_the_enum_is_a_config_error(job_db: str) -> None:
+    config = config_mod.from_mapping(
+        raw_config(job_db, sources={"jobs": job_source("http://x.test/", done="DONE")}), {}
+    )
+    store = Store(config.database_url, config.sources)
+    await store.open()
+    try:
+        with pytest.raises(
+            ConfigError, match=r"sources\.jobs\.done: 'DONE' is not a value of enum"
+        ):
+            await store.prepare()
+    finally:
+        await store.close()

@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Receiver:
 
     behaviour: Behaviour = ok
     received: list[Received] = field(default_factory=list)
+    seen: Counter[str] = field(default_factory=Counter)  # requests per webhook-id
     port: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _runner: web.AppRunner | None = None
@@ -66,7 +68,8 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         record = Received(request.path, dict(request.headers), body, time.time())
-        count = sum(1 for r in self.received if r.id == record.id) + 1
+        self.seen[record.id] += 1
+        count = self.seen[record.id]
         self.received.append(record)
         async with self._changed:
             self._changed.notify_all()
@@ -295,3 +298,131 @@ class RelayProcess:
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+
+# -- fault injection and processes (used by tests/integration/test_faults.py and tests/e2e) ----
+
+# A subprocess must read its database from the config file we wrote, whatever the caller's shell
+# exports.
+HERMETIC_ENV = {
+    "DATABASE_URL": "",
+    "RELAY_LISTEN_URL": "",
+    "RELAY_CONFIG": "",
+    "RELAY_LOG_LEVEL": "",
+}
+
+
+def delivery_ids(ids: Any, source: str = "deliveries") -> set[str]:
+    """The webhook-id each of these queue row ids is delivered with."""
+    return {f"{source}_{i}" for i in ids}
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Config:
+    """Write `raw` as TOML to `path` and return the Config a relay reading it will run with."""
+    path.write_text(to_toml(raw))
+    return config_mod.from_mapping(raw, {})
+
+
+async def run_cli(config_path: Path, *args: str, timeout: float = WAIT) -> tuple[int, str]:
+    """Run a one-shot `relay` command to the end; its exit code and combined output."""
+    proc = RelayProcess(config_path, env=HERMETIC_ENV)
+    try:
+        await proc.start(*args)
+        code = await proc.wait_exit(timeout)
+    finally:
+        proc.kill()
+    return code, proc.output()
+
+
+class InsertStream:
+    """Inserts queue rows one per transaction from its own connection, and carries on when that
+    connection dies (backend terminated, server restarted): it reconnects and goes on.
+
+    `acked` holds the ids whose INSERT returned, so surely committed. An INSERT whose connection
+    died may or may not have committed: the table, not this list, says which rows exist.
+    """
+
+    def __init__(self, url: str, target: str) -> None:
+        self.url = url
+        self.target = target
+        self.acked: list[int] = []
+        self.failed = 0  # inserts whose outcome the client never heard
+        self.connections = 0
+        self._progress = asyncio.Condition()
+
+    async def run(self, n: int) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            for i in range(1, n + 1):
+                if conn is None:
+                    conn = await self._connect()
+                try:
+                    cur = await conn.execute(
+                        "INSERT INTO webhook_delivery_queue (url, payload) "
+                        "VALUES (%s, jsonb_build_object('n', %s::int)) RETURNING id",
+                        (self.target, i),
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    self.acked.append(row[0])
+                except psycopg.OperationalError:
+                    self.failed += 1
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    conn = None
+                async with self._progress:
+                    self._progress.notify_all()
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=5
+                )
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                # The server is restarting: nothing to wait on but the server itself, so retry
+                # the connect at a short interval, bounded by the deadline.
+                await asyncio.sleep(0.05)
+                continue
+            self.connections += 1
+            return conn
+
+    async def wait_acked(self, n: int, timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout), self._progress:
+            await self._progress.wait_for(lambda: len(self.acked) >= n)
+
+
+async def terminate_backends(db_url: str, pids: list[int] | None = None) -> list[int]:
+    """pg_terminate_backend: the given backends, or every other backend of this database."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        if pids is None:
+            # Pick the victims first: the planner may evaluate WHERE clauses in any order, and
+            # must never terminate this very connection.
+            cur = await conn.execute(
+                "WITH victims AS MATERIALIZED (SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()) "
+                "SELECT pid FROM victims WHERE pg_terminate_backend(pid)"
+            )
+        else:
+            cur = await conn.execute(
+                "SELECT pid FROM unnest(%s::int[]) AS pid WHERE pg_terminate_backend(pid)",
+                (pids,),
+            )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def listener_reconnected(relay: Relay, timeout: float = WAIT) -> None:
+    """Wait until the listener has dropped its connection and is connected and listening again.
+
+    Start this (as a task) before breaking the connection: it waits for the drop first, so a
+    listener that never noticed cannot pass for one that came back.
+    """
+    async with asyncio.timeout(timeout):
+        await relay.listener.down.wait()
+        await relay.listener.up.wait()

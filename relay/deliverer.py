@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+import psycopg
 
 from relay import retry, signing
 from relay.claimer import Slots
@@ -82,6 +83,17 @@ class Settler:
                 source,
                 len(items),
                 str(exc).splitlines()[0],
+            )
+            settled = None
+        except psycopg.Error as exc:
+            # Not a lost connection: the database refused the settle (a constraint, a trigger
+            # of the user's, a changed table). Leave the rows to their claim expiry rather than
+            # take the whole relay down with them; the reason is in the log.
+            log.error(
+                "settle.rejected source=%s rows=%d error=%s",
+                source,
+                len(items),
+                str(exc).strip().splitlines()[0],
             )
             settled = None
         for settlement, future in items:

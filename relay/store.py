@@ -306,21 +306,71 @@ async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[
         )
     _check_columns(source, columns)
     status = columns[source.status]
+    values = (
+        *((f"pending[{i}]", v) for i, v in enumerate(source.pending)),
+        ("processing", source.processing),
+        ("done", source.done),
+        ("dead", source.dead),
+    )
     if status.typtype == "e":
         cur = await conn.execute(_CATALOG["enum_labels"], {"type_oid": status.type_oid})
         labels = {r[0] for r in await cur.fetchall()}
-        for key, value in (
-            *((f"pending[{i}]", v) for i, v in enumerate(source.pending)),
-            ("processing", source.processing),
-            ("done", source.done),
-            ("dead", source.dead),
-        ):
+        for key, value in values:
             if value not in labels:
                 raise ConfigError(
                     f"sources.{source.name}.{key}: {value!r} is not a value of enum "
                     f"{status.type}; its values are: {', '.join(sorted(labels))}"
                 )
+    await _check_status_constraints(conn, source, status, values)
     return columns
+
+
+async def _check_status_constraints(
+    conn: psycopg.AsyncConnection[Any],
+    source: Source,
+    status: Column,
+    values: Sequence[tuple[str, str]],
+) -> None:
+    """Each configured status value must pass the table's CHECK constraints on that column.
+
+    The constraints are copied onto a one-column temporary table and each value inserted there,
+    in a transaction that is always rolled back: PostgreSQL itself judges the values.
+    """
+    cur = await conn.execute(
+        _CATALOG["status_checks"],
+        {"schema": source.schema, "table": source.table, "column": source.status},
+    )
+    checks = await cur.fetchall()
+    if not checks:
+        return
+    probe = sql.Identifier("relay_status_probe")
+    async with conn.transaction(force_rollback=True):
+        await conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} ({} {}) ON COMMIT DROP").format(
+                probe, sql.Identifier(source.status), sql.SQL(status.type)
+            )
+        )
+        for name, definition in checks:
+            # The definition comes from pg_get_constraintdef(), i.e. from the catalog itself.
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    probe, sql.Identifier(name), sql.SQL(definition)
+                )
+            )
+        for key, value in values:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        sql.SQL("INSERT INTO {} VALUES ({})").format(probe, sql.Literal(value))
+                    )
+            except psycopg.errors.CheckViolation as exc:
+                name = exc.diag.constraint_name or "?"
+                definition = dict(checks).get(name, "")
+                raise ConfigError(
+                    f"sources.{source.name}.{key}: {value!r} is not allowed in column "
+                    f"{source.status!r} of {source.qualified_table} by its constraint {name} "
+                    f"({definition}); use one of the values it allows"
+                ) from None
 
 
 class Store:
@@ -348,7 +398,6 @@ class Store:
             kwargs={"autocommit": True},
             name="relay",
             timeout=10.0,
-            reconnect_timeout=0,  # keep trying for ever: the database will come back
         )
         self.compiled: dict[str, Compiled] = {}
 

@@ -348,12 +348,21 @@ class InsertStream:
         self.acked: list[int] = []
         self.failed = 0  # inserts whose outcome the client never heard
         self.connections = 0
+        self.finished = False
         self._progress = asyncio.Condition()
 
-    async def run(self, n: int) -> None:
+    async def run(self, n: int, until: asyncio.Event | None = None, pace: float = 0.0) -> None:
+        """Insert `n` rows, and go on after that until `until` is set (if given).
+
+        `pace` spaces the inserts (seconds between them) so that the stream is a steady load
+        rather than a burst, and lasts however long the fault under test does without
+        piling up more rows than a relay delivers in a test's time.
+        """
         conn: psycopg.AsyncConnection[Any] | None = None
+        i = 0
         try:
-            for i in range(1, n + 1):
+            while i < n or (until is not None and not until.is_set()):
+                i += 1
                 if conn is None:
                     conn = await self._connect()
                 try:
@@ -372,9 +381,15 @@ class InsertStream:
                     conn = None
                 async with self._progress:
                     self._progress.notify_all()
+                if pace:
+                    await asyncio.sleep(pace)
         finally:
+            self.finished = True
             if conn is not None:
-                await conn.close()
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            async with self._progress:
+                self._progress.notify_all()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         deadline = time.monotonic() + WAIT
@@ -394,8 +409,10 @@ class InsertStream:
             return conn
 
     async def wait_acked(self, n: int, timeout: float = WAIT) -> None:
+        """Wait until `n` inserts have committed (fails at once if the stream stopped short)."""
         async with asyncio.timeout(timeout), self._progress:
-            await self._progress.wait_for(lambda: len(self.acked) >= n)
+            await self._progress.wait_for(lambda: len(self.acked) >= n or self.finished)
+        assert len(self.acked) >= n, f"the insert stream stopped after {len(self.acked)} rows"
 
 
 async def terminate_backends(db_url: str, pids: list[int] | None = None) -> list[int]:

@@ -16,3 +16,12 @@ SELECT enumlabel::text FROM pg_enum WHERE enumtypid = %(type_oid)s::oid ORDER BY
 -- name: installed_trigger
 SELECT count(*)::int FROM pg_trigger WHERE tgname IN (%(insert_trigger)s, %(update_trigger)s)
   AND tgrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text));
+
+-- name: status_checks
+-- CHECK constraints that involve only the status column: the status values relay writes must
+-- pass them, or every settle would fail.
+SELECT c.conname::text, pg_get_constraintdef(c.oid)
+FROM pg_constraint AS c
+JOIN pg_attribute AS a ON a.attrelid = c.conrelid AND a.attname = %(column)s
+WHERE c.conrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
+  AND c.contype = 'c' AND c.conkey = ARRAY[a.attnum];

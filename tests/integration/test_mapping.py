@@ -12,7 +12,7 @@ from aiohttp import web
 from relay import config as config_mod
 from relay.config import ConfigError
 from relay.store import Store
-from tests.support import Receiver, install, raw_config, running
+from tests.support import Receiver, fetch_rows, insert_rows, install, raw_config, running
 
 SCHEMA = """
 CREATE TYPE "JobStatus" AS ENUM ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED');
@@ -114,3 +114,34 @@ async def test_a_status_value_missing_from_the_enum_is_a_config_error(job_db: st
             await store.prepare()
     finally:
         await store.close()
+
+
+async def test_a_settle_the_database_rejects_is_logged_and_the_relay_goes_on(
+    db: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A trigger of the user's refuses to mark one particular row delivered.
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.status = 'delivered' AND NEW.url LIKE '%refuse%' THEN
+                    RAISE EXCEPTION 'row % may not be delivered', NEW.id;
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse BEFORE UPDATE ON webhook_delivery_queue
+                FOR EACH ROW EXECUTE FUNCTION refuse();
+            """
+        )
+    config = config_mod.from_mapping(raw_config(db, relay={"max_in_flight": 1}), {})
+    await install(config)
+    async with running(config):
+        (bad,) = await insert_rows(db, receiver.url + "?refuse", 1)
+        await receiver.wait_ids({f"deliveries_{bad}"})
+        (good,) = await insert_rows(db, receiver.url, 1)
+        await receiver.wait_ids({f"deliveries_{good}"})
+    rows = await fetch_rows(db)
+    assert rows[good]["status"] == "delivered"
+    assert rows[bad]["status"] == "processing"  # left to its claim expiry, not lost
+    assert any("settle.rejected" in r.getMessage() for r in caplog.records)

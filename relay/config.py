@@ -25,6 +25,12 @@ class ConfigError(Exception):
 class SourceKind(StrEnum):
     outbox = "outbox"
     table = "table"
+    documenso_documents = "documenso_documents"
+
+
+class BodyFormat(StrEnum):
+    raw = "raw"  # the payload as it is
+    documenso = "documenso"  # {"event", "payload", "createdAt", "webhookEndpoint"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,10 @@ class Source:
     secret: str | None = None
     secret_column: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    body: BodyFormat = BodyFormat.raw
+    # Send the secret as it is in this header instead of signing (Documenso's X-Documenso-Secret).
+    secret_header: str | None = None
+    app_schema: str = "public"  # where a preset's application tables live
 
     @property
     def qualified_table(self) -> str:
@@ -105,6 +115,8 @@ class Config:
 
 # The outbox is relay's own table; as a source it is a fixed mapping onto relay.outbox.
 OUTBOX_TABLE = ("relay", "outbox")
+# Documenso document events are captured into a table of the same shape.
+DOCUMENSO_EVENTS_TABLE = ("relay", "documenso_events")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _IDENT = re.compile(r"^[^\x00]{1,63}$")
@@ -136,6 +148,7 @@ _COMMON_SOURCE_KEYS = {
     "max_attempts",
 }
 _OUTBOX_KEYS = _COMMON_SOURCE_KEYS | {"topics"}
+_DOCUMENSO_DOCUMENTS_KEYS = _COMMON_SOURCE_KEYS | {"schema"}
 _TABLE_KEYS = _COMMON_SOURCE_KEYS | {
     "table",
     "key",
@@ -248,26 +261,23 @@ def _table_name(where: str, value: Any) -> tuple[str, str]:
 # -- sources -------------------------------------------------------------------------------
 
 
-def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
+def _event_table(
+    name: str,
+    data: Mapping[str, Any],
+    max_attempts: int,
+    *,
+    kind: SourceKind,
+    table: tuple[str, str],
+    topics: dict[str, str],
+    **extra: Any,
+) -> Source:
+    """A source on one of relay's own event tables (the outbox's shape)."""
     where = f"sources.{name}"
-    _unknown(where, data, _OUTBOX_KEYS)
-    topics_raw = data.get("topics", {})
-    if not isinstance(topics_raw, dict):
-        raise ConfigError(f"{where}.topics: expected a table of topic = URL")
-    topics = {t: http_url(f"{where}.topics.{t!r}", u) for t, u in topics_raw.items()}
-    url = http_url(f"{where}.url", data["url"]) if "url" in data else None
-    if url is not None:
-        topics.setdefault("*", url)
-    if not topics:
-        raise ConfigError(
-            f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
-            f"[{where}.topics] table of topic = URL"
-        )
     return Source(
         name=name,
-        kind=SourceKind.outbox,
-        schema=OUTBOX_TABLE[0],
-        table=OUTBOX_TABLE[1],
+        kind=kind,
+        schema=table[0],
+        table=table[1],
         key="id",
         status="status",
         pending=("pending",),
@@ -287,6 +297,46 @@ def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         topics=topics,
         secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
         headers=_headers(f"{where}.headers", data.get("headers", {})),
+        **extra,
+    )
+
+
+def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
+    where = f"sources.{name}"
+    _unknown(where, data, _DOCUMENSO_DOCUMENTS_KEYS)
+    if "url" not in data:
+        raise ConfigError(f"{where}.url: required: the endpoint Documenso's webhooks should reach")
+    url = http_url(f"{where}.url", data["url"])
+    return _event_table(
+        name,
+        data,
+        max_attempts,
+        kind=SourceKind.documenso_documents,
+        table=DOCUMENSO_EVENTS_TABLE,
+        topics={"*": url},
+        body=BodyFormat.documenso,
+        secret_header="X-Documenso-Secret",
+        app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
+    )
+
+
+def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
+    where = f"sources.{name}"
+    _unknown(where, data, _OUTBOX_KEYS)
+    topics_raw = data.get("topics", {})
+    if not isinstance(topics_raw, dict):
+        raise ConfigError(f"{where}.topics: expected a table of topic = URL")
+    topics = {t: http_url(f"{where}.topics.{t!r}", u) for t, u in topics_raw.items()}
+    url = http_url(f"{where}.url", data["url"]) if "url" in data else None
+    if url is not None:
+        topics.setdefault("*", url)
+    if not topics:
+        raise ConfigError(
+            f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
+            f"[{where}.topics] table of topic = URL"
+        )
+    return _event_table(
+        name, data, max_attempts, kind=SourceKind.outbox, table=OUTBOX_TABLE, topics=topics
     )
 
 
@@ -365,7 +415,10 @@ def _source(name: str, data: Any, max_attempts: int) -> Source:
         return _outbox(name, data, max_attempts)
     if kind == SourceKind.table:
         return _table(name, data, max_attempts)
-    raise ConfigError(f"{where}.kind: expected 'outbox' or 'table', got {kind!r}")
+    if kind == SourceKind.documenso_documents:
+        return _documenso_documents(name, data, max_attempts)
+    kinds = ", ".join(repr(k.value) for k in SourceKind)
+    raise ConfigError(f"{where}.kind: expected one of {kinds}, got {kind!r}")
 
 
 # -- the whole file ------------------------------------------------------------------------
@@ -415,9 +468,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "or kind = 'table'"
         )
     sources = tuple(_source(n, d, max_attempts) for n, d in sources_raw.items())
-    outboxes = [s.name for s in sources if s.kind is SourceKind.outbox]
-    if len(outboxes) > 1:
-        raise ConfigError(f"sources: only one outbox source is allowed, got {outboxes}")
+    for kind in (SourceKind.outbox, SourceKind.documenso_documents):
+        same = [s.name for s in sources if s.kind is kind]
+        if len(same) > 1:
+            raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")
 
     host, port = _health(health.get("listen", "127.0.0.1:8081"))
     channel = _ident("relay.channel", relay.get("channel", "relay"))

@@ -24,7 +24,7 @@ import psycopg
 
 from relay import retry, signing
 from relay.claimer import Slots
-from relay.config import Config, Source
+from relay.config import BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement
 
 log = logging.getLogger("relay.deliverer")
@@ -121,6 +121,24 @@ class Attempt:
     retry_after: float | None = None
 
 
+def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
+    """Documenso's webhook envelope, keys in Documenso's order; createdAt is the send time."""
+    created = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return b"".join(
+        (
+            b'{"event":',
+            orjson.dumps(event),
+            b',"payload":',
+            payload,
+            b',"createdAt":',
+            orjson.dumps(created),
+            b',"webhookEndpoint":',
+            orjson.dumps(url),
+            b"}",
+        )
+    )
+
+
 def _valid_url(url: str | None) -> bool:
     if not url:
         return False
@@ -149,7 +167,9 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._keys = {
-            s.name: signing.secret_key(s.secret) for s in config.sources if s.secret is not None
+            s.name: signing.secret_key(s.secret)
+            for s in config.sources
+            if s.secret is not None and s.secret_header is None
         }
         self.delivered = 0
         self.failed = 0
@@ -292,6 +312,8 @@ class Deliverer:
                 f"payload in column {source.payload_column!r} is not valid JSON ({exc}); "
                 f"store JSON text there",
             )
+        if source.body is BodyFormat.documenso:
+            body = documenso_body(row.topic or "", body, url, datetime.now(UTC))
         try:
             headers = self._headers(source, row, body)
         except ValueError as exc:
@@ -327,6 +349,10 @@ class Deliverer:
         }
         if row.topic is not None:
             headers["relay-topic"] = row.topic
+        if source.secret_header is not None:
+            # The receiver's own convention: the shared secret as it is, no signature.
+            headers[source.secret_header] = row.secret or source.secret or ""
+            return headers
         key = signing.secret_key(row.secret) if row.secret else self._keys.get(source.name)
         if key is not None:
             headers["webhook-signature"] = signing.sign(key, msg_id, timestamp, body)

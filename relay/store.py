@@ -61,6 +61,7 @@ _CATALOG = load_queries(sql_dir() / "queries" / "catalog.sql")
 _SCHEMA_SQL = (sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _NOTIFY_SQL = (sql_dir() / "triggers" / "notify.sql").read_text()
 _UNINSTALL_SQL = (sql_dir() / "triggers" / "uninstall.sql").read_text()
+_DOCUMENSO_DOCUMENTS = load_queries(sql_dir() / "triggers" / "documenso_documents.sql")
 
 
 # -- what the store hands out and takes back ---------------------------------------------------
@@ -295,9 +296,9 @@ async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[
     cur = await conn.execute(_CATALOG["columns"], {"schema": source.schema, "table": source.table})
     columns = {r[0]: Column(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
     if not columns:
-        if source.kind is SourceKind.outbox:
+        if source.kind is not SourceKind.table:
             raise ConfigError(
-                f"sources.{source.name}: relay's outbox table relay.outbox does not exist; "
+                f"sources.{source.name}: relay's table {source.qualified_table} does not exist; "
                 f"run `relay install` first"
             )
         raise ConfigError(
@@ -371,6 +372,48 @@ async def _check_status_constraints(
                     f"{source.status!r} of {source.qualified_table} by its constraint {name} "
                     f"({definition}); use one of the values it allows"
                 ) from None
+
+
+async def _install_documenso_documents(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
+    """Detect Documenso's schema version and install the matching document-event trigger."""
+    schema = source.app_schema
+    cur = await conn.execute(_CATALOG["documenso_probe"], {"schema": schema})
+    row = await cur.fetchone()
+    assert row is not None
+    envelope, document, recipient, meta, envelope_meta, document_meta = row
+    where = f"sources.{source.name}"
+    if not envelope and not document:
+        raise ConfigError(
+            f'{where}: no Documenso document table in schema {schema!r}: neither "Envelope" '
+            f'(Documenso v1.13 and later) nor "Document" (v1.12 and earlier) exists. Is '
+            f"database.url Documenso's database (set {where}.schema if its tables live "
+            f"elsewhere)?"
+        )
+    if not recipient:
+        raise ConfigError(
+            f'{where}: Documenso\'s "Recipient" table is missing from schema {schema!r}; '
+            f"the document events need it for their recipients"
+        )
+    table = "Envelope" if envelope else "Document"
+    meta_expr: sql.Composable = sql.SQL("NULL::jsonb")
+    if meta and envelope and envelope_meta:
+        meta_expr = sql.SQL(
+            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."id" = NEW."documentMetaId")'
+        ).format(sql.Identifier(schema, "DocumentMeta"))
+    elif meta and not envelope and document_meta:
+        meta_expr = sql.SQL(
+            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."documentId" = NEW."id")'
+        ).format(sql.Identifier(schema, "DocumentMeta"))
+    await conn.execute(sql.SQL(_DOCUMENSO_DOCUMENTS["common"]).format())
+    section = "envelope" if envelope else "document"
+    await conn.execute(
+        sql.SQL(_DOCUMENSO_DOCUMENTS[section]).format(
+            table=sql.Identifier(schema, table),
+            recipient=sql.Identifier(schema, "Recipient"),
+            meta=meta_expr,
+        )
+    )
+    log.info("install.documenso source=%s schema=%s table=%s", source.name, schema, table)
 
 
 class Store:
@@ -456,6 +499,8 @@ class Store:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_SCHEMA_SQL)
             for source in self.sources.values():
+                if source.kind is SourceKind.documenso_documents:
+                    await _install_documenso_documents(conn, source)
                 columns = await _describe(conn, source)
                 compiled = compile_source(source, columns, self.channel)
                 self.compiled[source.name] = compiled

@@ -25,3 +25,19 @@ FROM pg_constraint AS c
 JOIN pg_attribute AS a ON a.attrelid = c.conrelid AND a.attname = %(column)s
 WHERE c.conrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
   AND c.contype = 'c' AND c.conkey = ARRAY[a.attnum];
+
+-- name: documenso_probe
+-- Which Documenso schema this is: "Envelope" (v1.13+) or "Document" (v1.12 and earlier), and
+-- the tables and columns the document payload reads.
+SELECT to_regclass(format('%%I.%%I', %(schema)s::text, 'Envelope')) IS NOT NULL,
+       to_regclass(format('%%I.%%I', %(schema)s::text, 'Document')) IS NOT NULL,
+       to_regclass(format('%%I.%%I', %(schema)s::text, 'Recipient')) IS NOT NULL,
+       EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = %(schema)s AND table_name = 'DocumentMeta'
+                 AND column_name = 'id'),
+       EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = %(schema)s AND table_name = 'Envelope'
+                 AND column_name = 'documentMetaId'),
+       EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = %(schema)s AND table_name = 'DocumentMeta'
+                 AND column_name = 'documentId');

@@ -1,0 +1,195 @@
+"""Documenso document status webhooks, on Documenso's real table shapes (current and legacy)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay import config as config_mod
+from relay.config import Config, ConfigError
+from tests.integration.documenso_schema import ENVELOPE, LEGACY_DOCUMENT
+from tests.support import Receiver, install, raw_config, running
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def documenso_config(db: str, url: str, **extra: Any) -> Config:
+    source = {"kind": "documenso_documents", "url": url, "secret": "s3cret", **extra}
+    return config_mod.from_mapping(raw_config(db, sources={"documenso": source}), {})
+
+
+def execute(db: str, statements: str, params: dict[str, Any] | None = None) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(statements, params)
+
+
+def events(db: str) -> list[tuple[str, dict[str, Any]]]:
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT topic, payload FROM relay.documenso_events ORDER BY id")
+        return [(r[0], r[1]) for r in rows.fetchall()]
+
+
+@pytest.fixture
+def envelope_db(db: str) -> str:
+    execute(db, ENVELOPE)
+    # Inserted as Prisma does: ids and "updatedAt" supplied by the client.
+    execute(
+        db,
+        """
+        INSERT INTO "DocumentMeta" ("id", "subject") VALUES ('meta_1', 'Please sign');
+        INSERT INTO "Envelope" ("id", "secondaryId", "type", "updatedAt", "title", "source",
+                                "internalVersion", "userId", "teamId", "documentMetaId")
+        VALUES ('envelope_abcdefhiklmnorst', 'document_42', 'DOCUMENT', now(), 'Contract',
+                'DOCUMENT', 2, 1, 7, 'meta_1');
+        INSERT INTO "Recipient" ("envelopeId", "email", "name", "token")
+        VALUES ('envelope_abcdefhiklmnorst', 'ann@example.com', 'Ann', 'tok1'),
+               ('envelope_abcdefhiklmnorst', 'bob@example.com', 'Bob', 'tok2');
+        INSERT INTO "DocumentMeta" ("id") VALUES ('meta_2');
+        INSERT INTO "Envelope" ("id", "secondaryId", "type", "updatedAt", "title", "source",
+                                "internalVersion", "userId", "teamId", "documentMetaId")
+        VALUES ('envelope_template0000000', 'template_3', 'TEMPLATE', now(), 'A template',
+                'TEMPLATE', 2, 1, 7, 'meta_2');
+        """,
+    )
+    return db
+
+
+SEND = """UPDATE "Envelope" SET "status" = 'PENDING', "updatedAt" = now()
+          WHERE "id" = 'envelope_abcdefhiklmnorst'"""
+COMPLETE = """UPDATE "Envelope" SET "status" = 'COMPLETED', "completedAt" = now(),
+              "updatedAt" = now() WHERE "id" = 'envelope_abcdefhiklmnorst'"""
+
+
+async def test_draft_to_pending_to_completed_sends_documenso_webhooks(
+    envelope_db: str, receiver: Receiver
+) -> None:
+    config = documenso_config(envelope_db, receiver.url)
+    await install(config)
+    async with running(config):
+        execute(envelope_db, SEND)
+        await receiver.wait_count(1)
+        execute(envelope_db, COMPLETE)
+        await receiver.wait_count(2)
+
+    sent, completed = receiver.received
+    for request in (sent, completed):
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["X-Documenso-Secret"] == "s3cret"
+        assert "webhook-signature" not in request.headers  # Documenso sends no HMAC
+        assert list(request.json) == ["event", "payload", "createdAt", "webhookEndpoint"]
+        assert ISO_Z.match(request.json["createdAt"])
+        assert request.json["webhookEndpoint"] == receiver.url
+    assert sent.json["event"] == "DOCUMENT_SENT"
+    assert completed.json["event"] == "DOCUMENT_COMPLETED"
+
+    payload = completed.json["payload"]
+    assert payload["id"] == 42
+    assert payload["envelopeId"] == "envelope_abcdefhiklmnorst"
+    assert payload["status"] == "COMPLETED"
+    assert payload["title"] == "Contract"
+    assert (payload["userId"], payload["teamId"]) == (1, 7)
+    assert ISO_Z.match(payload["completedAt"]) and ISO_Z.match(payload["createdAt"])
+    assert payload["deletedAt"] is None
+    assert payload["documentMeta"]["subject"] == "Please sign"
+    assert [r["email"] for r in payload["recipients"]] == ["ann@example.com", "bob@example.com"]
+    assert payload["Recipient"] == payload["recipients"]
+    first = payload["recipients"][0]
+    assert (first["documentId"], first["envelopeId"], first["role"]) == (
+        42,
+        "envelope_abcdefhiklmnorst",
+        "SIGNER",
+    )
+    assert first["signedAt"] is None
+    assert sent.json["payload"]["status"] == "PENDING"
+
+
+async def test_only_real_status_changes_of_documents_produce_events(envelope_db: str) -> None:
+    config = documenso_config(envelope_db, "http://127.0.0.1:9/unused")
+    await install(config)
+    # Prisma bumps "updatedAt" on every update: not an event.
+    execute(envelope_db, """UPDATE "Envelope" SET "updatedAt" = now(), "title" = 'Renamed'""")
+    # A template's status change: not an event.
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "status" = 'PENDING' WHERE "type" = 'TEMPLATE'""",
+    )
+    # Setting the status it already has: not an event.
+    execute(envelope_db, """UPDATE "Envelope" SET "status" = 'DRAFT', "updatedAt" = now()""")
+    assert events(envelope_db) == []
+    execute(envelope_db, SEND)
+    assert [topic for topic, _ in events(envelope_db)] == ["DOCUMENT_SENT"]
+
+
+async def test_the_payload_is_captured_when_the_status_changes(envelope_db: str) -> None:
+    config = documenso_config(envelope_db, "http://127.0.0.1:9/unused")
+    await install(config)
+    execute(envelope_db, SEND)
+    execute(envelope_db, """UPDATE "Recipient" SET "email" = 'changed@example.com'""")
+    ((topic, payload),) = events(envelope_db)
+    assert topic == "DOCUMENT_SENT"
+    assert payload["recipients"][0]["email"] == "ann@example.com"
+
+
+async def test_events_committed_before_relay_started_are_delivered(
+    envelope_db: str, receiver: Receiver
+) -> None:
+    config = documenso_config(envelope_db, receiver.url)
+    await install(config)
+    execute(envelope_db, SEND)
+    execute(envelope_db, COMPLETE)
+    async with running(config):
+        await receiver.wait_count(2)
+    assert [r.json["event"] for r in receiver.received] == ["DOCUMENT_SENT", "DOCUMENT_COMPLETED"]
+
+
+async def test_rejected_and_cancelled_map_to_their_events(envelope_db: str) -> None:
+    config = documenso_config(envelope_db, "http://127.0.0.1:9/unused")
+    await install(config)
+    execute(envelope_db, SEND)
+    execute(
+        envelope_db, """UPDATE "Envelope" SET "status" = 'REJECTED' WHERE "type" = 'DOCUMENT'"""
+    )
+    execute(
+        envelope_db, """UPDATE "Envelope" SET "status" = 'CANCELLED' WHERE "type" = 'DOCUMENT'"""
+    )
+    assert [t for t, _ in events(envelope_db)] == [
+        "DOCUMENT_SENT",
+        "DOCUMENT_REJECTED",
+        "DOCUMENT_CANCELLED",
+    ]
+
+
+async def test_legacy_document_schema(db: str, receiver: Receiver) -> None:
+    execute(db, LEGACY_DOCUMENT)
+    execute(
+        db,
+        """
+        INSERT INTO "Document" ("userId", "title", "documentDataId", "source", "teamId")
+        VALUES (3, 'Old contract', 'data_1', 'DOCUMENT', 5);
+        INSERT INTO "DocumentMeta" ("id", "subject", "documentId") VALUES ('m1', 'Sign it', 1);
+        INSERT INTO "Recipient" ("documentId", "email", "token") VALUES (1, 'cy@example.com', 't');
+        """,
+    )
+    config = documenso_config(db, receiver.url)
+    await install(config)
+    async with running(config):
+        execute(db, """UPDATE "Document" SET "status" = 'PENDING' WHERE "id" = 1""")
+        await receiver.wait_count(1)
+    body = receiver.received[0].json
+    assert body["event"] == "DOCUMENT_SENT"
+    payload = body["payload"]
+    assert (payload["id"], payload["envelopeId"], payload["documentDataId"]) == (1, None, "data_1")
+    assert payload["documentMeta"]["subject"] == "Sign it"
+    assert payload["recipients"][0]["email"] == "cy@example.com"
+    assert payload["recipients"][0]["documentId"] == 1
+
+
+async def test_install_on_a_database_without_documenso_says_what_is_missing(db: str) -> None:
+    config = documenso_config(db, "http://127.0.0.1:9/unused")
+    with pytest.raises(
+        ConfigError, match=r'sources\.documenso: no Documenso document table.*"Envelope"'
+    ):
+        await install(config)

@@ -212,3 +212,23 @@ def test_the_documented_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "relay.toml"
     cfg = config.load(example, {})
     assert {s.name for s in cfg.sources} == {"events", "deliveries"}
+
+
+def test_documenso_documents_preset_needs_only_a_url() -> None:
+    cfg = build(sources={"doc": {"kind": "documenso_documents", "url": "https://b.test/hook"}})
+    (source,) = cfg.sources
+    assert (source.schema, source.table) == ("relay", "documenso_events")
+    assert source.secret_header == "X-Documenso-Secret"
+    assert source.target_for_topic("DOCUMENT_SENT") == "https://b.test/hook"
+    assert error(
+        {"database": {"url": DB}, "sources": {"doc": {"kind": "documenso_documents"}}}
+    ).startswith("sources.doc.url: required")
+    msg = error(
+        {
+            "database": {"url": DB},
+            "sources": {
+                "doc": {"kind": "documenso_documents", "url": "https://b.test/", "events": []}
+            },
+        }
+    )
+    assert msg.startswith("sources.doc.events: unknown key")

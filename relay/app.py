@@ -44,6 +44,7 @@ class Relay:
             channel=config.notify_channel,
             max_size=4 + len(config.sources),
             retry_for=max(config.claim_timeout / 2, 5.0),
+            retry=config.retry,
         )
         self.slots = Slots(config.max_in_flight)
         self.settler = Settler(self.store)

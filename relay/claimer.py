@@ -16,6 +16,8 @@ from relay.store import RETRYABLE, Claimed
 
 log = logging.getLogger("relay.claimer")
 
+RECHECK_FLOOR = 0.1  # seconds: the soonest a timer-driven claim pass repeats
+
 
 class Slots:
     """The in-flight budget shared by every source's claimer."""
@@ -112,7 +114,9 @@ class Claimer:
                 self._deadline = loop.time() + 1.0
                 continue
             if due is not None:
-                self.schedule(due)
+                # A row already due that this pass did not get (it fell due just after the
+                # claim, or another relay holds it): look again shortly, never in a busy loop.
+                self.schedule(max(due, RECHECK_FLOOR))
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

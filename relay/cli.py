@@ -51,7 +51,13 @@ def _setup_logging(level: str | None) -> None:
 
 
 async def _with_store(config: Config, command: str, source: str | None) -> int:
-    store = Store(config.database_url, config.sources, channel=config.notify_channel, max_size=2)
+    store = Store(
+        config.database_url,
+        config.sources,
+        channel=config.notify_channel,
+        max_size=2,
+        retry=config.retry,
+    )
     try:
         await store.open()
     except psycopg_pool.PoolTimeout:

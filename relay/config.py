@@ -26,11 +26,13 @@ class SourceKind(StrEnum):
     outbox = "outbox"
     table = "table"
     documenso_documents = "documenso_documents"
+    documenso_jobs = "documenso_jobs"
 
 
 class BodyFormat(StrEnum):
     raw = "raw"  # the payload as it is
     documenso = "documenso"  # {"event", "payload", "createdAt", "webhookEndpoint"}
+    documenso_job = "documenso_job"  # execute-webhook jobs as webhooks; other jobs as jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,10 @@ class Source:
     # Send the secret as it is in this header instead of signing (Documenso's X-Documenso-Secret).
     secret_header: str | None = None
     app_schema: str = "public"  # where a preset's application tables live
+    # documenso_jobs: which "jobId"s to run, and when to step in for Documenso's own runner.
+    job_ids: tuple[str, ...] = ()
+    pending_after: float = 0.0
+    stuck_after: float = 300.0
 
     @property
     def qualified_table(self) -> str:
@@ -149,6 +155,16 @@ _COMMON_SOURCE_KEYS = {
 }
 _OUTBOX_KEYS = _COMMON_SOURCE_KEYS | {"topics"}
 _DOCUMENSO_DOCUMENTS_KEYS = _COMMON_SOURCE_KEYS | {"schema"}
+_DOCUMENSO_JOBS_KEYS = {
+    "kind",
+    "schema",
+    "webhooks",
+    "forward",
+    "pending_after",
+    "stuck_after",
+    "headers",
+}
+EXECUTE_WEBHOOK = "internal.execute-webhook"
 _TABLE_KEYS = _COMMON_SOURCE_KEYS | {
     "table",
     "key",
@@ -320,6 +336,55 @@ def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) 
     )
 
 
+def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
+    where = f"sources.{name}"
+    _unknown(where, data, _DOCUMENSO_JOBS_KEYS)
+    webhooks = data.get("webhooks", True)
+    if not isinstance(webhooks, bool):
+        raise ConfigError(f"{where}.webhooks: expected true or false, got {webhooks!r}")
+    forward_raw = data.get("forward", {})
+    if not isinstance(forward_raw, dict):
+        raise ConfigError(f"{where}.forward: expected a table of jobId = URL")
+    forward = {j: http_url(f"{where}.forward.{j!r}", u) for j, u in forward_raw.items()}
+    if EXECUTE_WEBHOOK in forward:
+        raise ConfigError(
+            f"{where}.forward: {EXECUTE_WEBHOOK!r} jobs go to the Webhook they name; "
+            f"use webhooks = true instead of forwarding them"
+        )
+    job_ids = ((EXECUTE_WEBHOOK,) if webhooks else ()) + tuple(sorted(forward))
+    if not job_ids:
+        raise ConfigError(
+            f"{where}: nothing to run: set webhooks = true or list jobs under [{where}.forward]"
+        )
+    return Source(
+        name=name,
+        kind=SourceKind.documenso_jobs,
+        schema=_ident(f"{where}.schema", data.get("schema", "public")),
+        table="BackgroundJob",
+        key="id",
+        status="status",
+        pending=("PENDING",),
+        retry="PENDING",
+        processing="PROCESSING",
+        done="COMPLETED",
+        dead="FAILED",
+        attempts="retried",
+        max_attempts=4,  # Documenso's default maxRetries (3) + 1; the column decides
+        max_attempts_column="maxRetries",
+        due="updatedAt",
+        payload_column="payload",
+        topic_column="jobId",
+        topics=forward,
+        headers=_headers(f"{where}.headers", data.get("headers", {})),
+        body=BodyFormat.documenso_job,
+        secret_header="X-Documenso-Secret",
+        app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
+        job_ids=job_ids,
+        pending_after=duration(f"{where}.pending_after", data.get("pending_after", 0)),
+        stuck_after=duration(f"{where}.stuck_after", data.get("stuck_after", 300)),
+    )
+
+
 def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     where = f"sources.{name}"
     _unknown(where, data, _OUTBOX_KEYS)
@@ -417,6 +482,8 @@ def _source(name: str, data: Any, max_attempts: int) -> Source:
         return _table(name, data, max_attempts)
     if kind == SourceKind.documenso_documents:
         return _documenso_documents(name, data, max_attempts)
+    if kind == SourceKind.documenso_jobs:
+        return _documenso_jobs(name, data)
     kinds = ", ".join(repr(k.value) for k in SourceKind)
     raise ConfigError(f"{where}.kind: expected one of {kinds}, got {kind!r}")
 
@@ -468,7 +535,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "or kind = 'table'"
         )
     sources = tuple(_source(n, d, max_attempts) for n, d in sources_raw.items())
-    for kind in (SourceKind.outbox, SourceKind.documenso_documents):
+    for kind in (SourceKind.outbox, SourceKind.documenso_documents, SourceKind.documenso_jobs):
         same = [s.name for s in sources if s.kind is kind]
         if len(same) > 1:
             raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")

@@ -24,8 +24,8 @@ import psycopg
 
 from relay import retry, signing
 from relay.claimer import Slots
-from relay.config import BodyFormat, Config, Source
-from relay.store import RETRYABLE, Claimed, Outcome, Settlement
+from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
+from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
 
 log = logging.getLogger("relay.deliverer")
 
@@ -35,6 +35,7 @@ SETTLE_BATCH = 500
 
 class SettleStore(Protocol):
     async def settle(self, source: str, settlements: list[Settlement]) -> set[Any]: ...
+    async def record_calls(self, source: str, calls: list[WebhookCall]) -> None: ...
 
 
 class Settler:
@@ -73,6 +74,9 @@ class Settler:
         self, source: str, items: list[tuple[Settlement, asyncio.Future[bool]]]
     ) -> None:
         try:
+            calls = [s.call for s, _ in items if s.call is not None]
+            if calls:
+                await self.store.record_calls(source, calls)
             settled: set[Any] | None = await self.store.settle(source, [s for s, _ in items])
         except RETRYABLE as exc:
             # The database stayed away longer than the store retries for. These rows keep
@@ -119,6 +123,8 @@ class Attempt:
     http_status: int | None
     error: str | None
     retry_after: float | None = None
+    headers: dict[str, str] | None = None
+    body: bytes = b""
 
 
 def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
@@ -137,6 +143,14 @@ def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes
             b"}",
         )
     )
+
+
+def _json_text(body: bytes) -> str:
+    """A response body as Documenso stores it: parsed JSON, or the raw text as a JSON string."""
+    try:
+        return orjson.dumps(orjson.loads(body)).decode()
+    except orjson.JSONDecodeError:
+        return orjson.dumps(body.decode("utf-8", "replace")).decode()
 
 
 def _valid_url(url: str | None) -> bool:
@@ -278,6 +292,8 @@ class Deliverer:
         return source.url
 
     async def _deliver(self, source: Source, row: Claimed) -> Settlement:
+        if source.body is BodyFormat.documenso_job and row.attempt <= row.max_attempts:
+            return await self._deliver_job(source, row)
         if row.attempt > row.max_attempts:
             return self._dead(
                 source,
@@ -336,6 +352,85 @@ class Deliverer:
             source, row, result.error or "failed", result.http_status, result.retry_after
         )
 
+    async def _deliver_job(self, source: Source, row: Claimed) -> Settlement:
+        """A Documenso "BackgroundJob": a webhook job goes to the Webhook it names, in
+        Documenso's shape, with a "WebhookCall" row per attempt; other jobs are forwarded."""
+        try:
+            job = orjson.loads(row.payload or "null")
+        except orjson.JSONDecodeError as exc:
+            return self._dead(source, row, f'job "payload" is not JSON: {exc}')
+        headers = {
+            "Content-Type": "application/json",
+            # relay's stable id, the same on every attempt, as on every source.
+            "webhook-id": f"{source.name}_{row.key}",
+            "relay-attempt": str(row.attempt),
+            **source.headers,
+        }
+        if row.topic != EXECUTE_WEBHOOK:
+            url = source.target_for_topic(row.topic or "")
+            if url is None:
+                return self._dead(source, row, f"no target for job {row.topic!r}")
+            body = orjson.dumps({"name": row.topic, "payload": job})
+            headers["X-Job-Id"] = str(row.key)
+            if row.attempt > 1:
+                headers["X-Job-Retry"] = "1"
+            result = await self._post(url, body, headers)
+            return self._settle_attempt(source, row, result, None)
+        if not isinstance(job, dict) or "event" not in job or "webhookId" not in job:
+            return self._dead(source, row, 'webhook job "payload" lacks "event" or "webhookId"')
+        if row.url is None:
+            # Documenso does not call a disabled or deleted Webhook: nothing to deliver.
+            log.info(
+                "delivery.skipped source=%s key=%s reason=Webhook %s is disabled or deleted",
+                source.name,
+                row.key,
+                job["webhookId"],
+            )
+            return Settlement(row.key, row.lease, Outcome.done)
+        event = str(job["event"])
+        body = documenso_body(event, orjson.dumps(job.get("data")), row.url, datetime.now(UTC))
+        headers["X-Documenso-Secret"] = row.secret or ""
+        result = await self._post(row.url, body, headers)
+        call = WebhookCall(
+            status="SUCCESS" if result.ok else "FAILED",
+            url=row.url,
+            request=body.decode(),
+            code=result.http_status or 0,
+            headers=orjson.dumps(result.headers).decode() if result.headers is not None else None,
+            body=_json_text(result.body) if result.http_status is not None else None,
+            webhook_id=str(job["webhookId"]),
+            event=event,
+        )
+        return self._settle_attempt(source, row, result, call)
+
+    def _settle_attempt(
+        self, source: Source, row: Claimed, result: Attempt, call: WebhookCall | None
+    ) -> Settlement:
+        if result.ok:
+            self.delivered += 1
+            log.info(
+                "delivery.succeeded source=%s key=%s attempt=%d status=%s",
+                source.name,
+                row.key,
+                row.attempt,
+                result.http_status,
+            )
+            return Settlement(
+                row.key, row.lease, Outcome.done, http_status=result.http_status, call=call
+            )
+        failure = self._failure(
+            source, row, result.error or "failed", result.http_status, result.retry_after
+        )
+        return Settlement(
+            failure.key,
+            failure.lease,
+            failure.outcome,
+            failure.delay,
+            failure.error,
+            failure.http_status,
+            call,
+        )
+
     def _headers(self, source: Source, row: Claimed, body: bytes) -> dict[str, str]:
         # The id is the same on every attempt of this row, so receivers can drop duplicates.
         msg_id = f"{source.name}_{row.key}"
@@ -373,14 +468,17 @@ class Deliverer:
                     if not chunk:
                         break
                     received += chunk
+                headers_seen = {str(k): v for k, v in resp.headers.items()}
                 if 200 <= resp.status < 300:
-                    return Attempt(True, resp.status, None)
+                    return Attempt(True, resp.status, None, None, headers_seen, bytes(received))
                 snippet = received.decode("utf-8", "replace")[:ERROR_SNIPPET].strip()
                 error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
                 retry_after = retry.parse_retry_after(
                     resp.headers.get("Retry-After"), datetime.now(UTC)
                 )
-                return Attempt(False, resp.status, error, retry_after)
+                return Attempt(
+                    False, resp.status, error, retry_after, headers_seen, bytes(received)
+                )
         except TimeoutError:
             return Attempt(
                 False, None, f"no response within {self.config.http_timeout:g}s (http.timeout)"

@@ -26,7 +26,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from relay.config import ConfigError, Source, SourceKind
+from relay.config import EXECUTE_WEBHOOK, ConfigError, RetryPolicy, Source, SourceKind
 
 log = logging.getLogger("relay.store")
 T = TypeVar("T")
@@ -62,6 +62,7 @@ _SCHEMA_SQL = (sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _NOTIFY_SQL = (sql_dir() / "triggers" / "notify.sql").read_text()
 _UNINSTALL_SQL = (sql_dir() / "triggers" / "uninstall.sql").read_text()
 _DOCUMENSO_DOCUMENTS = load_queries(sql_dir() / "triggers" / "documenso_documents.sql")
+_DOCUMENSO_JOBS = load_queries(sql_dir() / "queries" / "documenso_jobs.sql")
 
 
 # -- what the store hands out and takes back ---------------------------------------------------
@@ -96,6 +97,7 @@ class Settlement:
     delay: float = 0.0
     error: str | None = None
     http_status: int | None = None
+    call: WebhookCall | None = None  # Documenso's per-attempt record, written with the settle
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +120,25 @@ class Compiled:
     install: sql.Composed
     insert_trigger: str
     update_trigger: str
+    record_calls: sql.Composed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCall:
+    """One attempt of a Documenso webhook, recorded as Documenso records it."""
+
+    status: str  # SUCCESS | FAILED
+    url: str
+    request: str  # JSON text of the body sent
+    code: int  # 0: no HTTP answer
+    headers: str | None  # JSON text
+    body: str | None  # JSON text
+    webhook_id: str
+    event: str
 
 
 RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+DEFAULT_RETRY = RetryPolicy()
 
 # -- compiling a source's queries ----------------------------------------------------------------
 
@@ -188,7 +206,83 @@ def _text_or_null(column: str | None) -> sql.Composable:
     return sql.SQL("t.{}::text").format(sql.Identifier(column))
 
 
-def compile_source(source: Source, columns: dict[str, Column], channel: str) -> Compiled:
+def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Composed, str, str]:
+    insert_trigger = f"relay_notify_{source.name}_insert"
+    update_trigger = f"relay_notify_{source.name}_update"
+    install = sql.SQL(_NOTIFY_SQL).format(
+        function=sql.Identifier("relay", f"notify_{source.name}"),
+        table=sql.Identifier(source.schema, source.table),
+        status=sql.Identifier(source.status),
+        pending=sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
+        due=sql.Identifier(source.due),
+        now=_now(due_type),
+        channel=sql.Literal(channel),
+        source=sql.Literal(source.name),
+        insert_trigger=sql.Identifier(insert_trigger),
+        update_trigger=sql.Identifier(update_trigger),
+    )
+    return install, insert_trigger, update_trigger
+
+
+def _seconds(value: float) -> sql.Composable:
+    return sql.SQL("make_interval(secs => {})").format(sql.Literal(float(value)))
+
+
+def compile_documenso_jobs(
+    source: Source, columns: dict[str, Column], channel: str, retry: RetryPolicy
+) -> Compiled:
+    schema = source.app_schema
+    backoff = sql.SQL(
+        "make_interval(secs => LEAST({max}, "
+        '{base} * power({factor}, GREATEST(c."retried" - 1, 0))))'
+    ).format(
+        max=sql.Literal(float(retry.max_delay)),
+        base=sql.Literal(float(retry.base)),
+        factor=sql.Literal(float(retry.factor)),
+    )
+    names: dict[str, sql.Composable] = {
+        "table": sql.Identifier(schema, "BackgroundJob"),
+        "webhook": sql.Identifier(schema, "Webhook"),
+        "call": sql.Identifier(schema, "WebhookCall"),
+        "now": _now("timestamp(3) without time zone"),
+        "job_ids": sql.SQL("ARRAY[{}]::text[]").format(
+            sql.SQL(", ").join(sql.Literal(j) for j in source.job_ids)
+        ),
+        "pending_after": _seconds(source.pending_after),
+        "stuck_after": _seconds(source.stuck_after),
+        "backoff_c": backoff,
+        "status_type": sql.SQL(columns[source.status].type),
+        "call_status_type": sql.Identifier(schema, "WebhookCallStatus"),
+        "event_type": sql.Identifier(schema, "WebhookTriggerEvents"),
+    }
+
+    def q(name: str) -> sql.Composed:
+        text = _DOCUMENSO_JOBS[name]
+        return sql.SQL(text).format(**{k: v for k, v in names.items() if "{" + k + "}" in text})
+
+    install, insert_trigger, update_trigger = _notify_install(
+        source, columns[source.due].type, channel
+    )
+    return Compiled(
+        claim=q("claim"),
+        settle=q("settle"),
+        rescue=q("rescue"),
+        next_due=q("next_due"),
+        counts=q("counts"),
+        oldest_due=q("oldest_due"),
+        retry_dead=q("retry_dead"),
+        install=install,
+        insert_trigger=insert_trigger,
+        update_trigger=update_trigger,
+        record_calls=q("record_calls"),
+    )
+
+
+def compile_source(
+    source: Source, columns: dict[str, Column], channel: str, retry: RetryPolicy = DEFAULT_RETRY
+) -> Compiled:
+    if source.kind is SourceKind.documenso_jobs:
+        return compile_documenso_jobs(source, columns, channel, retry)
     ident = sql.Identifier
     due_type = columns[source.due].type
     now = _now(due_type)
@@ -261,20 +355,7 @@ def compile_source(source: Source, columns: dict[str, Column], channel: str) -> 
             **{k: v for k, v in names.items() if "{" + k + "}" in _SOURCE_QUERIES[name]}
         )
 
-    insert_trigger = f"relay_notify_{source.name}_insert"
-    update_trigger = f"relay_notify_{source.name}_update"
-    install = sql.SQL(_NOTIFY_SQL).format(
-        function=sql.Identifier("relay", f"notify_{source.name}"),
-        table=names["table"],
-        status=names["status"],
-        pending=names["pending"],
-        due=names["due"],
-        now=now,
-        channel=sql.Literal(channel),
-        source=sql.Literal(source.name),
-        insert_trigger=ident(insert_trigger),
-        update_trigger=ident(update_trigger),
-    )
+    install, insert_trigger, update_trigger = _notify_install(source, due_type, channel)
     return Compiled(
         claim=q("claim"),
         settle=q("settle"),
@@ -295,6 +376,25 @@ def compile_source(source: Source, columns: dict[str, Column], channel: str) -> 
 async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[str, Column]:
     cur = await conn.execute(_CATALOG["columns"], {"schema": source.schema, "table": source.table})
     columns = {r[0]: Column(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
+    if not columns and source.kind is SourceKind.documenso_jobs:
+        raise ConfigError(
+            f'sources.{source.name}: no Documenso "BackgroundJob" table in schema '
+            f"{source.schema!r}: Documenso keeps jobs in the database from v1.6 on. Is "
+            f"database.url Documenso's database (set sources.{source.name}.schema if its tables "
+            f"live elsewhere)?"
+        )
+    if source.kind is SourceKind.documenso_jobs and EXECUTE_WEBHOOK in source.job_ids:
+        for table in ("Webhook", "WebhookCall"):
+            cur = await conn.execute(
+                _CATALOG["table_exists"], {"schema": source.schema, "table": table}
+            )
+            found = await cur.fetchone()
+            if not found or not found[0]:
+                raise ConfigError(
+                    f'sources.{source.name}.webhooks: Documenso\'s "{table}" table is missing '
+                    f"from schema {source.schema!r} (webhooks arrived in Documenso v1.5); set "
+                    f"webhooks = false to run only forwarded jobs"
+                )
     if not columns:
         if source.kind is not SourceKind.table:
             raise ConfigError(
@@ -427,8 +527,10 @@ class Store:
         channel: str = "relay",
         max_size: int = 8,
         retry_for: float = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.sources = {s.name: s for s in sources}
+        self.retry = retry
         self.channel = channel
         self.retry_for = retry_for
         self.pool = psycopg_pool.AsyncConnectionPool(
@@ -471,7 +573,9 @@ class Store:
         async with self.pool.connection() as conn:
             for source in self.sources.values():
                 columns = await _describe(conn, source)
-                self.compiled[source.name] = compile_source(source, columns, self.channel)
+                self.compiled[source.name] = compile_source(
+                    source, columns, self.channel, self.retry
+                )
 
     async def check_triggers(self) -> list[str]:
         """Names of sources whose wake-up triggers are missing."""
@@ -502,7 +606,7 @@ class Store:
                 if source.kind is SourceKind.documenso_documents:
                     await _install_documenso_documents(conn, source)
                 columns = await _describe(conn, source)
-                compiled = compile_source(source, columns, self.channel)
+                compiled = compile_source(source, columns, self.channel, self.retry)
                 self.compiled[source.name] = compiled
                 await conn.execute(compiled.install)
 
@@ -542,6 +646,26 @@ class Store:
                 return {row[0] for row in await cur.fetchall()}
 
         return await self._with_retries(run)
+
+    async def record_calls(self, source: str, calls: Sequence[WebhookCall]) -> None:
+        query = self.compiled[source].record_calls
+        assert query is not None, f"source {source} records no webhook calls"
+        params = {
+            "statuses": [c.status for c in calls],
+            "urls": [c.url for c in calls],
+            "requests": [c.request for c in calls],
+            "codes": [c.code for c in calls],
+            "headers": [c.headers for c in calls],
+            "bodies": [c.body for c in calls],
+            "webhooks": [c.webhook_id for c in calls],
+            "events": [c.event for c in calls],
+        }
+
+        async def run() -> None:
+            async with self.pool.connection() as conn:
+                await conn.execute(query, params)
+
+        await self._with_retries(run)
 
     async def _scalar(self, query: sql.Composed) -> Any:
         async def run() -> Any:

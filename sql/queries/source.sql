@@ -49,10 +49,12 @@ SET {status} = {retry}
 WHERE {status} = {processing} AND {due} < {now};
 
 -- name: next_due
--- Seconds until the next row scheduled for later falls due (NULL if none).
+-- Seconds until the earliest waiting row falls due (NULL if none). It may be negative: a row
+-- that fell due after the claim ran, or one another relay holds; the claimer then looks again
+-- shortly rather than at the next sweep.
 SELECT EXTRACT(EPOCH FROM (min({due}) - {now}))::float8
 FROM {table}
-WHERE {status} IN ({pending}) AND {due} > {now};
+WHERE {status} IN ({pending}) AND {due} IS NOT NULL;
 
 -- name: counts
 SELECT {status}::text, count(*)::bigint FROM {table} GROUP BY 1 ORDER BY 1;

@@ -113,3 +113,51 @@ CREATE TABLE "Recipient" (
 );
 """
 )
+
+JOBS = """
+CREATE TYPE "BackgroundJobStatus" AS ENUM ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED');
+CREATE TABLE "BackgroundJob" (
+    "id" text PRIMARY KEY,
+    "status" "BackgroundJobStatus" NOT NULL DEFAULT 'PENDING',
+    "retried" integer NOT NULL DEFAULT 0,
+    "maxRetries" integer NOT NULL DEFAULT 3,
+    "jobId" text NOT NULL,
+    "name" text NOT NULL,
+    "version" text NOT NULL,
+    "submittedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "lastRetriedAt" timestamp(3),
+    "completedAt" timestamp(3),
+    "updatedAt" timestamp(3) NOT NULL,
+    "payload" jsonb
+);
+"""
+
+WEBHOOKS = """
+CREATE TYPE "WebhookTriggerEvents" AS ENUM (
+    'DOCUMENT_CREATED', 'DOCUMENT_SIGNED', 'DOCUMENT_SENT', 'DOCUMENT_OPENED',
+    'DOCUMENT_COMPLETED', 'DOCUMENT_REJECTED', 'DOCUMENT_CANCELLED', 'RECIPIENT_EXPIRED');
+CREATE TYPE "WebhookCallStatus" AS ENUM ('SUCCESS', 'FAILED');
+CREATE TABLE "Webhook" (
+    "id" text PRIMARY KEY,
+    "webhookUrl" text NOT NULL,
+    "eventTriggers" "WebhookTriggerEvents"[],
+    "secret" text,
+    "enabled" boolean NOT NULL DEFAULT true,
+    "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "updatedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "userId" integer NOT NULL,
+    "teamId" integer NOT NULL
+);
+CREATE TABLE "WebhookCall" (
+    "id" text PRIMARY KEY,
+    "status" "WebhookCallStatus" NOT NULL,
+    "url" text NOT NULL,
+    "requestBody" jsonb NOT NULL,
+    "responseCode" integer NOT NULL,
+    "responseHeaders" jsonb,
+    "responseBody" jsonb,
+    "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "webhookId" text NOT NULL REFERENCES "Webhook" ("id") ON DELETE CASCADE,
+    "event" "WebhookTriggerEvents" NOT NULL
+);
+"""

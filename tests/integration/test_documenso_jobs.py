@@ -1,0 +1,199 @@
+"""Documenso's own webhook jobs ("BackgroundJob" internal.execute-webhook), claimed and settled
+the way Documenso's local runner does, on Documenso's table shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from aiohttp import web
+
+from relay import config as config_mod
+from relay.config import Config, ConfigError
+from tests.integration.documenso_schema import JOBS, WEBHOOKS
+from tests.support import Receiver, install, raw_config, running
+
+WEBHOOK_JOB = """
+INSERT INTO "BackgroundJob" ("id", "jobId", "name", "version", "updatedAt", "payload",
+                             "maxRetries", "status", "submittedAt")
+VALUES (%(id)s, 'internal.execute-webhook', 'Execute Webhook', '1.0.0',
+        (now() AT TIME ZONE 'UTC') + %(updated)s::interval,
+        jsonb_build_object('event', 'DOCUMENT_COMPLETED', 'webhookId', %(webhook)s::text,
+                           'data', jsonb_build_object('id', 42, 'status', 'COMPLETED')),
+        %(max_retries)s, %(status)s, (now() AT TIME ZONE 'UTC') + %(updated)s::interval)
+"""
+
+
+def jobs_config(db: str, **extra: Any) -> Config:
+    source = {"kind": "documenso_jobs", **extra}
+    return config_mod.from_mapping(raw_config(db, sources={"jobs": source}), {})
+
+
+def execute(db: str, statements: str, params: dict[str, Any] | None = None) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(statements, params)
+
+
+def add_job(db: str, job_id: str, webhook: str = "wh_1", **overrides: Any) -> None:
+    params = {"id": job_id, "webhook": webhook, "max_retries": 3, "status": "PENDING"}
+    params["updated"] = "0 seconds"
+    params.update(overrides)
+    execute(db, WEBHOOK_JOB, params)
+
+
+def job(db: str, job_id: str) -> dict[str, Any]:
+    with psycopg.connect(db, row_factory=psycopg.rows.dict_row) as conn:
+        row = conn.execute(
+            'SELECT *, status::text AS state FROM "BackgroundJob" WHERE id = %s', (job_id,)
+        ).fetchone()
+        assert row is not None
+        return row
+
+
+def calls(db: str) -> list[dict[str, Any]]:
+    with psycopg.connect(db, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute(
+            'SELECT *, status::text AS state, event::text AS ev FROM "WebhookCall" '
+            'ORDER BY "createdAt", id'
+        ).fetchall()
+
+
+@pytest.fixture
+def documenso_db(db: str, receiver: Receiver) -> str:
+    execute(db, JOBS + WEBHOOKS)
+    execute(
+        db,
+        """
+        INSERT INTO "Webhook" ("id", "webhookUrl", "secret", "enabled", "userId", "teamId")
+        VALUES ('wh_1', %(url)s, 'hook-secret', true, 1, 1),
+               ('wh_off', %(url)s, NULL, false, 1, 1)
+        """,
+        {"url": receiver.url},
+    )
+    return db
+
+
+async def test_webhook_job_is_delivered_recorded_and_completed(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    config = jobs_config(documenso_db)
+    await install(config)
+    async with running(config):
+        add_job(documenso_db, "cjob1")
+        await receiver.wait_count(1)
+    request = receiver.received[0]
+    assert request.headers["X-Documenso-Secret"] == "hook-secret"
+    assert list(request.json) == ["event", "payload", "createdAt", "webhookEndpoint"]
+    assert request.json["event"] == "DOCUMENT_COMPLETED"
+    assert request.json["payload"] == {"id": 42, "status": "COMPLETED"}
+    assert request.json["webhookEndpoint"] == receiver.url
+    row = job(documenso_db, "cjob1")
+    assert row["state"] == "COMPLETED" and row["completedAt"] is not None
+    assert row["retried"] == 0
+    (call,) = calls(documenso_db)
+    assert (call["state"], call["responseCode"], call["webhookId"], call["ev"]) == (
+        "SUCCESS",
+        200,
+        "wh_1",
+        "DOCUMENT_COMPLETED",
+    )
+    assert call["url"] == receiver.url
+    assert call["requestBody"] == request.json
+    assert call["responseBody"] == "ok"
+
+
+async def test_failing_receiver_ends_failed_after_max_retries_as_documenso_would(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    async def fail(_: web.Request, __: int) -> web.Response:
+        return web.json_response({"error": "nope"}, status=500)
+
+    receiver.behaviour = fail
+    config = jobs_config(documenso_db)
+    await install(config)
+    async with running(config):
+        add_job(documenso_db, "cjob2", max_retries=2)
+        await receiver.wait_count(3)  # maxRetries + 1 attempts, as Documenso's local runner
+    row = job(documenso_db, "cjob2")
+    assert row["state"] == "FAILED"
+    assert row["retried"] == 2
+    assert row["lastRetriedAt"] is not None and row["completedAt"] is not None
+    recorded = calls(documenso_db)
+    assert [(c["state"], c["responseCode"]) for c in recorded] == [("FAILED", 500)] * 3
+    assert recorded[0]["responseBody"] == {"error": "nope"}
+    assert len(receiver.received) == 3
+
+
+async def test_a_disabled_webhook_is_not_called(documenso_db: str, receiver: Receiver) -> None:
+    config = jobs_config(documenso_db, **{})
+    await install(config)
+    add_job(documenso_db, "cjob_off", webhook="wh_off", updated="-1 second")
+    async with running(config):
+        add_job(documenso_db, "cjob_on")
+        await receiver.wait_count(1)
+    assert receiver.ids() == ["jobs_cjob_on"]
+    assert job(documenso_db, "cjob_off")["state"] == "COMPLETED"
+    assert [c["webhookId"] for c in calls(documenso_db)] == ["wh_1"]
+
+
+async def test_a_job_processing_under_another_runner_is_left_alone(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    config = jobs_config(documenso_db)
+    await install(config)
+    add_job(documenso_db, "cjob_theirs", status="PROCESSING", updated="-10 seconds")
+    add_job(documenso_db, "cjob_mine", updated="-5 seconds")  # committed before relay started
+    async with running(config):
+        await receiver.wait_count(1)
+    assert receiver.ids() == ["jobs_cjob_mine"]
+    theirs = job(documenso_db, "cjob_theirs")
+    assert (theirs["state"], theirs["retried"]) == ("PROCESSING", 0)
+
+
+async def test_a_stuck_job_is_picked_up_after_stuck_after(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    config = jobs_config(documenso_db, stuck_after="1m")
+    await install(config)
+    add_job(documenso_db, "cjob_stuck", status="PROCESSING", updated="-2 minutes")
+    async with running(config):
+        await receiver.wait_count(1)
+    row = job(documenso_db, "cjob_stuck")
+    # The dead runner's attempt counts, as Documenso's "retried" would.
+    assert (row["state"], row["retried"]) == ("COMPLETED", 1)
+    assert row["lastRetriedAt"] is not None
+
+
+async def test_other_jobs_are_forwarded_to_their_endpoint(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    config = jobs_config(
+        documenso_db, webhooks=False, forward={"send.signing.requested.email": receiver.url}
+    )
+    await install(config)
+    async with running(config):
+        execute(
+            documenso_db,
+            """
+            INSERT INTO "BackgroundJob" ("id", "jobId", "name", "version", "updatedAt", "payload")
+            VALUES ('cjob_mail', 'send.signing.requested.email', 'Send Signing Email', '1.0.0',
+                    now() AT TIME ZONE 'UTC', '{"userId": 1, "documentId": 42}'),
+                   ('cjob_seal', 'internal.seal-document', 'Seal Document', '1.0.0',
+                    now() AT TIME ZONE 'UTC', '{"documentId": 42}')
+            """,
+        )
+        await receiver.wait_count(1)
+    request = receiver.received[0]
+    assert request.json == {
+        "name": "send.signing.requested.email",
+        "payload": {"userId": 1, "documentId": 42},
+    }
+    assert request.headers["X-Job-Id"] == "cjob_mail"
+    assert job(documenso_db, "cjob_mail")["state"] == "COMPLETED"
+    assert job(documenso_db, "cjob_seal")["state"] == "PENDING"  # not ours to run
+
+
+async def test_install_without_background_jobs_names_what_is_missing(db: str) -> None:
+    with pytest.raises(ConfigError, match=r'sources\.jobs: no Documenso "BackgroundJob" table'):
+        await install(jobs_config(db))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -224,6 +224,30 @@ def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Co
     return install, insert_trigger, update_trigger
 
 
+def _fill(text: str, names: dict[str, sql.Composable]) -> sql.Composed:
+    return sql.SQL(text).format(**{k: v for k, v in names.items() if "{" + k + "}" in text})
+
+
+# Every query set (source.sql, a preset's own file) provides these names.
+QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+
+
+def _compile(
+    source: Source,
+    queries: dict[str, str],
+    names: dict[str, sql.Composable],
+    due_type: str,
+    channel: str,
+) -> Compiled:
+    install, insert_trigger, update_trigger = _notify_install(source, due_type, channel)
+    return Compiled(
+        **{name: _fill(queries[name], names) for name in QUERY_NAMES},
+        install=install,
+        insert_trigger=insert_trigger,
+        update_trigger=update_trigger,
+    )
+
+
 def _seconds(value: float) -> sql.Composable:
     return sql.SQL("make_interval(secs => {})").format(sql.Literal(float(value)))
 
@@ -256,26 +280,8 @@ def compile_documenso_jobs(
         "event_type": sql.Identifier(schema, "WebhookTriggerEvents"),
     }
 
-    def q(name: str) -> sql.Composed:
-        text = _DOCUMENSO_JOBS[name]
-        return sql.SQL(text).format(**{k: v for k, v in names.items() if "{" + k + "}" in text})
-
-    install, insert_trigger, update_trigger = _notify_install(
-        source, columns[source.due].type, channel
-    )
-    return Compiled(
-        claim=q("claim"),
-        settle=q("settle"),
-        rescue=q("rescue"),
-        next_due=q("next_due"),
-        counts=q("counts"),
-        oldest_due=q("oldest_due"),
-        retry_dead=q("retry_dead"),
-        install=install,
-        insert_trigger=insert_trigger,
-        update_trigger=update_trigger,
-        record_calls=q("record_calls"),
-    )
+    compiled = _compile(source, _DOCUMENSO_JOBS, names, columns[source.due].type, channel)
+    return replace(compiled, record_calls=_fill(_DOCUMENSO_JOBS["record_calls"], names))
 
 
 def compile_source(
@@ -350,24 +356,7 @@ def compile_source(
         "extra_sets": extra_sets,
     }
 
-    def q(name: str) -> sql.Composed:
-        return sql.SQL(_SOURCE_QUERIES[name]).format(
-            **{k: v for k, v in names.items() if "{" + k + "}" in _SOURCE_QUERIES[name]}
-        )
-
-    install, insert_trigger, update_trigger = _notify_install(source, due_type, channel)
-    return Compiled(
-        claim=q("claim"),
-        settle=q("settle"),
-        rescue=q("rescue"),
-        next_due=q("next_due"),
-        counts=q("counts"),
-        oldest_due=q("oldest_due"),
-        retry_dead=q("retry_dead"),
-        install=install,
-        insert_trigger=insert_trigger,
-        update_trigger=update_trigger,
-    )
+    return _compile(source, _SOURCE_QUERIES, names, due_type, channel)
 
 
 # -- the store ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class Relay:
             max_size=4 + len(config.sources),
             retry_for=max(config.claim_timeout / 2, 5.0),
             retry=config.retry,
+            pgbouncer=config.pgbouncer,
         )
         self.slots = Slots(config.max_in_flight)
         self.settler = Settler(self.store)

@@ -57,6 +57,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         channel=config.notify_channel,
         max_size=2,
         retry=config.retry,
+        pgbouncer=config.pgbouncer,
     )
     try:
         await store.open()

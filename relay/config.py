@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class ConfigError(Exception):
@@ -117,6 +117,8 @@ class Config:
     health_host: str | None = "127.0.0.1"
     health_port: int = 8081
     notify_channel: str = "relay"
+    # database.url goes through PgBouncer in transaction mode: no server-side prepared statements.
+    pgbouncer: bool = False
 
 
 # The outbox is relay's own table; as a source it is a fixed mapping onto relay.outbox.
@@ -129,9 +131,35 @@ _IDENT = re.compile(r"^[^\x00]{1,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
+# Query parameters Prisma adds to a DATABASE_URL (Documenso's among them) that libpq rejects.
+_PRISMA_PARAMS = {
+    "pgbouncer",
+    "schema",
+    "connection_limit",
+    "pool_timeout",
+    "socket_timeout",
+    "statement_cache_size",
+    "sslaccept",
+    "sslidentity",
+    "sslpassword",
+}
+
+
+def libpq_url(url: str) -> tuple[str, bool]:
+    """Drop Prisma-only parameters from a URL, so a Prisma app's DATABASE_URL works as it is;
+    also say whether it asked for PgBouncer mode (`pgbouncer=true`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.query:
+        return url, False
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    pgbouncer = any(k == "pgbouncer" and v.lower() == "true" for k, v in params)
+    kept = [(k, v) for k, v in params if k not in _PRISMA_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(kept))), pgbouncer
+
+
 _TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources"}
 _SECTION_KEYS = {
-    "database": {"url", "listen_url"},
+    "database": {"url", "listen_url", "pgbouncer"},
     "relay": {
         "worker_id",
         "max_in_flight",
@@ -523,9 +551,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError(
             "database.url: no database to relay for; set DATABASE_URL or [database] url"
         )
-    url = _str("database.url", url)
+    url, url_pgbouncer = libpq_url(_str("database.url", url))
     listen_url = env.get("RELAY_LISTEN_URL") or database.get("listen_url") or url
-    listen_url = _str("database.listen_url", listen_url)
+    listen_url, _ = libpq_url(_str("database.listen_url", listen_url))
+    pgbouncer = database.get("pgbouncer", url_pgbouncer)
+    if not isinstance(pgbouncer, bool):
+        raise ConfigError(f"database.pgbouncer: expected true or false, got {pgbouncer!r}")
 
     max_attempts = _int("retry.max_attempts", retry.get("max_attempts", 5))
     sources_raw = raw.get("sources", {})
@@ -574,6 +605,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         health_host=host,
         health_port=port,
         notify_channel=channel,
+        pgbouncer=pgbouncer,
     )
 
 

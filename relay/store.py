@@ -505,6 +505,10 @@ async def _install_documenso_documents(conn: psycopg.AsyncConnection[Any], sourc
     log.info("install.documenso source=%s schema=%s table=%s", source.name, schema, table)
 
 
+async def _no_prepare(conn: psycopg.AsyncConnection[Any]) -> None:
+    conn.prepare_threshold = None
+
+
 class Store:
     """A connection pool and the compiled queries of every configured source."""
 
@@ -517,6 +521,7 @@ class Store:
         max_size: int = 8,
         retry_for: float = 30.0,
         retry: RetryPolicy = DEFAULT_RETRY,
+        pgbouncer: bool = False,
     ) -> None:
         self.sources = {s.name: s for s in sources}
         self.retry = retry
@@ -530,6 +535,9 @@ class Store:
             # Every query here is one statement, so autocommit makes each its own short
             # transaction without a BEGIN/COMMIT round trip.
             kwargs={"autocommit": True},
+            # PgBouncer in transaction mode may hand each statement to another server
+            # connection, where a prepared statement does not exist.
+            configure=_no_prepare if pgbouncer else None,
             name="relay",
             timeout=10.0,
         )

@@ -193,3 +193,27 @@ async def test_install_on_a_database_without_documenso_says_what_is_missing(db: 
         ConfigError, match=r'sources\.documenso: no Documenso document table.*"Envelope"'
     ):
         await install(config)
+
+
+async def test_documensos_own_prisma_database_url_works_as_it_is(
+    envelope_db: str, receiver: Receiver
+) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(envelope_db)
+    prisma_url = (
+        f"postgresql://{info['user']}@{info['host']}:{info['port']}/{info['dbname']}"
+        f"?pgbouncer=true&schema=public&connection_limit=5"
+    )
+    config = documenso_config(prisma_url, receiver.url)
+    assert config.pgbouncer
+    await install(config)
+    async with running(config) as relay:
+        for _ in range(7):  # past psycopg's auto-prepare threshold
+            execute(envelope_db, SEND)
+            execute(envelope_db, """UPDATE "Envelope" SET "status" = 'DRAFT'""")
+        await receiver.wait_count(7)
+        # Through PgBouncer's transaction mode nothing may be prepared on the server.
+        async with relay.store.pool.connection() as conn:
+            assert conn.prepare_threshold is None
+            cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
+            assert await cur.fetchone() == (0,)
+    assert {r.json["event"] for r in receiver.received} == {"DOCUMENT_SENT"}

@@ -232,3 +232,37 @@ def test_documenso_documents_preset_needs_only_a_url() -> None:
         }
     )
     assert msg.startswith("sources.doc.events: unknown key")
+
+
+def test_a_prisma_database_url_works_as_it_is() -> None:
+    raw = {
+        "database": {
+            "url": "postgresql://u:p@db:6432/documenso?pgbouncer=true&schema=public&sslmode=require"
+        },
+        "sources": {"q": queue_source()},
+    }
+    cfg = config.from_mapping(raw, {})
+    assert cfg.database_url == "postgresql://u:p@db:6432/documenso?sslmode=require"
+    assert cfg.pgbouncer is True
+    assert cfg.listen_url == cfg.database_url
+    assert build().pgbouncer is False
+
+
+def test_documenso_jobs_preset() -> None:
+    cfg = build(sources={"jobs": {"kind": "documenso_jobs", "stuck_after": "10m"}})
+    (source,) = cfg.sources
+    assert source.job_ids == ("internal.execute-webhook",)
+    assert (source.table, source.stuck_after) == ("BackgroundJob", 600.0)
+    both = build(
+        sources={"jobs": {"kind": "documenso_jobs", "forward": {"a.job": "https://b.test/j"}}}
+    )
+    assert both.sources[0].job_ids == ("internal.execute-webhook", "a.job")
+    nothing = {"kind": "documenso_jobs", "webhooks": False}
+    assert "nothing to run" in error({"database": {"url": DB}, "sources": {"jobs": nothing}})
+    webhook_forward = {
+        "kind": "documenso_jobs",
+        "forward": {"internal.execute-webhook": "https://b.test/"},
+    }
+    assert error({"database": {"url": DB}, "sources": {"jobs": webhook_forward}}).startswith(
+        "sources.jobs.forward:"
+    )

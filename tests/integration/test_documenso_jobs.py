@@ -11,7 +11,8 @@ from aiohttp import web
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
-from tests.integration.documenso_schema import JOBS, WEBHOOKS
+from relay.store import Store
+from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
 from tests.support import Receiver, install, raw_config, running
 
 WEBHOOK_JOB = """
@@ -197,3 +198,33 @@ async def test_other_jobs_are_forwarded_to_their_endpoint(
 async def test_install_without_background_jobs_names_what_is_missing(db: str) -> None:
     with pytest.raises(ConfigError, match=r'sources\.jobs: no Documenso "BackgroundJob" table'):
         await install(jobs_config(db))
+
+
+async def test_uninstall_leaves_documenso_as_it_was(documenso_db: str) -> None:
+    execute(documenso_db, ENVELOPE)
+    source = {"kind": "documenso_documents", "url": "http://127.0.0.1:9/unused"}
+    config = config_mod.from_mapping(
+        raw_config(documenso_db, sources={"jobs": {"kind": "documenso_jobs"}, "documenso": source}),
+        {},
+    )
+    await install(config)
+
+    def relay_triggers() -> list[str]:
+        with psycopg.connect(documenso_db) as conn:
+            rows = conn.execute(
+                "SELECT tgrelid::regclass::text FROM pg_trigger t JOIN pg_proc p "
+                "ON p.oid = t.tgfoid WHERE p.pronamespace = 'relay'::regnamespace"
+            ).fetchall()
+            return sorted({r[0] for r in rows})
+
+    assert relay_triggers() == ['"BackgroundJob"', '"Envelope"', "relay.documenso_events"]
+    store = Store(config.database_url, config.sources)
+    await store.open()
+    try:
+        await store.uninstall()
+    finally:
+        await store.close()
+    assert relay_triggers() == []
+    add_job(documenso_db, "after_uninstall")  # Documenso's own writes still work
+    execute(documenso_db, """UPDATE "Envelope" SET "status" = 'PENDING'""")
+    assert job(documenso_db, "after_uninstall")["state"] == "PENDING"

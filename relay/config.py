@@ -61,7 +61,7 @@ class Source:
     attempts: str
     max_attempts: int  # used when the column is absent or NULL
     max_attempts_column: str | None
-    due: str
+    due: str | None  # None: relay keeps claims and retry times in relay.leases
     last_error: str | None = None
     last_status: str | None = None
     done_at: str | None = None
@@ -436,7 +436,7 @@ def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
 def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     where = f"sources.{name}"
     _unknown(where, data, _TABLE_KEYS)
-    for required in ("table", "key", "status", "attempts", "due"):
+    for required in ("table", "key", "status", "attempts"):
         if required not in data:
             raise ConfigError(f"{where}.{required}: required for a table source")
     schema, table = _table_name(f"{where}.table", data["table"])
@@ -467,7 +467,7 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         attempts=_ident(f"{where}.attempts", data["attempts"]),
         max_attempts=_int(f"{where}.max_attempts", max_attempts_value),
         max_attempts_column=_opt_ident(f"{where}.max_attempts_column", column),
-        due=_ident(f"{where}.due", data["due"]),
+        due=_opt_ident(f"{where}.due", data.get("due")),
         last_error=_opt_ident(f"{where}.last_error", data.get("last_error")),
         last_status=_opt_ident(f"{where}.last_status", data.get("last_status")),
         done_at=_opt_ident(f"{where}.done_at", data.get("done_at")),

@@ -57,6 +57,7 @@ def load_queries(path: Path) -> dict[str, str]:
 
 
 _SOURCE_QUERIES = load_queries(sql_dir() / "queries" / "source.sql")
+_SOURCE_LEASED_QUERIES = load_queries(sql_dir() / "queries" / "source_leased.sql")
 _CATALOG = load_queries(sql_dir() / "queries" / "catalog.sql")
 _SCHEMA_SQL = (sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _NOTIFY_SQL = (sql_dir() / "triggers" / "notify.sql").read_text()
@@ -171,8 +172,8 @@ def _check_columns(source: Source, columns: dict[str, Column]) -> None:
                 f"{where}.{key}: column {column!r} does not exist in table {table}; "
                 f"its columns are: {', '.join(sorted(columns))}"
             )
-    due_type = columns[source.due].type
-    if not _TIMESTAMP_TYPES.match(due_type):
+    due_type = columns[source.due].type if source.due is not None else "timestamptz"
+    if source.due is not None and not _TIMESTAMP_TYPES.match(due_type):
         raise ConfigError(
             f"{where}.due: column {source.due!r} is {due_type}; it must be a timestamp "
             f"(with or without time zone)"
@@ -207,6 +208,11 @@ def _text_or_null(column: str | None) -> sql.Composable:
 
 
 def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Composed, str, str]:
+    due_check: sql.Composable = sql.SQL("TRUE")  # no due column: any claimable status wakes
+    if source.due is not None:
+        due_check = sql.SQL("({due} IS NULL OR {due} <= {now})").format(
+            due=sql.Identifier(source.due), now=_now(due_type)
+        )
     insert_trigger = f"relay_notify_{source.name}_insert"
     update_trigger = f"relay_notify_{source.name}_update"
     install = sql.SQL(_NOTIFY_SQL).format(
@@ -214,8 +220,7 @@ def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Co
         table=sql.Identifier(source.schema, source.table),
         status=sql.Identifier(source.status),
         pending=sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
-        due=sql.Identifier(source.due),
-        now=_now(due_type),
+        due_check=due_check,
         channel=sql.Literal(channel),
         source=sql.Literal(source.name),
         insert_trigger=sql.Identifier(insert_trigger),
@@ -280,7 +285,7 @@ def compile_documenso_jobs(
         "event_type": sql.Identifier(schema, "WebhookTriggerEvents"),
     }
 
-    compiled = _compile(source, _DOCUMENSO_JOBS, names, columns[source.due].type, channel)
+    compiled = _compile(source, _DOCUMENSO_JOBS, names, "timestamp(3) without time zone", channel)
     return replace(compiled, record_calls=_fill(_DOCUMENSO_JOBS["record_calls"], names))
 
 
@@ -290,7 +295,8 @@ def compile_source(
     if source.kind is SourceKind.documenso_jobs:
         return compile_documenso_jobs(source, columns, channel, retry)
     ident = sql.Identifier
-    due_type = columns[source.due].type
+    # Without a due column, claims and retry times live in relay.leases (timestamptz).
+    due_type = columns[source.due].type if source.due is not None else "timestamptz"
     now = _now(due_type)
     max_attempts: sql.Composable = sql.Literal(source.max_attempts)
     if source.max_attempts_column is not None:
@@ -302,17 +308,19 @@ def compile_source(
         payload = _text_or_null(source.payload_column)
     else:
         payload = sql.SQL("to_jsonb(t)::text")
-    returning = sql.SQL(", ").join(
-        [
-            sql.SQL("t.{}").format(ident(source.key)),
-            sql.SQL("t.{}").format(ident(source.due)),
-            sql.SQL("t.{}::int").format(ident(source.attempts)),
-            max_attempts,
-            _text_or_null(source.url_column),
-            _text_or_null(source.secret_column),
-            _text_or_null(source.topic_column),
-            payload,
-        ]
+    row_columns = {
+        "key": sql.SQL("t.{}").format(ident(source.key)),
+        "lease": sql.SQL("t.{}").format(ident(source.due)) if source.due else None,
+        "attempt": sql.SQL("t.{}::int").format(ident(source.attempts)),
+        "max_attempts": max_attempts,
+        "url": _text_or_null(source.url_column),
+        "secret": _text_or_null(source.secret_column),
+        "topic": _text_or_null(source.topic_column),
+        "payload": payload,
+    }
+    returning = sql.SQL(", ").join(e for e in row_columns.values() if e is not None)
+    returning_named = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(e, ident(n)) for n, e in row_columns.items() if e is not None
     )
     extra: list[sql.Composable] = []
     if source.last_error is not None:
@@ -340,7 +348,7 @@ def compile_source(
         "table": sql.Identifier(source.schema, source.table),
         "key": ident(source.key),
         "status": ident(source.status),
-        "due": ident(source.due),
+        "due": ident(source.due) if source.due is not None else sql.SQL("NULL"),
         "attempts": ident(source.attempts),
         "now": now,
         "pending": sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
@@ -353,10 +361,13 @@ def compile_source(
         "key_type": sql.SQL(columns[source.key].type),
         "due_type": sql.SQL(due_type),
         "returning": returning,
+        "returning_named": returning_named,
+        "source": sql.Literal(source.name),
         "extra_sets": extra_sets,
     }
 
-    return _compile(source, _SOURCE_QUERIES, names, due_type, channel)
+    queries = _SOURCE_QUERIES if source.due is not None else _SOURCE_LEASED_QUERIES
+    return _compile(source, queries, names, due_type, channel)
 
 
 # -- the store ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM relay_changed
-               WHERE {status} IN ({pending}) AND ({due} IS NULL OR {due} <= {now})) THEN
+               WHERE {status} IN ({pending}) AND {due_check}) THEN
         PERFORM pg_notify({channel}, {source});
     END IF;
     RETURN NULL;

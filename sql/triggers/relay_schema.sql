@@ -37,3 +37,13 @@ $$;
 
 COMMENT ON FUNCTION relay.publish(text, jsonb, timestamptz) IS
     'Queue an event for relay: delivered to the URL configured for its topic once the transaction commits.';
+
+-- Claims and retry times for rows of tables that have no due column of their own (a table
+-- source mapped without `due`): while a row is processing, `due` is its claim's expiry and
+-- token; while it waits for a retry, when it falls due; NULL once settled for good.
+CREATE TABLE IF NOT EXISTS relay.leases (
+    source  text        NOT NULL,
+    key     text        NOT NULL,
+    due     timestamptz,
+    PRIMARY KEY (source, key)
+);

@@ -176,8 +176,8 @@ CONFIG_ERRORS = {
         ["sources.deliveries.status", "'state'", "does not exist"],
     ),
     "missing mapping key": (
-        _set("sources.deliveries.due", None),
-        ["sources.deliveries.due", "required"],
+        _set("sources.deliveries.attempts", None),
+        ["sources.deliveries.attempts", "required"],
     ),
 }
 

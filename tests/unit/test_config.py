@@ -124,10 +124,17 @@ def test_done_status_cannot_also_be_pending() -> None:
 
 def test_required_mapping_keys_are_named() -> None:
     source = queue_source()
-    del source["due"]
+    del source["attempts"]
     assert error({"database": {"url": DB}, "sources": {"q": source}}).startswith(
-        "sources.q.due: required"
+        "sources.q.attempts: required"
     )
+
+
+def test_the_due_column_is_optional() -> None:
+    source = queue_source()
+    del source["due"]
+    (mapped,) = config.from_mapping({"database": {"url": DB}, "sources": {"q": source}}, {}).sources
+    assert mapped.due is None
 
 
 def test_source_names_are_identifiers() -> None:

@@ -1,0 +1,63 @@
+"""The benchmark's writer: inserts rows into webhook_delivery_queue from its own process.
+
+`latency`: N rows, one committed transaction each, `--pace` seconds apart; each payload carries
+{"lat": i, "sent": time before the INSERT}. Prints {"commits": {i: time.time() when the commit
+returned}} as JSON, which the harness joins with the receiver's arrival times (same clock).
+`--pace 0` writes as fast as one connection can (the "rows inserted while running" workload).
+
+`tps`: single-row INSERT transactions for `--seconds` from one connection; prints
+{"inserts": n, "seconds": s, "tps": r}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import orjson
+import psycopg
+
+INSERT = "INSERT INTO webhook_delivery_queue (url, payload) VALUES (%s, %s::jsonb)"
+
+
+def latency(db: str, target: str, n: int, pace: float) -> None:
+    commits: dict[int, float] = {}
+    with psycopg.connect(db, autocommit=True) as conn:
+        for i in range(n):
+            sent = time.time()
+            conn.execute(INSERT, (target, orjson.dumps({"lat": i, "sent": sent}).decode()))
+            commits[i] = time.time()
+            if pace:
+                time.sleep(pace)
+    print(orjson.dumps({"commits": {str(k): v for k, v in commits.items()}}).decode())
+
+
+def tps(db: str, target: str, seconds: float) -> None:
+    done = 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        start = time.monotonic()
+        deadline = start + seconds
+        while time.monotonic() < deadline:
+            conn.execute(INSERT, (target, '{"n": 0}'))
+            done += 1
+        elapsed = time.monotonic() - start
+    print(orjson.dumps({"inserts": done, "seconds": elapsed, "tps": done / elapsed}).decode())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("mode", choices=["latency", "tps"])
+    p.add_argument("--db", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--pace", type=float, default=0.02)
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = p.parse_args()
+    if args.mode == "latency":
+        latency(args.db, args.target, args.n, args.pace)
+    else:
+        tps(args.db, args.target, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

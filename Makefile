@@ -33,13 +33,13 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format relay tests
-	$(BIN)/ruff check --fix relay tests
+	$(BIN)/ruff format relay tests bench
+	$(BIN)/ruff check --fix relay tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

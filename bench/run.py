@@ -44,6 +44,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
 from relay.store import sql_dir
 
@@ -82,26 +83,6 @@ QUICK = {
     "idle_seconds": 5.0,
 }
 
-QUEUE_SOURCE = {
-    "kind": "table",
-    "table": "public.webhook_delivery_queue",
-    "key": "id",
-    "status": "status",
-    "pending": ["pending", "failed"],
-    "retry": "failed",
-    "processing": "processing",
-    "done": "delivered",
-    "dead": "dead_letter",
-    "attempts": "attempt_count",
-    "max_attempts_column": "max_attempts",
-    "due": "next_retry_at",
-    "last_error": "last_error",
-    "last_status": "last_response_status",
-    "done_at": "delivered_at",
-    "payload": "payload",
-    "url_column": "url",
-    "secret_column": "secret",
-}
 UNSETTLED = (
     "SELECT count(*) FROM webhook_delivery_queue WHERE status NOT IN ('delivered', 'dead_letter')"
 )

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from aiohttp import web
@@ -32,6 +33,29 @@ DEMO_DB = "relay_demo"
 
 log = logging.getLogger("relay.demo")
 
+# The demo queue (sql/demo/webhook_delivery_queue.sql) as a table source: the mapping a user of
+# such a queue writes in [sources.NAME]. The tests and the benchmark use it too.
+QUEUE_SOURCE: dict[str, Any] = {
+    "kind": "table",
+    "table": "public.webhook_delivery_queue",
+    "key": "id",
+    "status": "status",
+    "pending": ["pending", "failed"],
+    "retry": "failed",
+    "processing": "processing",
+    "done": "delivered",
+    "dead": "dead_letter",
+    "attempts": "attempt_count",
+    "max_attempts_column": "max_attempts",
+    "due": "next_retry_at",
+    "last_error": "last_error",
+    "last_status": "last_response_status",
+    "done_at": "delivered_at",
+    "payload": "payload",
+    "url_column": "url",
+    "secret_column": "secret",
+}
+
 
 def demo_config(db_url: str, receiver_url: str, health_port: int) -> Config:
     """The demo's sources: the partner-webhook queue (target per row) and relay's outbox."""
@@ -41,26 +65,7 @@ def demo_config(db_url: str, receiver_url: str, health_port: int) -> Config:
             "relay": {"worker_id": "demo"},
             "health": {"listen": f"127.0.0.1:{health_port}"},
             "sources": {
-                "deliveries": {
-                    "kind": "table",
-                    "table": "public.webhook_delivery_queue",
-                    "key": "id",
-                    "status": "status",
-                    "pending": ["pending", "failed"],
-                    "retry": "failed",
-                    "processing": "processing",
-                    "done": "delivered",
-                    "dead": "dead_letter",
-                    "attempts": "attempt_count",
-                    "max_attempts_column": "max_attempts",
-                    "due": "next_retry_at",
-                    "last_error": "last_error",
-                    "last_status": "last_response_status",
-                    "done_at": "delivered_at",
-                    "payload": "payload",
-                    "url_column": "url",
-                    "secret_column": "secret",
-                },
+                "deliveries": QUEUE_SOURCE,
                 "events": {"kind": "outbox", "topics": {"*": receiver_url}},
             },
         },

@@ -21,6 +21,7 @@ from aiohttp import web
 from relay import config as config_mod
 from relay.app import Relay
 from relay.config import Config
+from relay.demo import QUEUE_SOURCE
 from relay.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,28 +107,7 @@ class Receiver:
 
 def queue_source(**overrides: Any) -> dict[str, Any]:
     """A table source mapped onto the demo webhook_delivery_queue."""
-    source: dict[str, Any] = {
-        "kind": "table",
-        "table": "public.webhook_delivery_queue",
-        "key": "id",
-        "status": "status",
-        "pending": ["pending", "failed"],
-        "retry": "failed",
-        "processing": "processing",
-        "done": "delivered",
-        "dead": "dead_letter",
-        "attempts": "attempt_count",
-        "max_attempts_column": "max_attempts",
-        "due": "next_retry_at",
-        "last_error": "last_error",
-        "last_status": "last_response_status",
-        "done_at": "delivered_at",
-        "payload": "payload",
-        "url_column": "url",
-        "secret_column": "secret",
-    }
-    source.update(overrides)
-    return source
+    return {**QUEUE_SOURCE, **overrides}
 
 
 def raw_config(db_url: str, **sections: Any) -> dict[str, Any]:

@@ -363,27 +363,36 @@ class Bench:
         db = self.fresh_db()
         self.reset_receiver()
         with self.deliverer(kind, db, "latency"):
-            out = run_json(
-                self.procs,
-                f"producer-latency-{kind}",
-                "-m",
-                "bench.producer",
-                "latency",
-                "--db",
-                db,
-                "--target",
-                self.target,
-                "--n",
-                str(n),
-                "--pace",
-                str(s["pace_s"]),
-                timeout=n * s["pace_s"] * 5 + 60,
-            )
+            commits = self.produce(f"latency-{kind}", db, n, s["pace_s"])
             wait_until(lambda: self.receiver_stats()["count"] >= n, 60, f"{n} latency rows")
-            arrivals = self.receiver_stats(full=True)["arrivals"]
-        commits = out["commits"]
-        ms = sorted((arrivals[k] - commits[k]) * 1000 for k in commits if k in arrivals)
+            ms = self.commit_to_arrival_ms(commits)
         return {"rows": n, "received": len(ms), **percentiles(ms)}
+
+    def produce(self, name: str, db: str, n: int, pace: float) -> dict[str, float]:
+        """n rows, one committed transaction each, from the producer process; commit times."""
+        out = run_json(
+            self.procs,
+            f"producer-{name}",
+            "-m",
+            "bench.producer",
+            "latency",
+            "--db",
+            db,
+            "--target",
+            self.target,
+            "--n",
+            str(n),
+            "--pace",
+            str(pace),
+            timeout=n * pace * 5 + 600,
+        )
+        commits: dict[str, float] = out["commits"]
+        return commits
+
+    def commit_to_arrival_ms(self, commits: dict[str, float]) -> list[float]:
+        """Producer commit to receiver arrival, per row, sorted (one clock: same machine)."""
+        arrivals = self.receiver_stats(full=True)["arrivals"]
+        return sorted((arrivals[k] - commits[k]) * 1000 for k in commits if k in arrivals)
 
     def drain(
         self, kind: str, n: int, name: str, rss: bool = False, idle_seconds: float = 0.0
@@ -423,28 +432,11 @@ class Bench:
         self.reset_receiver()
         with self.deliverer(kind, db, "live"):
             start = time.monotonic()
-            out = run_json(
-                self.procs,
-                f"producer-live-{kind}",
-                "-m",
-                "bench.producer",
-                "latency",
-                "--db",
-                db,
-                "--target",
-                self.target,
-                "--n",
-                str(n),
-                "--pace",
-                "0",
-                timeout=600,
-            )
+            commits = self.produce(f"live-{kind}", db, n, 0.0)
             inserted = time.monotonic()
             wait_until(lambda: self.unsettled(db) == 0, 600, f"{n} live rows to settle")
             done = time.monotonic()
-            arrivals = self.receiver_stats(full=True)["arrivals"]
-        commits = out["commits"]
-        ms = sorted((arrivals[k] - commits[k]) * 1000 for k in commits if k in arrivals)
+            ms = self.commit_to_arrival_ms(commits)
         return {
             "rows": n,
             "insert_s": inserted - start,

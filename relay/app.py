@@ -20,10 +20,12 @@ from relay.config import Config
 from relay.deliverer import Deliverer, Settler
 from relay.listener import Listener
 from relay.server import serve
-from relay.store import RETRYABLE, Store
+from relay.store import RETRYABLE, Outcome, Settlement, Store
 from relay.sweeper import Sweeper
 
 log = logging.getLogger("relay.app")
+
+_AGAIN = (Outcome.retry, Outcome.release)
 
 
 def _log_start_retry(state: RetryCallState) -> None:
@@ -47,9 +49,9 @@ class Relay:
             retry=config.retry,
             pgbouncer=config.pgbouncer,
         )
-        self.slots = Slots(config.max_in_flight)
-        self.settler = Settler(self.store)
-        self.deliverer = Deliverer(config, self.settler, self.slots, on_retry=self._on_retry)
+        self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
+        self.settler = Settler(self.store, on_settled=self._on_settled)
+        self.deliverer = Deliverer(config, self.settler)
         self.claimers = {
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources
@@ -74,14 +76,22 @@ class Relay:
         if claimer is not None:
             claimer.wake()
 
-    def _on_retry(self, source: str, delay: float) -> None:
-        self.claimers[source].schedule(delay)
+    def _on_settled(self, source: str, batch: list[Settlement], settled: set[Any] | None) -> None:
+        # Written (or given up on): their claim budget is free again.
+        self.slots.give(len(batch))
+        if settled:
+            due = [s.delay for s in batch if s.outcome in _AGAIN and s.key in settled]
+            if due:
+                # Rows claimable again (retries, released rows): wake this source's claimer
+                # when the soonest falls due. relay's own settles send no notification.
+                self.claimers[source].schedule(min(due))
 
     def status(self) -> dict[str, Any]:
         return {
             "listener": "connected" if self.listener.connected else "disconnected",
             "worker_id": self.config.worker_id,
             "in_flight": self.deliverer.in_flight,
+            "queued": self.deliverer.queued,
             "delivered": self.deliverer.delivered,
             "failed": self.deliverer.failed,
             "sweeps": self.sweeper.sweeps,

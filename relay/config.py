@@ -106,6 +106,8 @@ class Config:
     sources: tuple[Source, ...]
     max_in_flight: int = 20
     batch_size: int = 50
+    # Rows claimed ahead of a free delivery slot, so that claims stay whole batches under load.
+    claim_ahead: int = 50
     sweep_interval: float = 30.0
     claim_timeout: float = 60.0
     shutdown_grace: float = 10.0
@@ -164,6 +166,7 @@ _SECTION_KEYS = {
         "worker_id",
         "max_in_flight",
         "batch_size",
+        "claim_ahead",
         "sweep_interval",
         "claim_timeout",
         "shutdown_grace",
@@ -581,6 +584,16 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if policy.factor < 1:
         raise ConfigError(f"retry.factor: must be at least 1, got {policy.factor}")
+    batch_size = _int("relay.batch_size", relay.get("batch_size", 50))
+    claim_timeout = duration("relay.claim_timeout", relay.get("claim_timeout", 60.0))
+    http_timeout = duration("http.timeout", http.get("timeout", 10.0))
+    if claim_timeout <= http_timeout:
+        # A claim must outlive the request it covers, or another relay could take the row
+        # over while it is still being delivered.
+        raise ConfigError(
+            f"relay.claim_timeout ({claim_timeout:g}s) must be longer than http.timeout "
+            f"({http_timeout:g}s): raise relay.claim_timeout or lower http.timeout"
+        )
     return Config(
         database_url=url,
         listen_url=listen_url,
@@ -589,14 +602,15 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         ),
         sources=sources,
         max_in_flight=_int("relay.max_in_flight", relay.get("max_in_flight", 20)),
-        batch_size=_int("relay.batch_size", relay.get("batch_size", 50)),
+        batch_size=batch_size,
+        claim_ahead=_int("relay.claim_ahead", relay.get("claim_ahead", batch_size), minimum=0),
         sweep_interval=duration("relay.sweep_interval", relay.get("sweep_interval", 30.0)),
-        claim_timeout=duration("relay.claim_timeout", relay.get("claim_timeout", 60.0)),
+        claim_timeout=claim_timeout,
         shutdown_grace=duration("relay.shutdown_grace", relay.get("shutdown_grace", 10.0)),
         heartbeat_interval=duration(
             "relay.heartbeat_interval", relay.get("heartbeat_interval", 10.0)
         ),
-        http_timeout=duration("http.timeout", http.get("timeout", 10.0)),
+        http_timeout=http_timeout,
         max_response_bytes=_int(
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
         ),

@@ -8,6 +8,7 @@ one statement per source (the `Settler`), which also keeps the pool small under 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -23,7 +24,6 @@ import orjson
 import psycopg
 
 from relay import retry, signing
-from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
 
@@ -38,22 +38,30 @@ class SettleStore(Protocol):
     async def record_calls(self, source: str, calls: list[WebhookCall]) -> None: ...
 
 
-class Settler:
-    """Collects settlements and writes each source's pending ones in one statement."""
+# Told, after each write, which settlements it covered and which keys were still ours (None when
+# the write failed and the rows are left to their claim expiry).
+OnSettled = Callable[[str, list[Settlement], set[Any] | None], None]
 
-    def __init__(self, store: SettleStore) -> None:
+
+class Settler:
+    """Collects settlements and writes each source's pending ones in one statement.
+
+    Nothing waits on a single row's settle: deliveries hand their outcome over and move on, and
+    `on_settled` hears about whole batches once they are written (that is where the claim budget
+    is given back, so it is never given back before the row is settled).
+    """
+
+    def __init__(self, store: SettleStore, on_settled: OnSettled) -> None:
         self.store = store
-        self._queue: dict[str, list[tuple[Settlement, asyncio.Future[bool]]]] = defaultdict(list)
+        self.on_settled = on_settled
+        self._queue: dict[str, list[Settlement]] = defaultdict(list)
         self._ready = asyncio.Event()
         self._closing = False
         self.lost = 0  # settles that found the row no longer ours
 
-    async def settle(self, source: str, settlement: Settlement) -> bool:
-        """True if the row was still ours and is now settled."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue[source].append((settlement, future))
+    def add(self, source: str, settlement: Settlement) -> None:
+        self._queue[source].append(settlement)
         self._ready.set()
-        return await future
 
     def close(self) -> None:
         self._closing = True
@@ -66,18 +74,17 @@ class Settler:
             batch, self._queue = self._queue, defaultdict(list)
             for source, items in batch.items():
                 for start in range(0, len(items), SETTLE_BATCH):
-                    await self._write(source, items[start : start + SETTLE_BATCH])
+                    chunk = items[start : start + SETTLE_BATCH]
+                    self.on_settled(source, chunk, await self._write(source, chunk))
             if self._closing and not self._queue:
                 return
 
-    async def _write(
-        self, source: str, items: list[tuple[Settlement, asyncio.Future[bool]]]
-    ) -> None:
+    async def _write(self, source: str, items: list[Settlement]) -> set[Any] | None:
         try:
-            calls = [s.call for s, _ in items if s.call is not None]
+            calls = [s.call for s in items if s.call is not None]
             if calls:
                 await self.store.record_calls(source, calls)
-            settled: set[Any] | None = await self.store.settle(source, [s for s, _ in items])
+            settled = await self.store.settle(source, items)
         except RETRYABLE as exc:
             # The database stayed away longer than the store retries for. These rows keep
             # their claim until it expires; then a sweep returns them and they are delivered
@@ -88,7 +95,7 @@ class Settler:
                 len(items),
                 str(exc).splitlines()[0],
             )
-            settled = None
+            return None
         except psycopg.Error as exc:
             # Not a lost connection: the database refused the settle (a constraint, a trigger
             # of the user's, a changed table). Leave the rows to their claim expiry rather than
@@ -99,20 +106,19 @@ class Settler:
                 len(items),
                 str(exc).strip().splitlines()[0],
             )
-            settled = None
-        for settlement, future in items:
-            ok = settled is not None and settlement.key in settled
-            if settled is not None and not ok:
-                self.lost += 1
-                log.warning(
-                    "settle.lost source=%s key=%s outcome=%s reason=claim no longer held "
-                    "(expired and taken over, or the row was deleted or changed)",
-                    source,
-                    settlement.key,
-                    settlement.outcome,
-                )
-            if not future.done():
-                future.set_result(ok)
+            return None
+        if len(settled) < len(items):
+            for settlement in items:
+                if settlement.key not in settled:
+                    self.lost += 1
+                    log.warning(
+                        "settle.lost source=%s key=%s outcome=%s reason=claim no longer held "
+                        "(expired and taken over, or the row was deleted or changed)",
+                        source,
+                        settlement.key,
+                        settlement.outcome,
+                    )
+        return settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,27 +170,33 @@ def _valid_url(url: str | None) -> bool:
 
 
 class Deliverer:
+    """`max_in_flight` workers that take claimed rows in order, deliver each and hand its
+    settlement to the Settler. Rows claimed ahead of a free worker wait in `_queue` (the claim
+    budget bounds it to one batch)."""
+
     def __init__(
         self,
         config: Config,
         settler: Settler,
-        slots: Slots,
         *,
-        on_retry: Callable[[str, float], None],
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
         self.settler = settler
-        self.slots = slots
-        self.on_retry = on_retry
         self.rand = rand
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._keys = {
             s.name: signing.secret_key(s.secret)
             for s in config.sources
             if s.secret is not None and s.secret_header is None
         }
+        # A claimed row starts its request only if its claim outlives the request's timeout,
+        # so no delivery is still running when another relay may take the row over.
+        self._start_within = config.claim_timeout - config.http_timeout
+        self.busy = 0
         self.delivered = 0
         self.failed = 0
 
@@ -202,49 +214,89 @@ class Deliverer:
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
         )
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"deliver:{n}")
+            for n in range(self.config.max_in_flight)
+        ]
 
     async def close(self) -> None:
+        await self.close_workers()
         if self._session is not None:
             await self._session.close()
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self.busy
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
 
     def start(self, source: Source, row: Claimed) -> None:
-        task = asyncio.create_task(self._run(source, row), name=f"deliver:{source.name}:{row.key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queue.put_nowait((source, row, asyncio.get_running_loop().time()))
 
     async def drain(self, grace: float) -> None:
-        """Let in-flight deliveries finish for up to `grace` seconds, then release the rest."""
-        if not self._tasks:
+        """Hand back the rows no request has started for, let the requests in flight finish
+        for up to `grace` seconds, then cancel them and hand their rows back too."""
+        released = self._release_queued()
+        if released:
+            log.info("shutdown.released_unstarted rows=%d", released)
+        if not self.busy:
             return
-        log.info("shutdown.draining in_flight=%d grace=%.1fs", len(self._tasks), grace)
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("shutdown.releasing unfinished=%d", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("shutdown.draining in_flight=%d grace=%.1fs", self.busy, grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self.busy:
+                    self._idle.clear()
+                    await self._idle.wait()
+        if self.busy:
+            log.warning("shutdown.releasing unfinished=%d", self.busy)
+        # Cancelled mid-request, a worker settles its row as released (see `_work`).
+        await self.close_workers()
 
-    async def _run(self, source: Source, row: Claimed) -> None:
-        try:
+    async def close_workers(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    def _release_queued(self) -> int:
+        n = 0
+        while not self._queue.empty():
+            source, row, _ = self._queue.get_nowait()
+            self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
+            n += 1
+        return n
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            source, row, claimed_at = await self._queue.get()
+            if loop.time() - claimed_at > self._start_within:
+                # It waited so long for a slot that its claim could expire mid-request.
+                log.warning(
+                    "delivery.released source=%s key=%s reason=claim too close to expiry to "
+                    "start a request (raise relay.claim_timeout or lower relay.batch_size)",
+                    source.name,
+                    row.key,
+                )
+                self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
+                continue
+            self.busy += 1
             try:
                 settlement = await self._deliver(source, row)
             except asyncio.CancelledError:
                 # Shutdown ran out of grace: hand the row back without counting the attempt.
-                release = Settlement(row.key, row.lease, Outcome.release)
-                await asyncio.shield(self.settler.settle(source.name, release))
+                self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
                 raise
             except Exception as exc:  # a bug here must not lose the row or kill the relay
                 log.exception("delivery.crashed source=%s key=%s", source.name, row.key)
                 settlement = self._failure(source, row, f"relay error: {exc!r}", None, None)
-            settled = await self.settler.settle(source.name, settlement)
-            if settled and settlement.outcome is Outcome.retry:
-                self.on_retry(source.name, settlement.delay)
-        finally:
-            self.slots.give(1)
+            finally:
+                self.busy -= 1
+                if not self.busy:
+                    self._idle.set()
+            self.settler.add(source.name, settlement)
 
     # -- one attempt -----------------------------------------------------------------------
 

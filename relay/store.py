@@ -357,7 +357,11 @@ def compile_source(
         "pending": sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
         "processing": sql.Literal(source.processing),
         "retry": sql.Literal(source.retry),
-        "release": sql.Literal(source.retry),
+        # A released row goes back as it came: never attempted (this was its first claim) to
+        # the first pending status, otherwise to the retry status.
+        "release": sql.SQL("CASE WHEN t.{a} <= 1 THEN {p} ELSE {r} END").format(
+            a=ident(source.attempts), p=sql.Literal(source.pending[0]), r=sql.Literal(source.retry)
+        ),
         "done": sql.Literal(source.done),
         "dead": sql.Literal(source.dead),
         "status_type": sql.SQL(columns[source.status].type),

@@ -46,8 +46,8 @@ SET "status" = CAST(CASE s.outcome
                            ELSE t."lastRetriedAt" END,
     "completedAt" = CASE WHEN s.outcome IN ('done', 'dead') THEN {now} ELSE t."completedAt" END,
     "updatedAt" = {now}
-FROM unnest(%(keys)s::text[], %(leases)s::timestamp[], %(outcomes)s::text[],
-            %(delays)s::float8[], %(errors)s::text[], %(http_statuses)s::int4[])
+FROM unnest(%(keys)b::text[], %(leases)b::timestamp[], %(outcomes)b::text[],
+            %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
      AS s(key, lease, outcome, delay, error, http_status)
 WHERE t."id" = s.key AND t."status" = 'PROCESSING' AND t."updatedAt" = s.lease
 RETURNING t."id";
@@ -59,8 +59,8 @@ INSERT INTO {call} ("id", "status", "url", "requestBody", "responseCode", "respo
 SELECT 'relay_' || replace(gen_random_uuid()::text, '-', ''),
        CAST(c.status AS {call_status_type}), c.url, c.request::jsonb, c.code,
        c.headers::jsonb, c.body::jsonb, {now}, c.webhook, CAST(c.event AS {event_type})
-FROM unnest(%(statuses)s::text[], %(urls)s::text[], %(requests)s::text[], %(codes)s::int4[],
-            %(headers)s::text[], %(bodies)s::text[], %(webhooks)s::text[], %(events)s::text[])
+FROM unnest(%(statuses)b::text[], %(urls)b::text[], %(requests)b::text[], %(codes)b::int4[],
+            %(headers)b::text[], %(bodies)b::text[], %(webhooks)b::text[], %(events)b::text[])
      AS c(status, url, request, code, headers, body, webhook, event);
 
 -- name: rescue

@@ -1,6 +1,7 @@
 -- Named queries for one source's table. `relay.store` loads them once and fills the braces with
 -- quoted identifiers, literals and types from the source's mapping (psycopg.sql); %(name)s are
--- parameters. {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
+-- parameters, %(name)b the same sent in binary (the settle's arrays: binary dumps them about
+-- three times faster than text, and psycopg types each array so the casts only convert). {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
 -- timestamp columns, which by convention hold UTC.
 
 -- name: claim
@@ -36,8 +37,8 @@ SET {status} = CAST(CASE s.outcome
                 ELSE t.{due} END,
     {attempts} = CASE s.outcome WHEN 'release' THEN t.{attempts} - 1 ELSE t.{attempts} END
     {extra_sets}
-FROM unnest(%(keys)s::{key_type}[], %(leases)s::{due_type}[], %(outcomes)s::text[],
-            %(delays)s::float8[], %(errors)s::text[], %(http_statuses)s::int4[])
+FROM unnest(%(keys)b::{key_type}[], %(leases)b::{due_type}[], %(outcomes)b::text[],
+            %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
      AS s(key, lease, outcome, delay, error, http_status)
 WHERE t.{key} = s.key AND t.{status} = {processing} AND t.{due} = s.lease
 RETURNING t.{key};

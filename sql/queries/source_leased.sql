@@ -31,8 +31,8 @@ FROM claimed AS c JOIN leased AS l ON l.key = c.key::text;
 -- name: settle
 WITH s AS (
     SELECT *
-    FROM unnest(%(keys)s::{key_type}[], %(leases)s::timestamptz[], %(outcomes)s::text[],
-                %(delays)s::float8[], %(errors)s::text[], %(http_statuses)s::int4[])
+    FROM unnest(%(keys)b::{key_type}[], %(leases)b::timestamptz[], %(outcomes)b::text[],
+                %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
          AS s(key, lease, outcome, delay, error, http_status)
 ), owned AS (
     -- Only rows whose lease still holds this claim's token are ours to settle.

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import pytest
 from aiohttp import web
 
 from relay import signing
+from relay.store import Claimed
 from tests.support import (
     WAIT,
     Behaviour,
@@ -249,11 +251,11 @@ async def test_invalid_url_row_is_dead_and_valid_row_in_same_statement_is_delive
 async def test_row_deleted_after_its_notification_is_skipped_and_later_rows_delivered(
     db: str, receiver: Receiver
 ) -> None:
-    # One delivery slot, held by a blocked request: the notified row cannot be claimed before
-    # the test deletes it.
+    # One delivery slot, held by a blocked request, and nothing claimed ahead of it: the
+    # notified row cannot be claimed before the test deletes it.
     gate = asyncio.Event()
     receiver.behaviour = blocked_until(gate)
-    config = make_config(db, relay={"max_in_flight": 1, "sweep_interval": 600})
+    config = make_config(db, relay={"max_in_flight": 1, "claim_ahead": 0, "sweep_interval": 600})
     await install(config)
     async with running(config) as relay, listening(db) as observer:
         [blocker] = await insert_rows(db, receiver.url, 1)
@@ -324,30 +326,78 @@ async def test_row_deleted_while_in_flight_does_not_stop_later_deliveries(
 # -- back-pressure and timing ----------------------------------------------------------------
 
 
-async def test_claimed_but_unfinished_rows_never_exceed_max_in_flight(
+async def test_requests_never_exceed_max_in_flight_and_claims_run_one_batch_ahead(
     db: str, receiver: Receiver
 ) -> None:
     gate = asyncio.Event()
     receiver.behaviour = blocked_until(gate)
-    config = make_config(db, relay={"max_in_flight": 5, "batch_size": 50})
+    config = make_config(db, relay={"max_in_flight": 5, "batch_size": 10})
     await install(config)
-    async with running(config):
+    count = "SELECT count(*) FROM webhook_delivery_queue WHERE status = %(s)s"
+    async with running(config) as relay:
+        claimed = asyncio.Event()
+        real_claim = relay.store.claim
+
+        async def observed_claim(*args: Any) -> list[Claimed]:
+            rows = await real_claim(*args)
+            if relay.slots.free == 0:
+                claimed.set()
+            return rows
+
+        relay.store.claim = observed_claim  # type: ignore[method-assign]
         ids = await insert_rows(db, receiver.url, 100)
         await receiver.wait_count(5, timeout=10)
-        [(processing,)] = await execute(
-            db, "SELECT count(*) FROM webhook_delivery_queue WHERE status = 'processing'"
-        )
-        [(pending,)] = await execute(
-            db, "SELECT count(*) FROM webhook_delivery_queue WHERE status = 'pending'"
-        )
+        # With every request stuck, the claimer fills the budget (5 requests + one batch of 10
+        # waiting) and then must stop claiming.
+        await asyncio.wait_for(claimed.wait(), 10)
+        [(processing,)] = await execute(db, count, {"s": "processing"})
+        [(pending,)] = await execute(db, count, {"s": "pending"})
         in_receiver = len(receiver.received)
+        queued, busy = relay.deliverer.queued, relay.deliverer.in_flight
         gate.set()
         await receiver.wait_count(100, timeout=WAIT)
-    assert processing == 5, f"{processing} rows claimed with 5 delivery slots"
-    assert pending == 95
-    assert in_receiver == 5
+    assert in_receiver == 5, f"{in_receiver} requests at once with max_in_flight 5"
+    assert (busy, queued) == (5, 10)
+    assert processing == 15, f"{processing} rows claimed with 5 slots and batch_size 10"
+    assert pending == 85
     assert sorted(receiver.ids()) == sorted(f"deliveries_{i}" for i in ids)
     rows = await fetch_rows(db)
+    assert {r["status"] for r in rows.values()} == {"delivered"}
+
+
+async def test_a_row_whose_claim_would_expire_mid_request_is_handed_back_not_sent(
+    db: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One request slot and one row claimed ahead of it. The first request hangs until its
+    # timeout (1 s); by then the waiting row's claim (1.5 s) has less than a request's timeout
+    # left, so relay hands it back instead of sending it, and delivers it on a fresh claim.
+    async def first_hangs(_: web.Request, nth: int) -> web.StreamResponse:
+        if len(receiver.received) == 1:
+            await asyncio.sleep(5)  # the receiver hangs; relay's timeout ends it
+        return web.Response(text="ok")
+
+    receiver.behaviour = first_hangs
+    config = make_config(
+        db,
+        relay={"max_in_flight": 1, "claim_ahead": 1, "claim_timeout": 1.5, "sweep_interval": 600},
+        http={"timeout": 1},
+    )
+    await install(config)
+    async with running(config) as relay:
+        hung, waiting = await insert_rows(db, receiver.url, 2)
+        await receiver.wait_for(lambda got: len(got) >= 3, timeout=WAIT)
+        lost = relay.settler.lost
+    by_id: dict[str, list[str]] = {}
+    for r in receiver.received:
+        by_id.setdefault(r.id, []).append(r.headers["relay-attempt"])
+    # The waiting row's one request is its first attempt: the hand-back was not counted.
+    assert by_id[f"deliveries_{waiting}"] == ["1"]
+    assert by_id[f"deliveries_{hung}"] == ["1", "2"]
+    assert lost == 0  # the hand-back and both deliveries settled on claims relay still held
+    released = [r.getMessage() for r in caplog.records if "delivery.released" in r.getMessage()]
+    assert len(released) == 1 and f"key={waiting}" in released[0]
+    rows = await fetch_rows(db)
+    assert rows[waiting]["attempt_count"] == 1
     assert {r["status"] for r in rows.values()} == {"delivered"}
 
 

@@ -147,7 +147,7 @@ async def test_rows_committed_while_the_listener_is_away_are_swept_on_reconnect(
 async def test_every_backend_terminated_mid_stream(db: str, receiver: Receiver) -> None:
     # A claim whose connection dies after its commit leaves rows claimed until the claim expires;
     # a short claim_timeout and sweep_interval bound how long those take to come back.
-    config = make_config(db, relay={"claim_timeout": 2, "sweep_interval": 2})
+    config = make_config(db, relay={"claim_timeout": 2, "sweep_interval": 2}, http={"timeout": 1})
     await install(config)
     receiver.behaviour = slowish
     async with running(config) as relay:
@@ -171,7 +171,7 @@ async def test_every_backend_terminated_mid_stream(db: str, receiver: Receiver) 
 
 @pytest.mark.restart
 async def test_server_restart_mid_stream(db: str, server: Server, receiver: Receiver) -> None:
-    config = make_config(db, relay={"claim_timeout": 2, "sweep_interval": 2})
+    config = make_config(db, relay={"claim_timeout": 2, "sweep_interval": 2}, http={"timeout": 1})
     await install(config)
     receiver.behaviour = slowish
     async with running(config) as relay:

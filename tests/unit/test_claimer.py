@@ -60,36 +60,54 @@ async def wait_until(event: asyncio.Event, predicate: Callable[[], bool]) -> Non
             await event.wait()
 
 
-async def test_never_claims_more_than_the_free_slots() -> None:
-    cfg = config(max_in_flight=3, batch=10)
-    store = FakeStore(rows=10)
-    slots = Slots(cfg.max_in_flight)
+async def test_claims_at_most_the_budget_and_refills_in_half_batches() -> None:
+    cfg = config(max_in_flight=3, batch=4)
+    store = FakeStore(rows=20)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)  # a budget of 7 rows
     deliveries = HeldDeliveries(slots)
     claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
     stop = asyncio.Event()
     task = asyncio.create_task(claimer.run(stop))
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
-    assert store.claims == [3]
-    assert slots.free == 0
-    deliveries.finish(2)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 5)
-    assert max(store.claims) <= 3
-    assert slots.in_flight == 3
-    deliveries.finish(3)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 8)
-    deliveries.finish(3)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 10)
+    # A full batch at once, then the rest of the budget.
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 7)
+    assert store.claims == [4, 3]
+    assert (slots.free, slots.held) == (0, 7)
+    # One settled row is not enough to claim again (half a batch is)...
+    deliveries.finish(1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert store.claims == [4, 3]
+    # ... a second one is.
+    deliveries.finish(1)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 9)
+    assert store.claims == [4, 3, 2]
+    assert slots.held == 7
+    deliveries.finish(7)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
+    deliveries.finish(7)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
+    assert max(store.claims) <= 4
     stop.set()
     slots.poke()
     claimer.kick()
     await asyncio.wait_for(task, 5)
-    assert [r.key for r in deliveries.started] == list(range(10))
+    assert [r.key for r in deliveries.started] == list(range(20))
+
+
+async def test_a_lone_row_is_claimed_at_once_whatever_the_batch() -> None:
+    slots = Slots(1, ahead=50)
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(slots.reserve(50, stop), 1) == 50
+    slots.give(50)
+    # Nothing held: even with free budget below half a batch in a tiny budget, claim now.
+    tiny = Slots(1)
+    assert await asyncio.wait_for(tiny.reserve(50, stop), 1) == 1
 
 
 async def test_a_wake_claims_again_and_a_short_claim_ends_the_pass() -> None:
     cfg = config(max_in_flight=10, batch=10)
     store = FakeStore(rows=2)
-    slots = Slots(cfg.max_in_flight)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
     deliveries = HeldDeliveries(slots)
     claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
     stop = asyncio.Event()
@@ -100,7 +118,7 @@ async def test_a_wake_claims_again_and_a_short_claim_ends_the_pass() -> None:
     store.claimed_event.clear()
     claimer.wake()
     await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
-    assert store.claims == [10, 8]
+    assert store.claims == [10, 10]  # a batch: the budget (10 + 10) has 18 free
     stop.set()
     claimer.kick()
     await asyncio.wait_for(task, 5)
@@ -110,7 +128,7 @@ async def test_the_next_due_row_sets_a_timer() -> None:
     cfg = config(max_in_flight=10, batch=10)
     store = FakeStore(rows=0)
     store.due = 0.05
-    slots = Slots(cfg.max_in_flight)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
     claimer = Claimer(cfg.sources[0], cfg, store, HeldDeliveries(slots), slots)
     stop = asyncio.Event()
     task = asyncio.create_task(claimer.run(stop))

@@ -112,6 +112,24 @@ def test_bad_duration_is_named() -> None:
     assert msg.startswith("relay.claim_timeout: expected a duration")
 
 
+def test_a_claim_must_outlive_the_request_it_covers() -> None:
+    msg = error(
+        {
+            "database": {"url": DB},
+            "relay": {"claim_timeout": "10s"},
+            "http": {"timeout": "10s"},
+            "sources": {"q": queue_source()},
+        }
+    )
+    assert msg.startswith("relay.claim_timeout (10s) must be longer than http.timeout (10s)")
+    assert "raise relay.claim_timeout or lower http.timeout" in msg
+
+
+def test_claim_ahead_defaults_to_the_batch_and_may_be_zero() -> None:
+    assert build(relay={"batch_size": 30}).claim_ahead == 30
+    assert build(relay={"claim_ahead": 0}).claim_ahead == 0
+
+
 def test_retry_status_must_be_claimable() -> None:
     msg = error({"database": {"url": DB}, "sources": {"q": queue_source(retry="waiting")}})
     assert msg.startswith("sources.q.retry:")

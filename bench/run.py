@@ -59,7 +59,7 @@ ENV = {
     "DATABASE_URL": "",
     "RELAY_LISTEN_URL": "",
     "RELAY_CONFIG": "",
-    "RELAY_LOG_LEVEL": "WARNING",
+    "RELAY_LOG_LEVEL": "",  # relay's default (INFO), as users run it
 }
 
 FULL = {
@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "quick": args.quick,
         "settings": settings,
-        "relay_settings": {**RELAY_SETTINGS, "log_level": "WARNING"},
+        "relay_settings": {**RELAY_SETTINGS, "log_level": "INFO (default)"},
         "reference_settings": REF_SETTINGS,
         "postgres_settings": "fsync on" if args.fsync else "fsync/synchronous_commit off",
         "machine": machine(),

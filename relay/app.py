@@ -8,6 +8,7 @@ with the reason logged: nothing dies silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from relay.sweeper import Sweeper
 log = logging.getLogger("relay.app")
 
 _AGAIN = (Outcome.retry, Outcome.release)
+PROGRESS_EVERY = 10.0  # seconds between `delivery.progress` lines (only when there was work)
 
 
 def _log_start_retry(state: RetryCallState) -> None:
@@ -99,6 +101,24 @@ class Relay:
             "sources": {n: {"claimed": c.claimed} for n, c in self.claimers.items()},
         }
 
+    async def _report(self, stop: asyncio.Event) -> None:
+        """Every PROGRESS_EVERY seconds with deliveries in it, one INFO line of counts."""
+        seen = (0, 0)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROGRESS_EVERY)
+            now = (self.deliverer.delivered, self.deliverer.failed)
+            if now != seen:
+                # Counts since the previous progress line; totals are in /status.
+                log.info(
+                    "delivery.progress delivered=%d failed=%d in_flight=%d queued=%d",
+                    now[0] - seen[0],
+                    now[1] - seen[1],
+                    self.deliverer.in_flight,
+                    self.deliverer.queued,
+                )
+                seen = now
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start_checks(self) -> None:
@@ -144,7 +164,11 @@ class Relay:
         finally:
             await self.deliverer.close()
             await self.store.close()
-            log.info("relay.stopped")
+            log.info(
+                "relay.stopped delivered=%d failed=%d",
+                self.deliverer.delivered,
+                self.deliverer.failed,
+            )
 
     async def _run_parts(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -152,6 +176,7 @@ class Relay:
             parts = [
                 tg.create_task(self.listener.run(stop), name="listener"),
                 tg.create_task(self.sweeper.run(stop), name="sweeper"),
+                tg.create_task(self._report(stop), name="progress"),
                 *(
                     tg.create_task(c.run(stop), name=f"claimer:{n}")
                     for n, c in self.claimers.items()

@@ -25,6 +25,7 @@ from tests.support import (
     WAIT,
     Behaviour,
     Receiver,
+    delivery_ids,
     fetch_rows,
     insert_rows,
     install,
@@ -506,3 +507,23 @@ async def test_secret_column_signs_with_a_verifiable_standard_webhooks_signature
     # And the signature is bound to the key and the content.
     assert not signing.verify(b"another key", got.id, timestamp, got.body, header)
     assert not signing.verify(key_bytes, got.id, timestamp, got.body + b" ", header)
+
+
+# -- logs --------------------------------------------------------------------------------------
+
+
+async def test_successes_are_counted_in_progress_lines_not_logged_one_by_one(
+    db: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    config = make_config(db)
+    await install(config)
+    async with running(config):
+        ids = await insert_rows(db, receiver.url, 3)
+        await receiver.wait_ids(delivery_ids(ids))
+    # Stopping writes the last progress line and the totals.
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any("delivery.succeeded" in line for line in lines)
+    progress = [line for line in lines if line.startswith("delivery.progress")]
+    assert progress == ["delivery.progress delivered=3 failed=0 in_flight=0 queued=0"]
+    assert "relay.stopped delivered=3 failed=0" in lines

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import psycopg_pool
 from psycopg import sql
@@ -99,6 +100,35 @@ class Settlement:
     error: str | None = None
     http_status: int | None = None
     call: WebhookCall | None = None  # Documenso's per-attempt record, written with the settle
+
+
+def _json_default(value: Any) -> Any:
+    """Keys orjson does not write itself, in PostgreSQL's text input form."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()  # bytea hex format
+    return str(value)  # Decimal (numeric), and whatever else prints as its own input
+
+
+def settle_batch_json(settlements: Iterable[Settlement]) -> str:
+    """A settle batch as the JSON that the settle queries read with json_to_recordset.
+
+    Leases are the claim's token and must round-trip exactly: orjson writes datetimes as
+    RFC 3339 with microseconds and, for aware ones, their offset, so PostgreSQL reads back the
+    same instant (timestamptz) or the same wall time (timestamp)."""
+    return orjson.dumps(
+        [
+            {
+                "key": s.key,
+                "lease": s.lease,
+                "outcome": s.outcome,
+                "delay": s.delay,
+                "error": s.error,
+                "http_status": s.http_status,
+            }
+            for s in settlements
+        ],
+        default=_json_default,
+    ).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,15 +698,7 @@ class Store:
 
     async def settle(self, source: str, settlements: Iterable[Settlement]) -> set[Any]:
         """Apply a batch of settlements; returns the keys that were still ours and were settled."""
-        batch = list(settlements)
-        params = {
-            "keys": [s.key for s in batch],
-            "leases": [s.lease for s in batch],
-            "outcomes": [s.outcome.value for s in batch],
-            "delays": [s.delay for s in batch],
-            "errors": [s.error for s in batch],
-            "http_statuses": [s.http_status for s in batch],
-        }
+        params = {"batch": settle_batch_json(settlements)}
         query = self.compiled[source].settle
 
         async def run() -> set[Any]:

@@ -46,9 +46,9 @@ SET "status" = CAST(CASE s.outcome
                            ELSE t."lastRetriedAt" END,
     "completedAt" = CASE WHEN s.outcome IN ('done', 'dead') THEN {now} ELSE t."completedAt" END,
     "updatedAt" = {now}
-FROM unnest(%(keys)b::text[], %(leases)b::timestamp[], %(outcomes)b::text[],
-            %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
-     AS s(key, lease, outcome, delay, error, http_status)
+FROM json_to_recordset(%(batch)s::json)
+     AS s(key text, lease timestamp, outcome text, delay float8, error text,
+          http_status int4)
 WHERE t."id" = s.key AND t."status" = 'PROCESSING' AND t."updatedAt" = s.lease
 RETURNING t."id";
 

@@ -1,7 +1,6 @@
 -- Named queries for one source's table. `relay.store` loads them once and fills the braces with
 -- quoted identifiers, literals and types from the source's mapping (psycopg.sql); %(name)s are
--- parameters, %(name)b the same sent in binary (the settle's arrays: binary dumps them about
--- three times faster than text, and psycopg types each array so the casts only convert). {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
+-- parameters. {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
 -- timestamp columns, which by convention hold UTC.
 
 -- name: claim
@@ -22,7 +21,8 @@ WHERE t.{key} = ANY(ARRAY(
 RETURNING {returning};
 
 -- name: settle
--- Settle a batch in one statement. Each row is touched only if this worker still owns it:
+-- Settle a batch in one statement. The batch is one JSON array of objects (Store.settle): one
+-- orjson call instead of six typed arrays dumped element by element, half the client's CPU. Each row is touched only if this worker still owns it:
 -- still processing, with the due time its claim set. A late settle after the claim expired and
 -- another worker took the row over changes nothing.
 UPDATE {table} AS t
@@ -37,9 +37,9 @@ SET {status} = CAST(CASE s.outcome
                 ELSE t.{due} END,
     {attempts} = CASE s.outcome WHEN 'release' THEN t.{attempts} - 1 ELSE t.{attempts} END
     {extra_sets}
-FROM unnest(%(keys)b::{key_type}[], %(leases)b::{due_type}[], %(outcomes)b::text[],
-            %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
-     AS s(key, lease, outcome, delay, error, http_status)
+FROM json_to_recordset(%(batch)s::json)
+     AS s(key {key_type}, lease {due_type}, outcome text, delay float8, error text,
+          http_status int4)
 WHERE t.{key} = s.key AND t.{status} = {processing} AND t.{due} = s.lease
 RETURNING t.{key};
 

@@ -31,9 +31,9 @@ FROM claimed AS c JOIN leased AS l ON l.key = c.key::text;
 -- name: settle
 WITH s AS (
     SELECT *
-    FROM unnest(%(keys)b::{key_type}[], %(leases)b::timestamptz[], %(outcomes)b::text[],
-                %(delays)b::float8[], %(errors)b::text[], %(http_statuses)b::int4[])
-         AS s(key, lease, outcome, delay, error, http_status)
+    FROM json_to_recordset(%(batch)s::json)
+         AS s(key {key_type}, lease timestamptz, outcome text, delay float8, error text,
+              http_status int4)
 ), owned AS (
     -- Only rows whose lease still holds this claim's token are ours to settle.
     UPDATE relay.leases AS l

@@ -145,3 +145,46 @@ async def test_a_settle_the_database_rejects_is_logged_and_the_relay_goes_on(
     assert rows[good]["status"] == "delivered"
     assert rows[bad]["status"] == "processing"  # left to its claim expiry, not lost
     assert any("settle.rejected" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "key_values"),
+    [
+        ("bigint", ["9007199254740993", "2"]),
+        ("uuid", ["'6f1c0e7e-3d3b-4f7a-9a51-0d6c1c1f2a10'", "gen_random_uuid()"]),
+        ("numeric(20, 2)", ["12.50", "7"]),
+        ("varchar(40)", ["'a b ''quoted'' key'", "'é'"]),
+    ],
+)
+@pytest.mark.parametrize("due_type", ["timestamptz", "timestamp", "timestamp(3)"])
+async def test_settles_match_their_claim_for_every_key_and_due_type(
+    db: str, receiver: Receiver, key_type: str, key_values: list[str], due_type: str
+) -> None:
+    # The claim's due time is its token, so it must come back from relay byte for byte, in a
+    # session time zone far from UTC, whatever the key's type.
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET timezone = 'Pacific/Chatham'")
+        conn.execute(
+            f"CREATE TABLE typed (k {key_type} PRIMARY KEY, status text NOT NULL DEFAULT "
+            f"'pending', attempts int NOT NULL DEFAULT 0, due {due_type})"
+        )
+        for value in key_values:
+            conn.execute(f"INSERT INTO typed (k) VALUES ({value})")
+    source = {
+        "kind": "table",
+        "table": "typed",
+        "key": "k",
+        "status": "status",
+        "attempts": "attempts",
+        "due": "due",
+        "url": receiver.url,
+    }
+    config = config_mod.from_mapping(raw_config(db, sources={"typed": source}), {})
+    await install(config)
+    async with running(config) as relay:
+        await receiver.wait_count(len(key_values))
+    assert relay.settler.lost == 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        rows = conn.execute("SELECT status, attempts FROM typed").fetchall()
+    assert rows == [("done", 1)] * len(key_values)
+    assert len(receiver.received) == len(key_values)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import psycopg
+from yarl import URL
 
 from relay import retry, signing
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
@@ -159,14 +161,17 @@ def _json_text(body: bytes) -> str:
         return orjson.dumps(body.decode("utf-8", "replace")).decode()
 
 
-def _valid_url(url: str | None) -> bool:
-    if not url:
-        return False
+@functools.lru_cache(maxsize=4096)
+def _target_url(url: str) -> URL | None:
+    """The parsed target, or None if it is not an http(s) URL with a host. Targets repeat from
+    row to row, so each is parsed once (aiohttp would parse the string again per request)."""
     try:
         parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            return URL(url)
     except ValueError:
-        return False
+        pass
+    return None
 
 
 class Deliverer:
@@ -213,6 +218,9 @@ class Deliverer:
             headers={"User-Agent": self.config.user_agent},
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
+            # Receivers' cookies must not travel to other receivers (or back): none are kept.
+            # It also spares a cookie filter and update per request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._workers = [
             asyncio.create_task(self._work(), name=f"deliver:{n}")
@@ -362,7 +370,8 @@ class Deliverer:
                 f"no target for topic {row.topic!r}: add it (or '*') under "
                 f"[sources.{source.name}.topics], then `relay retry-dead {source.name}`",
             )
-        if not _valid_url(url):
+        target = _target_url(url) if url else None
+        if target is None:
             return self._dead(
                 source,
                 row,
@@ -387,7 +396,7 @@ class Deliverer:
         except ValueError as exc:
             return self._dead(source, row, f"cannot sign: {exc}")
         started = time.perf_counter()
-        result = await self._post(url, body, headers)
+        result = await self._post(target, body, headers)
         elapsed = (time.perf_counter() - started) * 1000
         if result.ok:
             self.delivered += 1
@@ -444,7 +453,7 @@ class Deliverer:
         event = str(job["event"])
         body = documenso_body(event, orjson.dumps(job.get("data")), row.url, datetime.now(UTC))
         headers["X-Documenso-Secret"] = row.secret or ""
-        result = await self._post(row.url, body, headers)
+        result = await self._post(row.url, body, headers, keep_headers=True)
         call = WebhookCall(
             status="SUCCESS" if result.ok else "FAILED",
             url=row.url,
@@ -507,7 +516,9 @@ class Deliverer:
             headers["webhook-signature"] = signing.sign(key, msg_id, timestamp, body)
         return headers
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
+    async def _post(
+        self, url: str | URL, body: bytes, headers: dict[str, str], keep_headers: bool = False
+    ) -> Attempt:
         assert self._session is not None, "Deliverer.open() was not called"
         cap = self.config.max_response_bytes
         try:
@@ -522,7 +533,9 @@ class Deliverer:
                     if not chunk:
                         break
                     received += chunk
-                headers_seen = {str(k): v for k, v in resp.headers.items()}
+                headers_seen = (
+                    {str(k): v for k, v in resp.headers.items()} if keep_headers else None
+                )
                 if 200 <= resp.status < 300:
                     return Attempt(True, resp.status, None, None, headers_seen, bytes(received))
                 snippet = received.decode("utf-8", "replace")[:ERROR_SNIPPET].strip()

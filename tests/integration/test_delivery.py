@@ -509,6 +509,26 @@ async def test_secret_column_signs_with_a_verifiable_standard_webhooks_signature
     assert not signing.verify(key_bytes, got.id, timestamp, got.body + b" ", header)
 
 
+async def test_a_receivers_cookies_are_never_sent_back(db: str, receiver: Receiver) -> None:
+    async def sets_a_cookie(_: web.Request, __: int) -> web.StreamResponse:
+        response = web.Response(text="ok")
+        response.set_cookie("session", "secret-of-this-receiver")
+        return response
+
+    receiver.behaviour = sets_a_cookie
+    # A host name, not an IP address: a cookie jar takes cookies only from named hosts.
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    config = make_config(db, relay={"max_in_flight": 1})
+    await install(config)
+    async with running(config):
+        first = await insert_rows(db, url, 1)
+        await receiver.wait_ids(delivery_ids(first))
+        second = await insert_rows(db, url, 1)
+        await receiver.wait_ids(delivery_ids(second))
+    assert "Set-Cookie" not in receiver.received[0].headers  # what relay sent, not the answer
+    assert all("Cookie" not in r.headers for r in receiver.received)
+
+
 # -- logs --------------------------------------------------------------------------------------
 
 

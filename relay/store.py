@@ -698,7 +698,8 @@ class Store:
 
     async def settle(self, source: str, settlements: Iterable[Settlement]) -> set[Any]:
         """Apply a batch of settlements; returns the keys that were still ours and were settled."""
-        params = {"batch": settle_batch_json(settlements)}
+        batch = list(settlements)
+        params = {"batch": settle_batch_json(batch), "keys": [s.key for s in batch]}
         query = self.compiled[source].settle
 
         async def run() -> set[Any]:

@@ -49,7 +49,8 @@ SET "status" = CAST(CASE s.outcome
 FROM json_to_recordset(%(batch)s::json)
      AS s(key text, lease timestamp, outcome text, delay float8, error text,
           http_status int4)
-WHERE t."id" = s.key AND t."status" = 'PROCESSING' AND t."updatedAt" = s.lease
+WHERE t."id" = ANY(%(keys)b::text[])
+  AND t."id" = s.key AND t."status" = 'PROCESSING' AND t."updatedAt" = s.lease
 RETURNING t."id";
 
 -- name: record_calls

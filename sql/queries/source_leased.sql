@@ -29,6 +29,7 @@ SELECT c.key, l.due, c.attempt, c.max_attempts, c.url, c.secret, c.topic, c.payl
 FROM claimed AS c JOIN leased AS l ON l.key = c.key::text;
 
 -- name: settle
+-- The keys also come as an array for `= ANY` index conditions (see source.sql's settle).
 WITH s AS (
     SELECT *
     FROM json_to_recordset(%(batch)s::json)
@@ -42,7 +43,8 @@ WITH s AS (
                   WHEN 'release' THEN now()
                   ELSE NULL END
     FROM s
-    WHERE l.source = {source} AND l.key = s.key::text AND l.due = s.lease
+    WHERE l.source = {source} AND l.key = ANY(%(keys)b::{key_type}[]::text[])
+      AND l.key = s.key::text AND l.due = s.lease
     RETURNING s.*
 )
 UPDATE {table} AS t
@@ -54,7 +56,7 @@ SET {status} = CAST(CASE s.outcome
     {attempts} = CASE s.outcome WHEN 'release' THEN t.{attempts} - 1 ELSE t.{attempts} END
     {extra_sets}
 FROM owned AS s
-WHERE t.{key} = s.key AND t.{status} = {processing}
+WHERE t.{key} = ANY(%(keys)b::{key_type}[]) AND t.{key} = s.key AND t.{status} = {processing}
 RETURNING t.{key};
 
 -- name: rescue

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from relay.store import Store
+from relay.store import Outcome, Settlement, Store, settle_batch_json
 from tests.support import install, make_config, queue_source
 
 TRIGGERS = """
@@ -110,3 +111,33 @@ async def test_claim_query_uses_the_waiting_index_on_a_large_delivered_backlog(d
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert "webhook_delivery_queue_waiting_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_settle_query_looks_rows_up_by_key_whatever_the_statistics(db: str) -> None:
+    # 20,000 pending rows analysed with none processing: joined only on the JSON batch, the
+    # planner chose a sequential scan of the whole table for every settle.
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO webhook_delivery_queue (url) "
+            "SELECT 'http://127.0.0.1:9/hook' FROM generate_series(1, 20000)"
+        )
+        await conn.execute("VACUUM ANALYZE webhook_delivery_queue")
+    config = make_config(db)
+    store = Store(db, config.sources, channel=config.notify_channel)
+    await store.open()
+    try:
+        await store.prepare()
+        settle = store.compiled["deliveries"].settle
+    finally:
+        await store.close()
+    lease = datetime.now(UTC)
+    batch = [Settlement(key, lease, Outcome.done, http_status=200) for key in range(1, 13)]
+    params = {"batch": settle_batch_json(batch), "keys": [s.key for s in batch]}
+    async with (
+        await psycopg.AsyncConnection.connect(db) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        cur = await conn.execute(sql.SQL("EXPLAIN ") + settle, params)
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "Seq Scan" not in plan, plan
+    assert "webhook_delivery_queue_pkey" in plan, plan

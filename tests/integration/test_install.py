@@ -80,6 +80,24 @@ async def test_uninstall_removes_triggers_and_functions_but_keeps_the_outbox_row
     ]
 
 
+async def explain(db: str, query: str, params: dict[str, Any]) -> str:
+    """The plan of one of the demo source's compiled queries, as relay would run it."""
+    config = make_config(db)
+    store = Store(db, config.sources, channel=config.notify_channel)
+    await store.open()
+    try:
+        await store.prepare()
+        compiled = getattr(store.compiled["deliveries"], query)
+    finally:
+        await store.close()
+    async with (
+        await psycopg.AsyncConnection.connect(db) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        cur = await conn.execute(sql.SQL("EXPLAIN ") + compiled, params)
+        return "\n".join(row[0] for row in await cur.fetchall())
+
+
 async def test_claim_query_uses_the_waiting_index_on_a_large_delivered_backlog(db: str) -> None:
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
         await conn.execute(
@@ -95,20 +113,7 @@ async def test_claim_query_uses_the_waiting_index_on_a_large_delivered_backlog(d
             "FROM generate_series(1, 200) g"
         )
         await conn.execute("ANALYZE webhook_delivery_queue")
-    config = make_config(db)
-    store = Store(db, config.sources, channel=config.notify_channel)
-    await store.open()
-    try:
-        await store.prepare()
-        claim = store.compiled["deliveries"].claim
-    finally:
-        await store.close()
-    async with (
-        await psycopg.AsyncConnection.connect(db) as conn,
-        conn.transaction(force_rollback=True),
-    ):
-        cur = await conn.execute(sql.SQL("EXPLAIN ") + claim, {"limit": 50, "lease_seconds": 30})
-        plan = "\n".join(row[0] for row in await cur.fetchall())
+    plan = await explain(db, "claim", {"limit": 50, "lease_seconds": 30})
     assert "webhook_delivery_queue_waiting_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
 
@@ -122,22 +127,9 @@ async def test_settle_query_looks_rows_up_by_key_whatever_the_statistics(db: str
             "SELECT 'http://127.0.0.1:9/hook' FROM generate_series(1, 20000)"
         )
         await conn.execute("VACUUM ANALYZE webhook_delivery_queue")
-    config = make_config(db)
-    store = Store(db, config.sources, channel=config.notify_channel)
-    await store.open()
-    try:
-        await store.prepare()
-        settle = store.compiled["deliveries"].settle
-    finally:
-        await store.close()
     lease = datetime.now(UTC)
     batch = [Settlement(key, lease, Outcome.done, http_status=200) for key in range(1, 13)]
     params = {"batch": settle_batch_json(batch), "keys": [s.key for s in batch]}
-    async with (
-        await psycopg.AsyncConnection.connect(db) as conn,
-        conn.transaction(force_rollback=True),
-    ):
-        cur = await conn.execute(sql.SQL("EXPLAIN ") + settle, params)
-        plan = "\n".join(row[0] for row in await cur.fetchall())
+    plan = await explain(db, "settle", params)
     assert "Seq Scan" not in plan, plan
     assert "webhook_delivery_queue_pkey" in plan, plan

@@ -173,6 +173,7 @@ class Relay:
     async def _run_parts(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             settler = tg.create_task(self.settler.run(), name="settler")
+            deliverer = tg.create_task(self.deliverer.run(), name="deliverer")
             parts = [
                 tg.create_task(self.listener.run(stop), name="listener"),
                 tg.create_task(self.sweeper.run(stop), name="sweeper"),
@@ -199,6 +200,7 @@ class Relay:
                 claimer.kick()
             await asyncio.gather(*parts)
             await self.deliverer.drain(self.config.shutdown_grace)
+            await deliverer
             self.settler.close()
             await settler
 

@@ -190,8 +190,8 @@ class Deliverer:
         self.settler = settler
         self.rand = rand
         self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
-        self._workers: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
+        self._finish = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._keys = {
             s.name: signing.secret_key(s.secret)
@@ -222,13 +222,8 @@ class Deliverer:
             # It also spares a cookie filter and update per request.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"deliver:{n}")
-            for n in range(self.config.max_in_flight)
-        ]
 
     async def close(self) -> None:
-        await self.close_workers()
         if self._session is not None:
             await self._session.close()
 
@@ -240,12 +235,31 @@ class Deliverer:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    async def run(self) -> None:
+        """The workers, until `drain` has finished with them. A worker that dies of a bug takes
+        the relay down with the reason, as every other part does; none dies silently."""
+        async with asyncio.TaskGroup() as tg:
+            workers = [
+                tg.create_task(self._work(), name=f"deliver:{n}")
+                for n in range(self.config.max_in_flight)
+            ]
+            await self._finish.wait()
+            # Cancelled mid-request, a worker hands its row back (see `_work`).
+            for worker in workers:
+                worker.cancel()
+
     def start(self, source: Source, row: Claimed) -> None:
         self._queue.put_nowait((source, row, asyncio.get_running_loop().time()))
 
     async def drain(self, grace: float) -> None:
         """Hand back the rows no request has started for, let the requests in flight finish
-        for up to `grace` seconds, then cancel them and hand their rows back too."""
+        for up to `grace` seconds, then end `run` (which hands back the rest)."""
+        try:
+            await self._wait_idle(grace)
+        finally:
+            self._finish.set()
+
+    async def _wait_idle(self, grace: float) -> None:
         released = self._release_queued()
         if released:
             log.info("shutdown.released_unstarted rows=%d", released)
@@ -259,14 +273,6 @@ class Deliverer:
                     await self._idle.wait()
         if self.busy:
             log.warning("shutdown.releasing unfinished=%d", self.busy)
-        # Cancelled mid-request, a worker settles its row as released (see `_work`).
-        await self.close_workers()
-
-    async def close_workers(self) -> None:
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
 
     def _release_queued(self) -> int:
         n = 0

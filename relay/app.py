@@ -53,7 +53,7 @@ class Relay:
         )
         self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
         self.settler = Settler(self.store, on_settled=self._on_settled)
-        self.deliverer = Deliverer(config, self.settler)
+        self.deliverer = Deliverer(config, self.settler, self.slots)
         self.claimers = {
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources
@@ -80,7 +80,7 @@ class Relay:
 
     def _on_settled(self, source: str, batch: list[Settlement], settled: set[Any] | None) -> None:
         # Written (or given up on): their claim budget is free again.
-        self.slots.give(len(batch))
+        self.slots.settled(len(batch))
         if settled:
             due = [s.delay for s in batch if s.outcome in _AGAIN and s.key in settled]
             if due:

@@ -1,11 +1,11 @@
 """Claims batches for one source when woken, when a timer falls due, or when swept.
 
-Rows are claimed a batch ahead of the delivery slots: while `max_in_flight` requests are out, up to
-`batch_size` more claimed rows wait for a slot, so a slot that frees starts its next request at
+Rows are claimed ahead of the delivery slots: while `max_in_flight` requests are out, up to
+`claim_ahead` more claimed rows wait for a slot, so a slot that frees starts its next request at
 once and claims stay whole batches under load (one claim and one settle statement per dozens of
-rows, not per row). The budget is fixed, whatever the backlog. Then the claimer sets a timer to the
-next row that is scheduled for later, so a retry is delivered when it falls due rather than at the
-next sweep.
+rows, not per row). The budget (`Slots`) is fixed, whatever the backlog. Then the claimer sets a
+timer to the next row that is scheduled for later, so a retry is delivered when it falls due
+rather than at the next sweep.
 """
 
 from __future__ import annotations
@@ -23,26 +23,35 @@ RECHECK_FLOOR = 0.1  # seconds: the soonest a timer-driven claim pass repeats
 
 
 class Slots:
-    """The claim budget shared by every source's claimer: rows claimed and not yet settled.
+    """The claim budget shared by every source's claimer. Two bounds, whatever the backlog:
 
-    Its size is `in_flight + ahead`. Once rows are held, a claim waits until at least half of
-    `ahead` is free, so that under load each claim takes a good part of a batch; when nothing is
-    held it claims at once, which keeps a lone row's latency to one round trip.
+    - rows claimed and not yet delivered (waiting for a request slot, or in a request): at most
+      `in_flight + ahead`;
+    - rows claimed and not yet settled (those, and delivered rows whose outcome is still being
+      written): at most `2 * in_flight + ahead`. The extra `in_flight` is room for a round of
+      settles in progress, which would otherwise eat into the rows claimed ahead and leave the
+      requests waiting for a claim.
+
+    Once rows are held, a claim waits until at least half of `ahead` is free, so that under load
+    each claim takes a good part of a batch; when nothing is held it claims at once, which keeps
+    a lone row's latency to one round trip.
     """
 
     def __init__(self, in_flight: int, ahead: int = 0) -> None:
-        self.size = in_flight + ahead
-        self.free = self.size
+        self.size = 2 * in_flight + ahead
+        self.undelivered_size = in_flight + ahead
+        self.held = 0  # claimed, not yet settled
+        self.undelivered = 0  # claimed, not yet handed to the settler
         self._enough = max(1, ahead // 2)
         self._freed = asyncio.Event()
 
     @property
-    def held(self) -> int:
-        return self.size - self.free
+    def free(self) -> int:
+        return min(self.size - self.held, self.undelivered_size - self.undelivered)
 
     async def reserve(self, most: int, stop: asyncio.Event) -> int:
         """Wait for enough free budget and take up to `most`; 0 when stopping."""
-        while self.free < min(most, self._enough, self.size):
+        while self.free < min(most, self._enough, self.undelivered_size):
             if stop.is_set():
                 return 0
             self._freed.clear()
@@ -50,12 +59,27 @@ class Slots:
         if stop.is_set():
             return 0
         taken = min(most, self.free)
-        self.free -= taken
+        self.held += taken
+        self.undelivered += taken
         return taken
 
-    def give(self, n: int = 1) -> None:
+    def delivered(self, n: int = 1) -> None:
+        """Rows whose outcome went to the settler (still held until it is written)."""
         if n:
-            self.free += n
+            self.undelivered -= n
+            self._freed.set()
+
+    def settled(self, n: int) -> None:
+        """Rows whose outcome is written (or given up on): no longer held."""
+        if n:
+            self.held -= n
+            self._freed.set()
+
+    def give(self, n: int = 1) -> None:
+        """Budget taken and not used (a claim found fewer rows), or rows done with entirely."""
+        if n:
+            self.held -= n
+            self.undelivered -= n
             self._freed.set()
 
     def poke(self) -> None:

@@ -26,6 +26,7 @@ import psycopg
 from yarl import URL
 
 from relay import retry, signing
+from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
 
@@ -49,8 +50,8 @@ class Settler:
     """Collects settlements and writes each source's pending ones in one statement.
 
     Nothing waits on a single row's settle: deliveries hand their outcome over and move on, and
-    `on_settled` hears about whole batches once they are written (that is where the claim budget
-    is given back, so it is never given back before the row is settled).
+    `on_settled` hears about whole batches once they are written (that is where their claim
+    budget is given back, so the rows held stay bounded however slow the writes are).
     """
 
     def __init__(self, store: SettleStore, on_settled: OnSettled) -> None:
@@ -183,11 +184,13 @@ class Deliverer:
         self,
         config: Config,
         settler: Settler,
+        slots: Slots,
         *,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
         self.settler = settler
+        self.slots = slots
         self.rand = rand
         self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
         self._idle = asyncio.Event()
@@ -278,9 +281,13 @@ class Deliverer:
         n = 0
         while not self._queue.empty():
             source, row, _ = self._queue.get_nowait()
-            self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
+            self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
             n += 1
         return n
+
+    def _hand_over(self, source: Source, settlement: Settlement) -> None:
+        self.settler.add(source.name, settlement)
+        self.slots.delivered(1)
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,18 +297,18 @@ class Deliverer:
                 # It waited so long for a slot that its claim could expire mid-request.
                 log.warning(
                     "delivery.released source=%s key=%s reason=claim too close to expiry to "
-                    "start a request (raise relay.claim_timeout or lower relay.batch_size)",
+                    "start a request (raise relay.claim_timeout or lower relay.claim_ahead)",
                     source.name,
                     row.key,
                 )
-                self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
+                self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
                 continue
             self.busy += 1
             try:
                 settlement = await self._deliver(source, row)
             except asyncio.CancelledError:
                 # Shutdown ran out of grace: hand the row back without counting the attempt.
-                self.settler.add(source.name, Settlement(row.key, row.lease, Outcome.release))
+                self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
                 raise
             except Exception as exc:  # a bug here must not lose the row or kill the relay
                 log.exception("delivery.crashed source=%s key=%s", source.name, row.key)
@@ -310,7 +317,7 @@ class Deliverer:
                 self.busy -= 1
                 if not self.busy:
                     self._idle.set()
-            self.settler.add(source.name, settlement)
+            self._hand_over(source, settlement)
 
     # -- one attempt -----------------------------------------------------------------------
 

@@ -104,6 +104,18 @@ async def test_a_lone_row_is_claimed_at_once_whatever_the_batch() -> None:
     assert await asyncio.wait_for(tiny.reserve(50, stop), 1) == 1
 
 
+async def test_outcomes_being_written_hold_budget_but_not_the_rows_claimed_ahead() -> None:
+    slots = Slots(2, ahead=2)  # at most 4 undelivered, 6 held
+    stop = asyncio.Event()
+    assert await slots.reserve(10, stop) == 4
+    slots.delivered(4)  # handed to the settler, not yet written
+    assert (slots.held, slots.undelivered, slots.free) == (4, 0, 2)
+    assert await slots.reserve(10, stop) == 2
+    assert slots.free == 0
+    slots.settled(4)
+    assert (slots.held, slots.undelivered, slots.free) == (2, 2, 2)
+
+
 async def test_a_wake_claims_again_and_a_short_claim_ends_the_pass() -> None:
     cfg = config(max_in_flight=10, batch=10)
     store = FakeStore(rows=2)

@@ -92,7 +92,7 @@ class ClaimStore(Protocol):
 
 
 class Starter(Protocol):
-    def start(self, source: Source, row: Claimed) -> None: ...
+    def start(self, source: Source, row: Claimed, claimed_at: float) -> None: ...
 
 
 class Claimer:
@@ -171,6 +171,8 @@ class Claimer:
             want = await self.slots.reserve(self.config.batch_size, stop)
             if want == 0:
                 return
+            # The claims' expiry counts from before the statement (the database's now()).
+            began = asyncio.get_running_loop().time()
             try:
                 rows = await self.store.claim(name, want, self.config.claim_timeout)
             except BaseException:
@@ -179,7 +181,7 @@ class Claimer:
             self.slots.give(want - len(rows))
             self.claimed += len(rows)
             for row in rows:
-                self.deliverer.start(self.source, row)
+                self.deliverer.start(self.source, row, began)
             if len(rows) < want:
                 # Notifications that arrived while we claimed have been served by this pass
                 # only if they came before the claim; check once more if any did.

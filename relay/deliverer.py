@@ -251,8 +251,9 @@ class Deliverer:
             for worker in workers:
                 worker.cancel()
 
-    def start(self, source: Source, row: Claimed) -> None:
-        self._queue.put_nowait((source, row, asyncio.get_running_loop().time()))
+    def start(self, source: Source, row: Claimed, claimed_at: float) -> None:
+        """Queue a claimed row; `claimed_at` (loop time) is when its claim's clock started."""
+        self._queue.put_nowait((source, row, claimed_at))
 
     async def drain(self, grace: float) -> None:
         """Hand back the rows no request has started for, let the requests in flight finish

@@ -39,7 +39,7 @@ class HeldDeliveries:
         self.started: list[Claimed] = []
         self.changed = asyncio.Event()
 
-    def start(self, source: Source, row: Claimed) -> None:
+    def start(self, source: Source, row: Claimed, claimed_at: float) -> None:
         self.started.append(row)
         self.changed.set()
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test bench bench-quick lint format clean all
+.PHONY: install run test bench bench-quick profile lint format clean all
 
 all: lint test
 
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
+
+# relay draining 50,000 rows under py-spy: where the time goes, by part and by function.
+profile: $(STAMP)
+	$(BIN)/python -m bench.profile
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench

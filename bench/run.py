@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import threading
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -126,10 +127,13 @@ class Procs:
         self.logdir = logdir
         self.live: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: str, stdout: Any = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, stdout: Any = None, under: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """`python *args`, or `*under python *args` (a profiler, say)."""
         err = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [PY, *args],
+            [*under, PY, *args],
             cwd=ROOT,
             env=ENV,
             stdin=subprocess.DEVNULL,
@@ -140,9 +144,11 @@ class Procs:
         self.live.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    def stop(
+        self, proc: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM
+    ) -> None:
         if proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -302,13 +308,19 @@ class Bench:
         http_post(f"http://127.0.0.1:{self.receiver_port}/reset")
 
     @contextlib.contextmanager
-    def deliverer(self, kind: str, db: str, name: str) -> Iterator[subprocess.Popen[bytes]]:
-        """relay or the reference running on `db` until the block ends; yields once it listens."""
+    def deliverer(
+        self, kind: str, db: str, name: str, under: Sequence[str] = ()
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        """relay or the reference running on `db` until the block ends; yields once it listens.
+        `under` runs relay under another command (py-spy), which is stopped with SIGINT."""
         tag = f"{kind}-{name}"
+        stop_with = signal.SIGINT if under else signal.SIGTERM
         if kind == "relay":
             port = free_port()
             cfg = self.relay_config(db, name, port)
-            proc = self.procs.start(tag, "-m", "relay.cli", "--config", str(cfg), "run")
+            proc = self.procs.start(
+                tag, "-m", "relay.cli", "--config", str(cfg), "run", under=under
+            )
             try:
                 wait_until(
                     lambda: (
@@ -319,7 +331,7 @@ class Bench:
                     "relay to listen",
                 )
             except BaseException:
-                self.procs.stop(proc)
+                self.procs.stop(proc, sig=stop_with)
                 raise
         else:
             args = ["--concurrency", str(REF_SETTINGS["concurrency"])]
@@ -336,7 +348,7 @@ class Bench:
             if proc.poll() is not None:
                 raise RuntimeError(f"{tag} died: {self.procs.log_tail(tag)}")
         finally:
-            self.procs.stop(proc)
+            self.procs.stop(proc, timeout=60.0 if under else 10.0, sig=stop_with)
 
     # workloads
 
@@ -405,6 +417,7 @@ class Bench:
         sampler = RssSampler()
         with self.deliverer(kind, db, name) as proc:
             ready = time.monotonic()
+            cpu_before = cpu_seconds(proc.pid)
             if rss:
                 sampler.start(proc.pid)
             try:
@@ -412,10 +425,14 @@ class Bench:
             finally:
                 sampler.stop()
             done = time.monotonic()
+            cpu = cpu_seconds(proc.pid) - cpu_before
             result: dict[str, Any] = {
                 "rows": n,
                 "seconds": done - ready,
                 "rows_per_s": n / (done - ready),
+                # Steadier than rows/s on a shared machine: what one delivery costs the process.
+                "cpu_us_per_row": cpu / n * 1e6,
+                "cpu_pct_of_core": 100 * cpu / (done - ready),
                 "startup_s": ready - spawned,
                 "received": self.receiver_stats()["count"],
             }
@@ -490,12 +507,15 @@ class Bench:
             return idle_cpu(proc.pid, s["idle_seconds"])
 
 
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def idle_cpu(pid: int, seconds: float) -> dict[str, Any]:
-    p = psutil.Process(pid)
-    before = p.cpu_times()
+    before = cpu_seconds(pid)
     time.sleep(seconds)
-    after = p.cpu_times()
-    used = (after.user - before.user) + (after.system - before.system)
+    used = cpu_seconds(pid) - before
     return {"seconds": seconds, "cpu_s": used, "cpu_pct_of_core": 100 * used / seconds}
 
 
@@ -642,6 +662,12 @@ def markdown(r: dict[str, Any]) -> str:
         _pair(lv_r.get("latency_ms", {})),
         _pair(lv_f.get("latency_ms", {})),
         False,
+    )
+    row(
+        f"throughput ({s['throughput_rows']:,} pending)",
+        "CPU µs per delivery",
+        tp_r.get("cpu_us_per_row"),
+        tp_f.get("cpu_us_per_row"),
     )
     bl, bl_f = w.get("backlog_relay", {}), w.get("backlog_reference", {})
     label = f"backlog ({s['backlog_rows']:,} pending)"

@@ -6,6 +6,7 @@ what to do, and the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -122,11 +123,29 @@ class Config:
     # database.url goes through PgBouncer in transaction mode: no server-side prepared statements.
     pgbouncer: bool = False
 
+    def claim_lifetime(self, source: Source) -> float:
+        """How long a claim on this source's rows lasts before another worker may take it."""
+        if source.kind is SourceKind.documenso_jobs:
+            return source.stuck_after  # Documenso's own rule for a stuck job
+        return self.claim_timeout
+
+    def start_within(self, source: Source) -> float:
+        """How long after its claim a row may still start its request: the request must end
+        (http.timeout) with time to spare for its settle (5 s, or half the slack if less)."""
+        return _start_within(self.claim_lifetime(source), self.http_timeout)
+
+
+def _start_within(lifetime: float, http_timeout: float) -> float:
+    slack = lifetime - http_timeout
+    return slack - min(5.0, slack / 2)
+
 
 # The outbox is relay's own table; as a source it is a fixed mapping onto relay.outbox.
 OUTBOX_TABLE = ("relay", "outbox")
 # Documenso document events are captured into a table of the same shape.
 DOCUMENSO_EVENTS_TABLE = ("relay", "documenso_events")
+
+log = logging.getLogger("relay.config")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _IDENT = re.compile(r"^[^\x00]{1,63}$")
@@ -584,15 +603,40 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if policy.factor < 1:
         raise ConfigError(f"retry.factor: must be at least 1, got {policy.factor}")
+    max_in_flight = _int("relay.max_in_flight", relay.get("max_in_flight", 20))
     batch_size = _int("relay.batch_size", relay.get("batch_size", 50))
     claim_timeout = duration("relay.claim_timeout", relay.get("claim_timeout", 60.0))
     http_timeout = duration("http.timeout", http.get("timeout", 10.0))
-    if claim_timeout <= http_timeout:
-        # A claim must outlive the request it covers, or another relay could take the row
-        # over while it is still being delivered.
-        raise ConfigError(
-            f"relay.claim_timeout ({claim_timeout:g}s) must be longer than http.timeout "
-            f"({http_timeout:g}s): raise relay.claim_timeout or lower http.timeout"
+    # A claim must outlive the request it covers, or another relay (or Documenso's runner)
+    # could take the row over while it is still being delivered.
+    lifetimes = {"relay.claim_timeout": claim_timeout}
+    for source in sources:
+        if source.kind is SourceKind.documenso_jobs:
+            lifetimes[f"sources.{source.name}.stuck_after"] = source.stuck_after
+    for key, lifetime in lifetimes.items():
+        if lifetime <= http_timeout:
+            raise ConfigError(
+                f"{key} ({lifetime:g}s) must be longer than http.timeout ({http_timeout:g}s): "
+                f"raise {key} or lower http.timeout"
+            )
+    # Rows claimed ahead wait for a request slot. If every request hangs until http.timeout,
+    # the last of them starts after claim_ahead / max_in_flight timeouts; the default keeps
+    # that within the time a claimed row may still start (see Config.start_within), so a
+    # hung receiver does not make relay claim rows only to hand them back.
+    within = _start_within(min(lifetimes.values()), http_timeout)
+    safe_ahead = int(max_in_flight * within / http_timeout)
+    claim_ahead = _int(
+        "relay.claim_ahead", relay.get("claim_ahead", min(batch_size, safe_ahead)), minimum=0
+    )
+    if claim_ahead > safe_ahead:
+        log.warning(
+            "config.claim_ahead claim_ahead=%d: with max_in_flight=%d and http.timeout=%gs, "
+            "rows that wait for a hung receiver may reach the end of their claim and be handed "
+            "back unsent; at most %d is safe (or raise relay.claim_timeout)",
+            claim_ahead,
+            max_in_flight,
+            http_timeout,
+            safe_ahead,
         )
     return Config(
         database_url=url,
@@ -601,9 +645,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "relay.worker_id", relay.get("worker_id", f"{socket.gethostname()}:{os.getpid()}")
         ),
         sources=sources,
-        max_in_flight=_int("relay.max_in_flight", relay.get("max_in_flight", 20)),
+        max_in_flight=max_in_flight,
         batch_size=batch_size,
-        claim_ahead=_int("relay.claim_ahead", relay.get("claim_ahead", batch_size), minimum=0),
+        claim_ahead=claim_ahead,
         sweep_interval=duration("relay.sweep_interval", relay.get("sweep_interval", 30.0)),
         claim_timeout=claim_timeout,
         shutdown_grace=duration("relay.shutdown_grace", relay.get("shutdown_grace", 10.0)),

@@ -155,11 +155,17 @@ def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes
 
 
 def _json_text(body: bytes) -> str:
-    """A response body as Documenso stores it: parsed JSON, or the raw text as a JSON string."""
+    """A response body as Documenso stores it: parsed JSON, or the raw text as a JSON string.
+
+    PostgreSQL's jsonb refuses the NUL character (`\\u0000`); a body that has one is stored as
+    its raw text without NULs instead, so one odd response cannot fail the settle it rides in."""
     try:
-        return orjson.dumps(orjson.loads(body)).decode()
+        text = orjson.dumps(orjson.loads(body)).decode()
+        if "\\u0000" not in text:
+            return text
     except orjson.JSONDecodeError:
-        return orjson.dumps(body.decode("utf-8", "replace")).decode()
+        pass
+    return orjson.dumps(body.decode("utf-8", "replace").replace("\x00", "")).decode()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -201,9 +207,9 @@ class Deliverer:
             for s in config.sources
             if s.secret is not None and s.secret_header is None
         }
-        # A claimed row starts its request only if its claim outlives the request's timeout,
-        # so no delivery is still running when another relay may take the row over.
-        self._start_within = config.claim_timeout - config.http_timeout
+        # A claimed row starts its request only if its claim outlives the request's timeout
+        # and its settle, so no delivery is still running when another worker may take the row.
+        self._start_within = {s.name: config.start_within(s) for s in config.sources}
         self.busy = 0
         self.delivered = 0
         self.failed = 0
@@ -294,7 +300,7 @@ class Deliverer:
         loop = asyncio.get_running_loop()
         while True:
             source, row, claimed_at = await self._queue.get()
-            if loop.time() - claimed_at > self._start_within:
+            if loop.time() - claimed_at > self._start_within[source.name]:
                 # It waited so long for a slot that its claim could expire mid-request.
                 log.warning(
                     "delivery.released source=%s key=%s reason=claim too close to expiry to "
@@ -552,7 +558,9 @@ class Deliverer:
                 )
                 if 200 <= resp.status < 300:
                     return Attempt(True, resp.status, None, None, headers_seen, bytes(received))
-                snippet = received.decode("utf-8", "replace")[:ERROR_SNIPPET].strip()
+                # PostgreSQL text cannot hold NUL: drop it, or the whole settle batch fails.
+                snippet = received.decode("utf-8", "replace").replace("\x00", "")
+                snippet = snippet[:ERROR_SNIPPET].strip()
                 error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
                 retry_after = retry.parse_retry_after(
                     resp.headers.get("Retry-After"), datetime.now(UTC)

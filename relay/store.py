@@ -122,7 +122,8 @@ def settle_batch_json(settlements: Iterable[Settlement]) -> str:
                 "lease": s.lease,
                 "outcome": s.outcome,
                 "delay": s.delay,
-                "error": s.error,
+                # PostgreSQL text cannot hold NUL; an error quoting a response might.
+                "error": s.error.replace("\x00", "") if s.error else s.error,
                 "http_status": s.http_status,
             }
             for s in settlements

@@ -509,6 +509,29 @@ async def test_secret_column_signs_with_a_verifiable_standard_webhooks_signature
     assert not signing.verify(key_bytes, got.id, timestamp, got.body + b" ", header)
 
 
+async def test_a_nul_byte_in_an_error_response_does_not_fail_the_settles_beside_it(
+    db: str, receiver: Receiver
+) -> None:
+    # PostgreSQL text cannot hold NUL. Quoted as it came in last_error, it failed the whole
+    # settle batch, successes included, and those rows waited for their claims to expire.
+    async def nul_for_the_first(request: web.Request, __: int) -> web.StreamResponse:
+        if request.headers["webhook-id"] == f"deliveries_{ids[0]}":
+            return web.Response(status=500, body=b"bad\x00body")
+        return web.Response(text="ok")
+
+    receiver.behaviour = nul_for_the_first
+    config = make_config(db, retry={"base": 60})
+    await install(config)
+    async with running(config) as relay:
+        ids = await insert_rows(db, receiver.url, 3)
+        await receiver.wait_ids(delivery_ids(ids))
+    # The graceful stop wrote every settle; none was rejected.
+    assert relay.settler.lost == 0
+    rows = await fetch_rows(db)
+    assert (rows[ids[0]]["status"], rows[ids[0]]["last_error"]) == ("failed", "HTTP 500: badbody")
+    assert [rows[i]["status"] for i in ids[1:]] == ["delivered", "delivered"]
+
+
 async def test_a_receivers_cookies_are_never_sent_back(db: str, receiver: Receiver) -> None:
     async def sets_a_cookie(_: web.Request, __: int) -> web.StreamResponse:
         response = web.Response(text="ok")

@@ -130,6 +130,32 @@ def test_claim_ahead_defaults_to_the_batch_and_may_be_zero() -> None:
     assert build(relay={"claim_ahead": 0}).claim_ahead == 0
 
 
+def test_claim_ahead_defaults_to_what_a_hung_receiver_leaves_time_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 60 s claims, 10 s requests: a row may still start 45 s after its claim (10 s for the
+    # request, 5 s for the settle). With 5 requests at once all hanging, that is 4.5 rounds of
+    # timeouts: 22 rows may wait, not the 50 of a batch.
+    cfg = build(relay={"max_in_flight": 5})
+    assert cfg.start_within(cfg.sources[0]) == 45.0
+    assert cfg.claim_ahead == 22
+    assert not caplog.records
+    # Asking for more is allowed, with a warning that names the safe figure.
+    assert build(relay={"max_in_flight": 5, "claim_ahead": 50}).claim_ahead == 50
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("config.claim_ahead claim_ahead=50")
+    assert "at most 22 is safe" in warning
+
+
+def test_a_documenso_job_claim_lasts_stuck_after_which_must_outlive_a_request() -> None:
+    jobs = {"kind": "documenso_jobs", "stuck_after": "20s"}
+    cfg = build(sources={"jobs": jobs})
+    assert cfg.claim_lifetime(cfg.sources[0]) == 20.0
+    assert cfg.start_within(cfg.sources[0]) == 5.0  # 20 - 10 for the request - 5 for the settle
+    msg = error({"database": {"url": DB}, "sources": {"jobs": {**jobs, "stuck_after": "10s"}}})
+    assert msg.startswith("sources.jobs.stuck_after (10s) must be longer than http.timeout")
+
+
 def test_retry_status_must_be_claimable() -> None:
     msg = error({"database": {"url": DB}, "sources": {"q": queue_source(retry="waiting")}})
     assert msg.startswith("sources.q.retry:")

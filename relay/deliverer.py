@@ -15,7 +15,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -124,7 +124,7 @@ class Settler:
         return settled
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """What one HTTP attempt came to."""
 
@@ -134,6 +134,7 @@ class Attempt:
     retry_after: float | None = None
     headers: dict[str, str] | None = None
     body: bytes = b""
+    ms: float = 0.0  # how long it took
 
 
 def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
@@ -184,7 +185,7 @@ def _target_url(url: str) -> URL | None:
 class Deliverer:
     """`max_in_flight` workers that take claimed rows in order, deliver each and hand its
     settlement to the Settler. Rows claimed ahead of a free worker wait in `_queue` (the claim
-    budget bounds it to one batch)."""
+    budget bounds it to `claim_ahead` rows)."""
 
     def __init__(
         self,
@@ -415,25 +416,8 @@ class Deliverer:
             headers = self._headers(source, row, body)
         except ValueError as exc:
             return self._dead(source, row, f"cannot sign: {exc}")
-        started = time.perf_counter()
         result = await self._post(target, body, headers)
-        elapsed = (time.perf_counter() - started) * 1000
-        if result.ok:
-            self.delivered += 1
-            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
-            # INFO gets the `delivery.progress` summary instead (failures are always logged).
-            log.debug(
-                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
-                source.name,
-                row.key,
-                row.attempt,
-                result.http_status,
-                elapsed,
-            )
-            return Settlement(row.key, row.lease, Outcome.done, 0.0, None, result.http_status)
-        return self._failure(
-            source, row, result.error or "failed", result.http_status, result.retry_after
-        )
+        return self._settle_attempt(source, row, result, None)
 
     async def _deliver_job(self, source: Source, row: Claimed) -> Settlement:
         """A Documenso "BackgroundJob": a webhook job goes to the Webhook it names, in
@@ -491,12 +475,15 @@ class Deliverer:
     ) -> Settlement:
         if result.ok:
             self.delivered += 1
+            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
+            # INFO gets the `delivery.progress` summary instead (failures are always logged).
             log.debug(
-                "delivery.succeeded source=%s key=%s attempt=%d status=%s",
+                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
                 source.name,
                 row.key,
                 row.attempt,
                 result.http_status,
+                result.ms,
             )
             return Settlement(
                 row.key, row.lease, Outcome.done, http_status=result.http_status, call=call
@@ -504,15 +491,7 @@ class Deliverer:
         failure = self._failure(
             source, row, result.error or "failed", result.http_status, result.retry_after
         )
-        return Settlement(
-            failure.key,
-            failure.lease,
-            failure.outcome,
-            failure.delay,
-            failure.error,
-            failure.http_status,
-            call,
-        )
+        return failure if call is None else replace(failure, call=call)
 
     def _headers(self, source: Source, row: Claimed, body: bytes) -> dict[str, str]:
         # The id is the same on every attempt of this row, so receivers can drop duplicates.
@@ -538,6 +517,14 @@ class Deliverer:
 
     async def _post(
         self, url: str | URL, body: bytes, headers: dict[str, str], keep_headers: bool = False
+    ) -> Attempt:
+        started = time.perf_counter()
+        attempt = await self._request(url, body, headers, keep_headers)
+        attempt.ms = (time.perf_counter() - started) * 1000
+        return attempt
+
+    async def _request(
+        self, url: str | URL, body: bytes, headers: dict[str, str], keep_headers: bool
     ) -> Attempt:
         assert self._session is not None, "Deliverer.open() was not called"
         cap = self.config.max_response_bytes

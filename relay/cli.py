@@ -13,6 +13,7 @@ import psycopg
 import psycopg_pool
 
 from relay import config as config_mod
+from relay import logs
 from relay.app import Relay, install_signal_handlers
 from relay.config import Config, ConfigError
 from relay.store import Store
@@ -20,6 +21,7 @@ from relay.store import Store
 log = logging.getLogger("relay.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+CONNECT_TIMEOUT = 5  # seconds a CLI command waits for the database before saying it cannot
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", "-c", help="TOML configuration file (default: $RELAY_CONFIG)")
     p.add_argument(
-        "--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: INFO)"
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=logs.LEVELS,
+        help="DEBUG, INFO, WARNING or ERROR (default: $RELAY_LOG_LEVEL, else INFO)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="relay until SIGTERM/SIGINT")
@@ -42,12 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str | None) -> None:
-    logging.basicConfig(
-        level=(level or os.environ.get("RELAY_LOG_LEVEL") or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _log_level(given: str | None, env: dict[str, str] | os._Environ[str]) -> str:
+    level = (given or env.get("RELAY_LOG_LEVEL") or "INFO").upper()
+    if level not in logs.LEVELS:
+        raise ConfigError(
+            f"RELAY_LOG_LEVEL: expected one of {', '.join(logs.LEVELS)}, got {logs.field(level)}"
+        )
+    return level
 
 
 async def _with_store(config: Config, command: str, source: str | None) -> int:
@@ -59,6 +66,14 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         retry=config.retry,
         pgbouncer=config.pgbouncer,
     )
+    problem = await _unreachable(config.database_url)
+    if problem is not None:
+        print(
+            f"relay {command}: cannot connect to the database at database.url "
+            f"({_redact(config.database_url)}): {problem}; is it running and reachable?",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     try:
         await store.open()
     except psycopg_pool.PoolTimeout:
@@ -86,7 +101,9 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                 for name in store.sources:
                     counts = await store.counts(name)
                     oldest = await store.oldest_due(name)
-                    shown = ", ".join(f"{k}={v}" for k, v in counts.items()) or "empty"
+                    # Status values are the application's data: shown escaped, never raw.
+                    shown = ", ".join(f"{logs.field(k)}={v}" for k, v in counts.items())
+                    shown = shown or "empty"
                     age = "none" if oldest is None else f"{oldest:.1f}s"
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
             elif command == "retry-dead":
@@ -101,6 +118,20 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def _unreachable(url: str) -> str | None:
+    """Why the database cannot be reached, in one line, within CONNECT_TIMEOUT; None if it can.
+
+    One plain connection first, so that an unreachable database is one clear line after a few
+    seconds rather than the pool's retries and multi-line warnings."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.OperationalError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return logs.escape(lines[-1] if lines else type(exc).__name__)
+    await conn.close()
+    return None
 
 
 def _redact(url: str) -> str:
@@ -122,17 +153,17 @@ async def run_relay(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.log_level)
     try:
+        logs.setup(_log_level(args.log_level, os.environ))
         config = config_mod.load(args.config, os.environ)
         if args.command == "run":
             return asyncio.run(run_relay(config))
         return asyncio.run(_with_store(config, args.command, getattr(args, "source", None)))
     except ConfigError as exc:
-        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        print(f"relay: configuration error: {logs.escape(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except psycopg.Error as exc:
-        print(f"relay: database error: {str(exc).strip()}", file=sys.stderr)
+        print(f"relay: database error: {logs.escape(str(exc).strip())}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK

@@ -6,6 +6,7 @@ what to do, and the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -147,6 +148,13 @@ DOCUMENSO_EVENTS_TABLE = ("relay", "documenso_events")
 
 log = logging.getLogger("relay.config")
 
+# The least each duration may be: below these a loop spins or nothing can succeed.
+MIN_SWEEP_INTERVAL = 1.0
+MIN_HEARTBEAT = 0.5
+MIN_CLAIM_TIMEOUT = 1.0
+MIN_HTTP_TIMEOUT = 0.1
+MIN_RETRY_BASE = 0.01
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _IDENT = re.compile(r"^[^\x00]{1,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -194,7 +202,7 @@ _SECTION_KEYS = {
     },
     "http": {"timeout", "max_response_bytes", "user_agent"},
     "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
-    "health": {"listen"},
+    "health": {"listen", "allow_remote"},
 }
 _COMMON_SOURCE_KEYS = {
     "kind",
@@ -271,8 +279,8 @@ def _int(where: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def duration(where: str, value: Any) -> float:
-    """Seconds from a number or a string like '250ms', '30s', '5m', '1h'."""
+def duration(where: str, value: Any, minimum: float = 0.0) -> float:
+    """Seconds from a number or a string like '250ms', '30s', '5m', '1h', at least `minimum`."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a duration like 30 or '30s', got {value!r}")
     if isinstance(value, int | float):
@@ -285,7 +293,23 @@ def duration(where: str, value: Any) -> float:
         )
     if seconds < 0:
         raise ConfigError(f"{where}: must not be negative, got {value!r}")
+    if seconds < minimum:
+        # Below these floors a loop spins (a 0 s sweep or heartbeat) or nothing can succeed (a
+        # 0 s request timeout): refuse rather than run.
+        raise ConfigError(f"{where}: must be at least {_show_seconds(minimum)}, got {value!r}")
     return seconds
+
+
+def _show_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def _number(where: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: expected a number like 2 or 1.5, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum:g}, got {value!r}")
+    return float(value)
 
 
 def _fraction(where: str, value: Any) -> float:
@@ -431,7 +455,9 @@ def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
         app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
         job_ids=job_ids,
         pending_after=duration(f"{where}.pending_after", data.get("pending_after", 0)),
-        stuck_after=duration(f"{where}.stuck_after", data.get("stuck_after", 300)),
+        stuck_after=duration(
+            f"{where}.stuck_after", data.get("stuck_after", 300), minimum=MIN_CLAIM_TIMEOUT
+        ),
     )
 
 
@@ -549,14 +575,37 @@ def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def _health(value: Any) -> tuple[str | None, int]:
+def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
+    """The health endpoint's address. Loopback unless `health.allow_remote` says otherwise:
+    /status shows what relay is doing, which is not for every host on the network."""
     if value in ("", False):
         return None, 0
     text = _str("health.listen", value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"health.listen: expected host:port like '127.0.0.1:8081', got {text!r}")
-    return host or "0.0.0.0", int(port)
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"health.listen: expected host:port like '127.0.0.1:8081' (or '[::1]:8081'; "
+            f"'' turns it off), got {text!r}"
+        )
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not isinstance(allow_remote, bool):
+        raise ConfigError(f"health.allow_remote: expected true or false, got {allow_remote!r}")
+    if not _is_loopback(host) and not allow_remote:
+        raise ConfigError(
+            f"health.listen: {host!r} is not a loopback address, so the health endpoint would be "
+            f"reachable from other hosts; set health.allow_remote = true to mean it, or listen "
+            f"on 127.0.0.1"
+        )
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
@@ -593,20 +642,25 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         if len(same) > 1:
             raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")
 
-    host, port = _health(health.get("listen", "127.0.0.1:8081"))
+    host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
     channel = _ident("relay.channel", relay.get("channel", "relay"))
     policy = RetryPolicy(
-        base=duration("retry.base", retry.get("base", 1.0)),
-        factor=float(retry.get("factor", 2.0)),
+        base=duration("retry.base", retry.get("base", 1.0), minimum=MIN_RETRY_BASE),
+        factor=_number("retry.factor", retry.get("factor", 2.0), minimum=1),
         max_delay=duration("retry.max_delay", retry.get("max_delay", 3600.0)),
         jitter=_fraction("retry.jitter", retry.get("jitter", 0.2)),
     )
-    if policy.factor < 1:
-        raise ConfigError(f"retry.factor: must be at least 1, got {policy.factor}")
+    if policy.max_delay < policy.base:
+        raise ConfigError(
+            f"retry.max_delay ({policy.max_delay:g}s) must be at least retry.base "
+            f"({policy.base:g}s): raise retry.max_delay or lower retry.base"
+        )
     max_in_flight = _int("relay.max_in_flight", relay.get("max_in_flight", 20))
     batch_size = _int("relay.batch_size", relay.get("batch_size", 50))
-    claim_timeout = duration("relay.claim_timeout", relay.get("claim_timeout", 60.0))
-    http_timeout = duration("http.timeout", http.get("timeout", 10.0))
+    claim_timeout = duration(
+        "relay.claim_timeout", relay.get("claim_timeout", 60.0), minimum=MIN_CLAIM_TIMEOUT
+    )
+    http_timeout = duration("http.timeout", http.get("timeout", 10.0), minimum=MIN_HTTP_TIMEOUT)
     # A claim must outlive the request it covers, or another relay (or Documenso's runner)
     # could take the row over while it is still being delivered.
     lifetimes = {"relay.claim_timeout": claim_timeout}
@@ -648,11 +702,15 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         max_in_flight=max_in_flight,
         batch_size=batch_size,
         claim_ahead=claim_ahead,
-        sweep_interval=duration("relay.sweep_interval", relay.get("sweep_interval", 30.0)),
+        sweep_interval=duration(
+            "relay.sweep_interval", relay.get("sweep_interval", 30.0), minimum=MIN_SWEEP_INTERVAL
+        ),
         claim_timeout=claim_timeout,
         shutdown_grace=duration("relay.shutdown_grace", relay.get("shutdown_grace", 10.0)),
         heartbeat_interval=duration(
-            "relay.heartbeat_interval", relay.get("heartbeat_interval", 10.0)
+            "relay.heartbeat_interval",
+            relay.get("heartbeat_interval", 10.0),
+            minimum=MIN_HEARTBEAT,
         ),
         http_timeout=http_timeout,
         max_response_bytes=_int(

@@ -22,7 +22,7 @@ import psycopg
 from aiohttp import web
 from psycopg import sql
 
-from relay import cli
+from relay import cli, logs
 from relay import config as config_mod
 from relay.app import Relay, install_signal_handlers
 from relay.config import Config, ConfigError
@@ -169,10 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A real database: exactly `relay run` with the user's config file.
         return cli.main([*(["--config", args.config] if args.config else []), "run"])
 
-    logging.basicConfig(
-        level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    level = os.environ.get("RELAY_LOG_LEVEL", "INFO").upper()
+    if level not in logs.LEVELS:
+        print(
+            f"make run: RELAY_LOG_LEVEL: expected one of {', '.join(logs.LEVELS)}, "
+            f"got {logs.field(level)}",
+            file=sys.stderr,
+        )
+        return cli.EXIT_CONFIG
+    logs.setup(level)
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pg = EmbeddedPostgres(data_dir / "pgdata", port=args.port)

@@ -98,7 +98,7 @@ def test_url_and_url_column_are_exclusive() -> None:
     [(5, 5.0), (2.5, 2.5), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0)],
 )
 def test_durations(value: Any, seconds: float) -> None:
-    assert build(relay={"sweep_interval": value}).sweep_interval == seconds
+    assert build(relay={"shutdown_grace": value}).shutdown_grace == seconds
 
 
 def test_bad_duration_is_named() -> None:

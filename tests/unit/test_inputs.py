@@ -1,0 +1,119 @@
+"""Bad input that used to crash, spin or mislead: each is refused with a message naming it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from relay import config, logs, retry
+from relay.config import ConfigError
+from tests.support import queue_source
+
+DB = "postgresql://localhost/app"
+
+
+def error(**sections: Any) -> str:
+    raw: dict[str, Any] = {"database": {"url": DB}, "sources": {"q": queue_source()}}
+    raw.update(sections)
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(raw, {})
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "least"),
+    [
+        # 0 made the listener reconnect 720 times and the sweeper spin at 98% of a core.
+        ("relay", "heartbeat_interval", 0, "500ms"),
+        ("relay", "sweep_interval", 0, "1s"),
+        ("relay", "sweep_interval", "10ms", "1s"),
+        # 0 crashed `relay check` with ZeroDivisionError.
+        ("http", "timeout", 0, "100ms"),
+        ("relay", "claim_timeout", "0.5s", "1s"),
+        ("retry", "base", 0, "10ms"),
+    ],
+)
+def test_durations_below_their_floor_are_refused(
+    section: str, key: str, value: Any, least: str
+) -> None:
+    msg = error(**{section: {key: value}})
+    assert msg.startswith(f"{section}.{key}: must be at least {least}")
+
+
+@pytest.mark.parametrize("value", ["fast", True, 0.5, None])
+def test_retry_factor_must_be_a_number_of_at_least_one(value: Any) -> None:
+    # "fast" ended in a ValueError traceback.
+    msg = error(retry={"factor": value})
+    assert msg.startswith("retry.factor: ")
+
+
+def test_max_delay_cannot_be_below_base() -> None:
+    assert error(retry={"base": "10s", "max_delay": "1s"}).startswith(
+        "retry.max_delay (1s) must be at least retry.base (10s)"
+    )
+
+
+@pytest.mark.parametrize("listen", [":8081", "0.0.0.0:8081", "[::]:8081", "10.1.2.3:8081"])
+def test_a_health_endpoint_off_loopback_needs_allow_remote(listen: str) -> None:
+    # ":8081" silently bound every interface.
+    msg = error(health={"listen": listen})
+    assert msg.startswith("health.listen: ")
+    if listen != ":8081":
+        assert "health.allow_remote = true" in msg
+
+
+def test_allow_remote_opens_the_health_endpoint_to_other_hosts() -> None:
+    raw = {
+        "database": {"url": DB},
+        "sources": {"q": queue_source()},
+        "health": {"listen": "0.0.0.0:9000", "allow_remote": True},
+    }
+    cfg = config.from_mapping(raw, {})
+    assert (cfg.health_host, cfg.health_port) == ("0.0.0.0", 9000)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8081", "[::1]:8081", "localhost:8081"])
+def test_loopback_health_endpoints_need_nothing_more(listen: str) -> None:
+    raw = {"database": {"url": DB}, "sources": {"q": queue_source()}, "health": {"listen": listen}}
+    assert config.from_mapping(raw, {}).health_port == 8081
+
+
+def test_retry_after_with_a_unicode_digit_is_ignored_not_a_crash() -> None:
+    # "²".isdigit() is True and float("²") raises: a receiver could crash a delivery with it.
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert retry.parse_retry_after("²", now) is None
+    assert retry.parse_retry_after("١٢", now) is None  # Arabic-Indic digits
+    assert retry.parse_retry_after(" 7 ", now) == 7.0
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("plain", "plain"),
+        ("two words", '"two words"'),
+        ("line\nforged=1 level=ERROR", '"line\\nforged=1 level=ERROR"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("\x1b[31mred", '"\\x1b[31mred"'),
+        ("", '""'),
+        ("a\u2028b", '"a\\u2028b"'),
+    ],
+)
+def test_log_values_are_escaped_and_quoted_as_logfmt(value: str, shown: str) -> None:
+    assert logs.field(value) == shown
+
+
+def test_a_newline_in_a_logged_value_cannot_forge_a_line() -> None:
+    formatter = logs.LogfmtFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord(
+        "relay.test", logging.WARNING, __file__, 1, "delivery.failed key=%s error=%s", None, None
+    )
+    record.args = (7, "HTTP 500: oops\n2026-01-01 ERROR relay.app relay.crashed")
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert line == (
+        'WARNING delivery.failed key=7 error="HTTP 500: oops\\n2026-01-01 ERROR relay.app '
+        'relay.crashed"'
+    )

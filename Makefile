@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test bench bench-quick profile lint format clean all
+.PHONY: install run test bench bench-quick profile lint audit format clean all
 
 all: lint test
 
@@ -40,6 +40,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy
+
+# Known vulnerabilities in the installed dependencies (pip-audit asks PyPI's advisory data, so it
+# needs to reach pypi.org); installed on demand, not a dependency of relay.
+audit: $(STAMP)
+	$(BIN)/python -m pip install --quiet pip-audit
+	$(BIN)/pip-audit --skip-editable
 
 format: $(STAMP)
 	$(BIN)/ruff format relay tests bench

@@ -48,7 +48,7 @@ _V4_RANGES: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
     (_V4("10.0.0.0/8"), "private"),
     (_V4("100.64.0.0/10"), "carrier-grade NAT"),
     (_V4("127.0.0.0/8"), "loopback"),
-    (_V4("169.254.0.0/16"), "link-local (cloud metadata)"),
+    (_V4("169.254.0.0/16"), "link-local"),  # cloud metadata services (169.254.169.254)
     (_V4("172.16.0.0/12"), "private"),
     (_V4("192.0.0.0/24"), "reserved"),
     (_V4("192.0.2.0/24"), "reserved (documentation)"),
@@ -251,7 +251,7 @@ def refusal(exc: BaseException) -> Refused | None:
 
 
 def _a(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    return f"an {kind}" if kind.startswith("unspecified") else f"a {kind}"
 
 
 def _is_localhost(name: str) -> bool:

@@ -7,10 +7,11 @@ import ipaddress
 import socket
 
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 
 from relay import guard
 from relay.guard import Allow, Guard, Refused
+from tests.network import FixedResolver
 
 LOOPBACK_SPELLINGS = [
     "127.0.0.1",
@@ -206,33 +207,6 @@ def test_an_allowed_localhost_name_is_not_refused_by_name() -> None:
 
 
 # -- the resolver and the socket factory, driven directly ---------------------------------------
-
-
-class FixedResolver(AbstractResolver):
-    """Answers from a table; records every name it was asked (there is no other DNS)."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.asked: list[str] = []
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        self.asked.append(host)
-        return [
-            ResolveResult(
-                hostname=host,
-                host=a,
-                port=port,
-                family=socket.AF_INET6 if ":" in a else socket.AF_INET,
-                proto=0,
-                flags=0,
-            )
-            for a in self.table[host]
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 TABLE = {

@@ -24,6 +24,7 @@ from aiohttp import web
 from relay.app import Relay
 from relay.deliverer import excerpt
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
+from tests.integration.test_delivery import insert_values
 from tests.integration.test_documenso_jobs import add_job, calls, execute, job
 from tests.network import network
 from tests.support import (
@@ -62,16 +63,7 @@ class Settles:
 
 async def insert_urls(db: str, urls: list[str], **columns: Any) -> list[int]:
     """One queue row per URL, all in one statement; returns their ids in the same order."""
-    extra = "".join(f", {c}" for c in columns)
-    values = "".join(f", %({c})s" for c in columns)
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        cur = await conn.execute(
-            f"INSERT INTO webhook_delivery_queue (url, payload{extra}) "
-            f"SELECT u, jsonb_build_object('n', n){values} "
-            f"FROM unnest(%(urls)s::text[]) WITH ORDINALITY AS t(u, n) ORDER BY n RETURNING id",
-            {"urls": urls, **columns},
-        )
-        return [r[0] for r in await cur.fetchall()]
+    return await insert_values(db, [{"url": url, "payload": "{}", **columns} for url in urls])
 
 
 @pytest.fixture

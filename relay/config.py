@@ -703,6 +703,22 @@ def _allow(value: Any) -> guard.Allow:
     return guard.allow(value)
 
 
+def _check_fixed_targets(source: Source, allowed: guard.Allow) -> None:
+    """A fixed target the outbound guard would refuse whatever DNS says (an address, localhost)
+    stops start-up here rather than killing every row it gets."""
+    where = f"sources.{source.name}"
+    targets = {f"{where}.url": source.url} if source.url is not None else {}
+    prefix = "forward" if source.kind is SourceKind.documenso_jobs else "topics"
+    for topic, url in source.topics.items():
+        fixed = topic == "*" and source.kind is not SourceKind.documenso_jobs
+        targets[f"{where}.url" if fixed else f"{where}.{prefix}.{topic!r}"] = url
+    for key, url in targets.items():
+        host = urlsplit(url).hostname or ""
+        reason = guard.host_refusal(host, allowed)
+        if reason is not None:
+            raise ConfigError(f"{key}: {reason}")
+
+
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     """Build a Config from parsed TOML and the environment (DATABASE_URL, RELAY_LISTEN_URL)."""
     _unknown("", raw, _TOP_KEYS)
@@ -744,6 +760,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         if len(same) > 1:
             raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")
 
+    allowed = _allow(http.get("allow", []))
+    for source in sources:
+        _check_fixed_targets(source, allowed)
     host, port = _health(health.get("listen", "127.0.0.1:8081"))
     channel = _ident("relay.channel", relay.get("channel", "relay"))
     policy = RetryPolicy(
@@ -810,7 +829,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
         ),
         user_agent=_str("http.user_agent", http.get("user_agent", "relay/0.1")),
-        http_allow=_allow(http.get("allow", [])),
+        http_allow=allowed,
         error_body_chars=_int(
             "http.error_body_chars", http.get("error_body_chars", 200), minimum=0
         ),

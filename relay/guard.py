@@ -271,6 +271,28 @@ def display_url(url: str) -> str:
     return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
 
 
+def address_refusal(host: str, ip: IPAddress, allowed: Allow) -> str | None:
+    """Why a connection to `ip` (for `host`) is refused, or None if it may be made."""
+    kind = classify(ip)
+    if kind is None or allowed.permits(ip):
+        return None
+    spelled = host_name(host)
+    subject = f"{ip} is" if spelled == str(ip) else f"{spelled} is {ip},"
+    return f"refused: target {subject} {_a(kind)} address; {HINT}"
+
+
+def host_refusal(host: str, allowed: Allow) -> str | None:
+    """Why a URL host is refused before any lookup (an address, in whatever spelling, or a name
+    under localhost), or None: a public address, an allowed one, or a name to resolve."""
+    ip = parse_ip(host)
+    if ip is not None:
+        return address_refusal(host, ip, allowed)
+    name = host_name(host)
+    if _is_localhost(name) and not allowed.permits_host(name):
+        return f"refused: target {name} is a loopback name; {HINT}"
+    return None
+
+
 # -- the guard -----------------------------------------------------------------------------
 
 _TARGET_CACHE = 4096
@@ -309,15 +331,6 @@ class Guard:
         # name, lets them through. Bounded by the names the configuration lists.
         self._vouched: set[IPAddress] = set()
 
-    def refused(self, host: str, ip: IPAddress) -> str | None:
-        """Why a connection to `ip` (for `host`) is refused, or None if it may be made."""
-        kind = classify(ip)
-        if kind is None or self.allowed.permits(ip):
-            return None
-        spelled = host_name(host)
-        subject = f"{ip} is" if spelled == str(ip) else f"{spelled} is {ip},"
-        return f"refused: target {subject} {_a(kind)} address; {HINT}"
-
     def target(self, url: str) -> URL:
         """The URL to request, checked as far as it can be before connecting: raises
         InvalidTarget, or Refused when its host is an address the guard refuses. A host spelled
@@ -343,17 +356,13 @@ class Guard:
                 f"URL with a host"
             )
         host = parsed.raw_host
-        ip = parse_ip(host)
-        if ip is None:
-            name = host_name(host)
-            if _is_localhost(name) and not self.allowed.permits_host(name):
-                return Refused(f"refused: target {name} is a loopback name; {HINT}")
-            return parsed
-        reason = self.refused(host, ip)
+        reason = host_refusal(host, self.allowed)
         if reason is not None:
             return Refused(reason)
-        canonical = str(ip)
-        return parsed if host == canonical else parsed.with_host(canonical)
+        ip = parse_ip(host)
+        if ip is None or host == str(ip):
+            return parsed
+        return parsed.with_host(str(ip))
 
     def check_resolved(self, host: str, addresses: Sequence[str]) -> None:
         """Raise Refused if any address `host` resolved to is refused (unless the name itself
@@ -379,7 +388,7 @@ class Guard:
         if ip is None:
             raise Refused(f"refused: {address!r} is not an IP address")
         if ip not in self._vouched:
-            reason = self.refused(address, ip)
+            reason = address_refusal(address, ip, self.allowed)
             if reason is not None:
                 raise Refused(reason)
         return self._make_socket(addr_info)
@@ -395,9 +404,9 @@ class _GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        name = host_name(host)
-        if _is_localhost(name) and not self._guard.allowed.permits_host(name):
-            raise Refused(f"refused: target {name} is a loopback name; {HINT}")
+        reason = host_refusal(host, self._guard.allowed)
+        if reason is not None:
+            raise Refused(reason)
         results = await self._inner.resolve(host, port, family)
         self._guard.check_resolved(host, [r["host"] for r in results])
         return results

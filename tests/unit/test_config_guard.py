@@ -108,7 +108,7 @@ def test_a_malformed_secret_exits_naming_the_key_and_never_quoting_it(
 
 
 def queue_source_fixed(**extra: Any) -> dict[str, Any]:
-    source = queue_source(url="https://partner.example.com/hook", **extra)
+    source = queue_source(**{"url": "https://partner.example.com/hook", **extra})
     del source["url_column"], source["secret_column"]
     return source
 
@@ -246,3 +246,27 @@ def test_a_secret_from_the_environment_is_validated_without_being_quoted() -> No
     message = error(raw(e=outbox(secret={"env": "S"})), {"S": bad})
     assert message.startswith("sources.e.secret: decodes to 5 bytes")
     assert bad not in message
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        (outbox(url="http://127.0.0.1:9000/x"), "sources.s.url"),
+        (outbox(topics={"a.*": "http://[::1]/x"}), "sources.s.topics.'a.*'"),
+        (queue_source_fixed(url="http://0x7f000001/"), "sources.s.url"),
+        ({"kind": "documenso_documents", "url": "http://169.254.169.254/"}, "sources.s.url"),
+        (
+            {"kind": "documenso_jobs", "forward": {"x.y": "http://localhost:3000/jobs"}},
+            "sources.s.forward.'x.y'",
+        ),
+    ],
+)
+def test_a_fixed_target_the_guard_refuses_stops_start_up(source: dict[str, Any], key: str) -> None:
+    message = error(raw(s=source))
+    assert message.startswith(f"{key}: refused: target ")
+    assert message.endswith("unless http.allow lists them")
+    allowed = {
+        **raw(s=source),
+        "http": {"allow": ["127.0.0.0/8", "::1", "localhost", "169.254.0.0/16"]},
+    }
+    assert build(allowed).sources[0].name == "s"

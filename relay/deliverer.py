@@ -237,12 +237,13 @@ class Deliverer:
         )
         if allowed.networks or allowed.hosts:
             log.info(
-                "guard.allowing networks=%s hosts=%s (http.allow)",
+                "guard.allowing networks=%s hosts=%s key=http.allow",
                 ",".join(str(n) for n in allowed.networks) or "-",
                 ",".join(sorted(allowed.hosts)) or "-",
             )
-        # The guard checks each connection, not each request: connections are kept alive, and
-        # the resolver's answers (already checked) are cached for ttl_dns_cache.
+        # Addresses are checked per connection, not per request (connections are kept alive,
+        # and the resolver's checked answers are cached for ttl_dns_cache); a request costs
+        # one cached lookup of its URL in the guard.
         connector = aiohttp.TCPConnector(
             limit=self.config.max_in_flight,
             limit_per_host=0,

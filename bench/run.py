@@ -259,6 +259,8 @@ class Bench:
         raw = {
             "database": {"url": db},
             "relay": {"worker_id": "bench", **RELAY_SETTINGS},
+            # The bench receiver is on loopback, which the outbound guard refuses by default.
+            "http": {"allow": ["127.0.0.1"]},
             "health": {"listen": f"127.0.0.1:{health_port}"},
             "sources": {"deliveries": QUEUE_SOURCE},
         }

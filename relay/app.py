@@ -16,6 +16,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from relay import guard
 from relay.claimer import Claimer, Slots
 from relay.config import Config
 from relay.deliverer import Deliverer, Settler
@@ -40,7 +41,7 @@ def _log_start_retry(state: RetryCallState) -> None:
 
 
 class Relay:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, network: guard.Network | None = None) -> None:
         self.config = config
         self.store = Store(
             config.database_url,
@@ -53,7 +54,7 @@ class Relay:
         )
         self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
         self.settler = Settler(self.store, on_settled=self._on_settled)
-        self.deliverer = Deliverer(config, self.settler, self.slots)
+        self.deliverer = Deliverer(config, self.settler, self.slots, network=network)
         self.claimers = {
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources

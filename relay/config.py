@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from relay import guard, signing
+
 
 class ConfigError(Exception):
     """A configuration problem; the message names the key and the fix."""
@@ -72,9 +74,12 @@ class Source:
     url_column: str | None = None
     topic_column: str | None = None
     topics: Mapping[str, str] = field(default_factory=dict)
-    secret: str | None = None
+    # Sent as it is in `secret_header` (documenso_documents); never shown (repr=False).
+    secret: str | None = field(default=None, repr=False)
+    # Standard Webhooks secrets (`whsec_...`) to sign with, one signature each (rotation).
+    signing_secrets: tuple[str, ...] = field(default=(), repr=False)
     secret_column: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     body: BodyFormat = BodyFormat.raw
     # Send the secret as it is in this header instead of signing (Documenso's X-Documenso-Secret).
     secret_header: str | None = None
@@ -117,6 +122,10 @@ class Config:
     http_timeout: float = 10.0
     max_response_bytes: int = 64 * 1024
     user_agent: str = "relay/0.1"
+    # What the outbound guard lets through besides public addresses.
+    http_allow: guard.Allow = field(default_factory=guard.Allow)
+    # How much of a failing response's body last_error keeps (0: none).
+    error_body_chars: int = 200
     retry: RetryPolicy = RetryPolicy()
     health_host: str | None = "127.0.0.1"
     health_port: int = 8081
@@ -200,7 +209,7 @@ _SECTION_KEYS = {
         "heartbeat_interval",
         "channel",
     },
-    "http": {"timeout", "max_response_bytes", "user_agent"},
+    "http": {"timeout", "max_response_bytes", "user_agent", "allow", "error_body_chars"},
     "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
     "health": {"listen", "allow_remote"},
 }
@@ -221,6 +230,7 @@ _DOCUMENSO_JOBS_KEYS = {
     "pending_after",
     "stuck_after",
     "headers",
+    "fixed_credentials_for_row_urls",
 }
 EXECUTE_WEBHOOK = "internal.execute-webhook"
 _TABLE_KEYS = _COMMON_SOURCE_KEYS | {
@@ -241,6 +251,7 @@ _TABLE_KEYS = _COMMON_SOURCE_KEYS | {
     "payload",
     "url_column",
     "secret_column",
+    "fixed_credentials_for_row_urls",
 }
 
 
@@ -326,12 +337,110 @@ def http_url(where: str, value: Any) -> str:
     return text
 
 
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def _headers(where: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a table of header names to values")
     out: dict[str, str] = {}
     for k, v in value.items():
-        out[k] = _str(f"{where}.{k}", v)
+        # Header values are often credentials: errors name the key, never the value.
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{where}.{k}: expected a non-empty string")
+        if any(c in v for c in "\r\n\x00"):
+            raise ConfigError(f"{where}.{k}: a header value cannot hold a line break or NUL")
+        out[k] = v
+    return out
+
+
+def _signing_secrets(where: str, value: Any) -> tuple[str, ...]:
+    """One Standard Webhooks secret, or a list of them while rotating."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"{where}: expected a secret 'whsec_...' or a list of them, got []")
+    out = []
+    for i, secret in enumerate(values):
+        key = f"{where}[{i}]" if isinstance(value, list) else where
+        if not isinstance(secret, str):
+            raise ConfigError(f"{key}: expected a string 'whsec_...'")
+        try:
+            signing.config_key(secret)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        out.append(secret)
+    return tuple(out)
+
+
+def _fixed_credentials(
+    where: str, data: Mapping[str, Any], keys: tuple[str, ...], why: str
+) -> None:
+    """Refuse fixed credentials on a source whose rows choose the URL, unless opted in."""
+    opt_in = f"{where}.fixed_credentials_for_row_urls"
+    if _bool(opt_in, data.get("fixed_credentials_for_row_urls", False)):
+        return
+    for key in keys:
+        if data.get(key):
+            raise ConfigError(
+                f"{where}.{key}: {why}, so a fixed {key} would go to whatever URL a row names; "
+                f"set {opt_in} = true only if every URL those rows can hold belongs to the "
+                f"receiver it is meant for"
+            )
+
+
+# -- value references: any secret, header value or database URL may come from elsewhere ------
+
+_REFERENCE_KINDS = ("env", "file")
+
+
+def _value(where: str, value: Any, env: Mapping[str, str]) -> Any:
+    """A plain value as it is; `{ env = "NAME" }` or `{ file = "/path" }` replaced by the text
+    they name (a file's trailing line break dropped), so a config file can be committed without
+    its secrets. Errors name the key and the variable or file, never the value."""
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1 or next(iter(value)) not in _REFERENCE_KINDS:
+        raise ConfigError(
+            f'{where}: expected a string, {{ env = "NAME" }} or {{ file = "/path" }}, got a table '
+            f"with keys {sorted(value)}"
+        )
+    ((kind, name),) = value.items()
+    name = _str(f"{where}.{kind}", name)
+    if kind == "env":
+        text = env.get(name, "")
+        if not text:
+            raise ConfigError(
+                f"{where}: the environment variable {name} is not set or empty; set it, or give "
+                f"{where} another way"
+            )
+        return text
+    try:
+        text = Path(name).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {name}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {name} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{where}: {name} is empty")
+    return text
+
+
+def _source_values(where: str, data: Any, env: Mapping[str, str]) -> Any:
+    """A source's table with its secret and header values read from where they point."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    secret = out.get("secret")
+    if isinstance(secret, list):
+        out["secret"] = [_value(f"{where}.secret[{i}]", v, env) for i, v in enumerate(secret)]
+    elif secret is not None:
+        out["secret"] = _value(f"{where}.secret", secret, env)
+    headers = out.get("headers")
+    if isinstance(headers, dict):
+        out["headers"] = {k: _value(f"{where}.headers.{k}", v, env) for k, v in headers.items()}
     return out
 
 
@@ -385,7 +494,6 @@ def _event_table(
         payload_column="payload",
         topic_column="topic",
         topics=topics,
-        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
         headers=_headers(f"{where}.headers", data.get("headers", {})),
         **extra,
     )
@@ -405,6 +513,9 @@ def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) 
         table=DOCUMENSO_EVENTS_TABLE,
         topics={"*": url},
         body=BodyFormat.documenso,
+        # Documenso's convention: the secret as it is, not a Standard Webhooks signature, so it
+        # is not held to the whsec_ rule.
+        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
         secret_header="X-Documenso-Secret",
         app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
     )
@@ -413,9 +524,14 @@ def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) 
 def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
     where = f"sources.{name}"
     _unknown(where, data, _DOCUMENSO_JOBS_KEYS)
-    webhooks = data.get("webhooks", True)
-    if not isinstance(webhooks, bool):
-        raise ConfigError(f"{where}.webhooks: expected true or false, got {webhooks!r}")
+    webhooks = _bool(f"{where}.webhooks", data.get("webhooks", True))
+    if webhooks:
+        _fixed_credentials(
+            where,
+            data,
+            ("headers",),
+            "with webhooks = true, jobs go to the URL each Webhook row names",
+        )
     forward_raw = data.get("forward", {})
     if not isinstance(forward_raw, dict):
         raise ConfigError(f"{where}.forward: expected a table of jobId = URL")
@@ -476,8 +592,15 @@ def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
             f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
             f"[{where}.topics] table of topic = URL"
         )
+    secrets = _signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
     return _event_table(
-        name, data, max_attempts, kind=SourceKind.outbox, table=OUTBOX_TABLE, topics=topics
+        name,
+        data,
+        max_attempts,
+        kind=SourceKind.outbox,
+        table=OUTBOX_TABLE,
+        topics=topics,
+        signing_secrets=secrets,
     )
 
 
@@ -498,6 +621,10 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         )
     if "secret" in data and "secret_column" in data:
         raise ConfigError(f"{where}: set at most one of secret or secret_column")
+    if has_url_column:
+        _fixed_credentials(
+            where, data, ("secret", "headers"), "the rows choose where it sends (url_column)"
+        )
     max_attempts_value = data.get("max_attempts", max_attempts)
     column = data.get("max_attempts_column")
     source = Source(
@@ -522,7 +649,9 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         payload_column=_opt_ident(f"{where}.payload", data.get("payload")),
         url=http_url(f"{where}.url", data["url"]) if has_url else None,
         url_column=_opt_ident(f"{where}.url_column", data.get("url_column")),
-        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
+        signing_secrets=(
+            _signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
+        ),
         secret_column=_opt_ident(f"{where}.secret_column", data.get("secret_column")),
         headers=_headers(f"{where}.headers", data.get("headers", {})),
     )
@@ -608,6 +737,37 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _allow(value: Any) -> guard.Allow:
+    if not isinstance(value, list):
+        raise ConfigError(
+            "http.allow: expected a list of addresses, networks and host names, like "
+            '["10.0.0.0/8", "192.168.1.20", "hooks.internal"]'
+        )
+    for i, entry in enumerate(value):
+        text = _str(f"http.allow[{i}]", entry)
+        try:
+            guard.allow_entry(text)
+        except ValueError as exc:
+            raise ConfigError(f"http.allow[{i}]: {text!r}: {exc}") from None
+    return guard.allow(value)
+
+
+def _check_fixed_targets(source: Source, allowed: guard.Allow) -> None:
+    """A fixed target the outbound guard would refuse whatever DNS says (an address, localhost)
+    stops start-up here rather than killing every row it gets."""
+    where = f"sources.{source.name}"
+    targets = {f"{where}.url": source.url} if source.url is not None else {}
+    prefix = "forward" if source.kind is SourceKind.documenso_jobs else "topics"
+    for topic, url in source.topics.items():
+        fixed = topic == "*" and source.kind is not SourceKind.documenso_jobs
+        targets[f"{where}.url" if fixed else f"{where}.{prefix}.{topic!r}"] = url
+    for key, url in targets.items():
+        host = urlsplit(url).hostname or ""
+        reason = guard.host_refusal(host, allowed)
+        if reason is not None:
+            raise ConfigError(f"{key}: {reason}")
+
+
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     """Build a Config from parsed TOML and the environment (DATABASE_URL, RELAY_LISTEN_URL)."""
     _unknown("", raw, _TOP_KEYS)
@@ -617,13 +777,17 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     retry = _section(raw, "retry")
     health = _section(raw, "health")
 
-    url = env.get("DATABASE_URL") or database.get("url")
+    url = env.get("DATABASE_URL") or _value("database.url", database.get("url"), env)
     if not url:
         raise ConfigError(
             "database.url: no database to relay for; set DATABASE_URL or [database] url"
         )
     url, url_pgbouncer = libpq_url(_str("database.url", url))
-    listen_url = env.get("RELAY_LISTEN_URL") or database.get("listen_url") or url
+    listen_url = (
+        env.get("RELAY_LISTEN_URL")
+        or _value("database.listen_url", database.get("listen_url"), env)
+        or url
+    )
     listen_url, _ = libpq_url(_str("database.listen_url", listen_url))
     pgbouncer = database.get("pgbouncer", url_pgbouncer)
     if not isinstance(pgbouncer, bool):
@@ -636,12 +800,18 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
             "or kind = 'table'"
         )
-    sources = tuple(_source(n, d, max_attempts) for n, d in sources_raw.items())
+    sources = tuple(
+        _source(n, _source_values(f"sources.{n}", d, env), max_attempts)
+        for n, d in sources_raw.items()
+    )
     for kind in (SourceKind.outbox, SourceKind.documenso_documents, SourceKind.documenso_jobs):
         same = [s.name for s in sources if s.kind is kind]
         if len(same) > 1:
             raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")
 
+    allowed = _allow(http.get("allow", []))
+    for source in sources:
+        _check_fixed_targets(source, allowed)
     host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
     channel = _ident("relay.channel", relay.get("channel", "relay"))
     policy = RetryPolicy(
@@ -717,6 +887,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
         ),
         user_agent=_str("http.user_agent", http.get("user_agent", "relay/0.1")),
+        http_allow=allowed,
+        error_body_chars=_int(
+            "http.error_body_chars", http.get("error_body_chars", 200), minimum=0
+        ),
         retry=policy,
         health_host=host,
         health_port=port,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -18,21 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import psycopg
 from yarl import URL
 
-from relay import retry, signing
+from relay import guard, retry, signing
 from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
 
 log = logging.getLogger("relay.deliverer")
 
-ERROR_SNIPPET = 300  # characters of a failing response body kept in last_error
 SETTLE_BATCH = 500
 
 
@@ -135,6 +132,8 @@ class Attempt:
     headers: dict[str, str] | None = None
     body: bytes = b""
     ms: float = 0.0  # how long it took
+    # No request was or will be made (a refused or invalid target): dead at once, no retries.
+    final: bool = False
 
 
 def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
@@ -169,17 +168,29 @@ def _json_text(body: bytes) -> str:
     return orjson.dumps(body.decode("utf-8", "replace").replace("\x00", "")).decode()
 
 
-@functools.lru_cache(maxsize=4096)
-def _target_url(url: str) -> URL | None:
-    """The parsed target, or None if it is not an http(s) URL with a host. Targets repeat from
-    row to row, so each is parsed once (aiohttp would parse the string again per request)."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            return URL(url)
-    except ValueError:
-        pass
-    return None
+def excerpt(body: bytes, limit: int) -> str:
+    """At most `limit` characters from the start of a response body, for last_error and the
+    log: decoded leniently, NUL dropped (PostgreSQL text cannot hold it, and one NUL would fail
+    the whole settle batch), other control characters escaped so that a body can neither forge
+    a log line nor drive a terminal that shows it."""
+    if limit <= 0:
+        return ""
+    text = body[: limit * 4].decode("utf-8", "replace").replace("\x00", "").strip()
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return shown[:limit]
+
+
+def _header_text(text: str) -> str:
+    """A response header as valid text: aiohttp keeps bytes that are not UTF-8 as surrogates,
+    which neither JSON nor PostgreSQL accept; they become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _client_error(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.InvalidURL):
+        # Its text is the whole URL, password and query string included.
+        return f"invalid URL {guard.display_url(str(exc.url))!r}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Deliverer:
@@ -194,19 +205,23 @@ class Deliverer:
         slots: Slots,
         *,
         rand: Callable[[], float] = random.random,
+        network: guard.Network | None = None,
     ) -> None:
         self.config = config
         self.settler = settler
         self.slots = slots
         self.rand = rand
+        self.network = network or guard.Network()
+        self._guard: guard.Guard | None = None
         self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._finish = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        # Validated at config load, so decoding cannot fail here.
         self._keys = {
-            s.name: signing.secret_key(s.secret)
+            s.name: tuple(signing.config_key(secret) for secret in s.signing_secrets)
             for s in config.sources
-            if s.secret is not None and s.secret_header is None
+            if s.signing_secrets and s.secret_header is None
         }
         # A claimed row starts its request only if its claim outlives the request's timeout
         # and its settle, so no delivery is still running when another worker may take the row.
@@ -216,11 +231,26 @@ class Deliverer:
         self.failed = 0
 
     async def open(self) -> None:
+        allowed = self.config.http_allow
+        self._guard = guard.Guard(
+            allowed, self.network.resolver or aiohttp.DefaultResolver(), self.network.make_socket
+        )
+        if allowed.networks or allowed.hosts:
+            log.info(
+                "guard.allowing networks=%s hosts=%s key=http.allow",
+                ",".join(str(n) for n in allowed.networks) or "-",
+                ",".join(sorted(allowed.hosts)) or "-",
+            )
+        # Addresses are checked per connection, not per request (connections are kept alive,
+        # and the resolver's checked answers are cached for ttl_dns_cache); a request costs
+        # one cached lookup of its URL in the guard.
         connector = aiohttp.TCPConnector(
             limit=self.config.max_in_flight,
             limit_per_host=0,
             keepalive_timeout=30,
             ttl_dns_cache=60,
+            resolver=self._guard.resolver,
+            socket_factory=self._guard.socket_factory,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -336,9 +366,10 @@ class Deliverer:
         error: str,
         http_status: int | None,
         retry_after: float | None,
+        final: bool = False,
     ) -> Settlement:
         self.failed += 1
-        if row.attempt >= row.max_attempts:
+        if final or row.attempt >= row.max_attempts:
             log.error(
                 "delivery.dead source=%s key=%s attempt=%d status=%s error=%s",
                 source.name,
@@ -391,14 +422,9 @@ class Deliverer:
                 f"no target for topic {row.topic!r}: add it (or '*') under "
                 f"[sources.{source.name}.topics], then `relay retry-dead {source.name}`",
             )
-        target = _target_url(url) if url else None
-        if target is None:
-            return self._dead(
-                source,
-                row,
-                f"invalid target URL {url!r} in column {source.url_column!r}: "
-                f"it must be an http:// or https:// URL with a host",
-            )
+        target = self._checked(url, f" in column {source.url_column!r}")
+        if isinstance(target, Attempt):
+            return self._settle_attempt(source, row, target, None)
         assert url is not None
         body = (row.payload if row.payload is not None else "null").encode()
         try:
@@ -441,7 +467,12 @@ class Deliverer:
             headers["X-Job-Id"] = str(row.key)
             if row.attempt > 1:
                 headers["X-Job-Retry"] = "1"
-            result = await self._post(url, body, headers)
+            forward = self._checked(url, f" for job {row.topic!r}")
+            result = (
+                forward
+                if isinstance(forward, Attempt)
+                else await self._post(forward, body, headers)
+            )
             return self._settle_attempt(source, row, result, None)
         if not isinstance(job, dict) or "event" not in job or "webhookId" not in job:
             return self._dead(source, row, 'webhook job "payload" lacks "event" or "webhookId"')
@@ -457,18 +488,47 @@ class Deliverer:
         event = str(job["event"])
         body = documenso_body(event, orjson.dumps(job.get("data")), row.url, datetime.now(UTC))
         headers["X-Documenso-Secret"] = row.secret or ""
-        result = await self._post(row.url, body, headers, keep_headers=True)
+        target = self._checked(row.url, f' in "Webhook" {job["webhookId"]}')
+        if isinstance(target, Attempt):
+            result = target
+        else:
+            result = await self._post(target, body, headers, keep_headers=True)
+        if result.final:
+            # As Documenso records a call its own guard refused: code 0 and the reason.
+            stored: str | None = orjson.dumps(result.error).decode()
+        elif result.http_status is not None and not _redirect(result.http_status):
+            stored = _json_text(result.body)
+        else:
+            stored = None  # no answer, or a redirect: nothing of it is kept
         call = WebhookCall(
             status="SUCCESS" if result.ok else "FAILED",
             url=row.url,
             request=body.decode(),
             code=result.http_status or 0,
             headers=orjson.dumps(result.headers).decode() if result.headers is not None else None,
-            body=_json_text(result.body) if result.http_status is not None else None,
+            body=stored,
             webhook_id=str(job["webhookId"]),
             event=event,
         )
         return self._settle_attempt(source, row, result, call)
+
+    def _checked(self, url: str | None, origin: str) -> URL | Attempt:
+        """The URL to request, or, for a target the guard refuses or that is no http(s) URL,
+        the failed attempt it comes to without any request. `origin` says where it came from."""
+        assert self._guard is not None, "Deliverer.open() was not called"
+        try:
+            return self._guard.target(url or "")
+        except guard.Refused as exc:
+            return Attempt(False, None, exc.reason, final=True)
+        except guard.InvalidTarget:
+            shown = guard.display_url(url) if url is not None else None
+            return Attempt(
+                False,
+                None,
+                f"invalid target URL {shown!r}{origin}: it must be an http:// or https:// URL "
+                f"with a host",
+                final=True,
+            )
 
     def _settle_attempt(
         self, source: Source, row: Claimed, result: Attempt, call: WebhookCall | None
@@ -489,7 +549,12 @@ class Deliverer:
                 row.key, row.lease, Outcome.done, http_status=result.http_status, call=call
             )
         failure = self._failure(
-            source, row, result.error or "failed", result.http_status, result.retry_after
+            source,
+            row,
+            result.error or "failed",
+            result.http_status,
+            result.retry_after,
+            result.final,
         )
         return failure if call is None else replace(failure, call=call)
 
@@ -510,13 +575,13 @@ class Deliverer:
             # The receiver's own convention: the shared secret as it is, no signature.
             headers[source.secret_header] = row.secret or source.secret or ""
             return headers
-        key = signing.secret_key(row.secret) if row.secret else self._keys.get(source.name)
-        if key is not None:
-            headers["webhook-signature"] = signing.sign(key, msg_id, timestamp, body)
+        keys = (signing.secret_key(row.secret),) if row.secret else self._keys.get(source.name)
+        if keys:
+            headers["webhook-signature"] = signing.signatures(keys, msg_id, timestamp, body)
         return headers
 
     async def _post(
-        self, url: str | URL, body: bytes, headers: dict[str, str], keep_headers: bool = False
+        self, url: URL, body: bytes, headers: dict[str, str], keep_headers: bool = False
     ) -> Attempt:
         started = time.perf_counter()
         attempt = await self._request(url, body, headers, keep_headers)
@@ -524,7 +589,7 @@ class Deliverer:
         return attempt
 
     async def _request(
-        self, url: str | URL, body: bytes, headers: dict[str, str], keep_headers: bool
+        self, url: URL, body: bytes, headers: dict[str, str], keep_headers: bool
     ) -> Attempt:
         assert self._session is not None, "Deliverer.open() was not called"
         cap = self.config.max_response_bytes
@@ -541,17 +606,22 @@ class Deliverer:
                         break
                     received += chunk
                 headers_seen = (
-                    {str(k): v for k, v in resp.headers.items()} if keep_headers else None
+                    {_header_text(k): _header_text(v) for k, v in resp.headers.items()}
+                    if keep_headers
+                    else None
                 )
                 if 200 <= resp.status < 300:
                     return Attempt(True, resp.status, None, None, headers_seen, bytes(received))
-                # PostgreSQL text cannot hold NUL: drop it, or the whole settle batch fails.
-                snippet = received.decode("utf-8", "replace").replace("\x00", "")
-                snippet = snippet[:ERROR_SNIPPET].strip()
-                error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
                 retry_after = retry.parse_retry_after(
                     resp.headers.get("Retry-After"), datetime.now(UTC)
                 )
+                if _redirect(resp.status):
+                    # Never followed (it could lead anywhere, the guard's refusals included),
+                    # and nothing of its body is kept.
+                    error = f"HTTP {resp.status}: redirect not followed; set the final URL"
+                    return Attempt(False, resp.status, error, retry_after, headers_seen)
+                snippet = excerpt(bytes(received), self.config.error_body_chars)
+                error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
                 return Attempt(
                     False, resp.status, error, retry_after, headers_seen, bytes(received)
                 )
@@ -560,4 +630,11 @@ class Deliverer:
                 False, None, f"no response within {self.config.http_timeout:g}s (http.timeout)"
             )
         except aiohttp.ClientError as exc:
-            return Attempt(False, None, f"{type(exc).__name__}: {exc}")
+            refused = guard.refusal(exc)
+            if refused is not None:
+                return Attempt(False, None, refused.reason, final=True)
+            return Attempt(False, None, _client_error(exc))
+
+
+def _redirect(status: int) -> bool:
+    return 300 <= status < 400

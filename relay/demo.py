@@ -30,6 +30,7 @@ from relay.embedded import EmbeddedError, EmbeddedPostgres
 from relay.store import Store, sql_dir
 
 DEMO_DB = "relay_demo"
+DEMO_ALLOW = ("127.0.0.0/8", "::1", "localhost")
 
 log = logging.getLogger("relay.demo")
 
@@ -63,6 +64,9 @@ def demo_config(db_url: str, receiver_url: str, health_port: int) -> Config:
         {
             "database": {"url": db_url},
             "relay": {"worker_id": "demo"},
+            # The demo receiver runs on this machine: loopback is opened through the outbound
+            # guard for the demo only (a real config lists what it needs in http.allow).
+            "http": {"allow": list(DEMO_ALLOW)},
             "health": {"listen": f"127.0.0.1:{health_port}"},
             "sources": {
                 "deliveries": QUEUE_SOURCE,
@@ -134,6 +138,8 @@ async def _run_demo(pg: EmbeddedPostgres, receiver_port: int, health_port: int) 
                     "relay demo is running.",
                     f"  database: {db_url}  (data in {pg.data_dir}, kept across runs)",
                     f"  receiver: {receiver_url}",
+                    f"  allowed:  {', '.join(DEMO_ALLOW)} (http.allow: loopback is open for the "
+                    f"demo's receiver; relay refuses non-public targets by default)",
                     f"  health:   http://127.0.0.1:{relay.health_port}/healthz",
                     "",
                     "Connect with:",

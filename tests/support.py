@@ -19,6 +19,7 @@ import psycopg
 from aiohttp import web
 
 from relay import config as config_mod
+from relay import guard
 from relay.app import Relay
 from relay.config import Config
 from relay.demo import QUEUE_SOURCE
@@ -26,6 +27,7 @@ from relay.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # the longest any test waits for an event before failing
+LOOPBACK = ("127.0.0.0/8", "::1", "localhost")  # http.allow for receivers on this machine
 
 
 @dataclass
@@ -59,12 +61,13 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     seen: Counter[str] = field(default_factory=Counter)  # requests per webhook-id
     port: int = 0
+    host: str = "127.0.0.1"  # any address of 127.0.0.0/8 works on loopback
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{self.host}:{self.port}/hook"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -81,7 +84,7 @@ class Receiver:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -119,7 +122,8 @@ def raw_config(db_url: str, **sections: Any) -> dict[str, Any]:
             "shutdown_grace": 5,
             "heartbeat_interval": 2,
         },
-        "http": {"timeout": 5},
+        # Every test receiver is on loopback, which the outbound guard refuses by default.
+        "http": {"timeout": 5, "allow": list(LOOPBACK)},
         "retry": {"base": 0.05, "max_delay": 0.5, "jitter": 0.0},
         "health": {"listen": "127.0.0.1:0"},
         "sources": {"deliveries": queue_source()},
@@ -185,9 +189,9 @@ async def install(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Relay]:
+async def running(config: Config, network: guard.Network | None = None) -> AsyncIterator[Relay]:
     """A relay running in this event loop until the block ends (then a graceful stop)."""
-    relay = Relay(config)
+    relay = Relay(config, network=network)
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop), name="relay-under-test")
     try:

@@ -25,7 +25,7 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import retry, signing
+from relay import retry, signing, store
 from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
@@ -373,6 +373,10 @@ class Deliverer:
         return source.url
 
     async def _deliver(self, source: Source, row: Claimed) -> Settlement:
+        if row.oversize is not None:
+            return self._dead(
+                source, row, store.oversize_reason(source.name, row.oversize, self.config)
+            )
         if source.body is BodyFormat.documenso_job and row.attempt <= row.max_attempts:
             return await self._deliver_job(source, row)
         if row.attempt > row.max_attempts:

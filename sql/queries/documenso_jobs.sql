@@ -3,7 +3,7 @@
 -- one job. The same names and result columns as source.sql, so the rest of relay is unchanged.
 -- Placeholders: {table}, {webhook}, {call} (quoted names), {now} (UTC, for timestamp(3)
 -- columns), {job_ids}, {pending_after}, {stuck_after}, {backoff} (literals from the config),
--- {status_type}.
+-- {status_type}, and the claim's bounded values {url}, {secret}, {topic}, {payload}, {oversize}.
 --
 -- Differences from a generic queue, forced by Documenso's schema: there is no due column, so
 -- "updatedAt" (which Documenso's own claim also sets) is the claim's token, and a retry waits
@@ -21,14 +21,11 @@ WHERE t."id" = ANY(ARRAY(
     ORDER BY c."submittedAt", c."id"
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED))
+-- Returned: the enabled "Webhook"'s URL and its secret (execute-webhook jobs only), "jobId" and
+-- "payload", each NULL if too large to load, and then which were (relay settles such a job
+-- FAILED with the reason).
 RETURNING t."id", t."updatedAt", t."retried" + 1, t."maxRetries" + 1,
-    (SELECT w."webhookUrl" FROM {webhook} AS w
-      WHERE t."jobId" = 'internal.execute-webhook'
-        AND w."id" = t."payload"->>'webhookId' AND w."enabled"),
-    (SELECT COALESCE(w."secret", '') FROM {webhook} AS w
-      WHERE t."jobId" = 'internal.execute-webhook' AND w."id" = t."payload"->>'webhookId'),
-    t."jobId",
-    t."payload"::text;
+    {url}, {secret}, {topic}, {payload}, {oversize};
 
 -- name: settle
 -- done: COMPLETED. retry: back to PENDING with "retried" + 1. dead: FAILED once "retried"

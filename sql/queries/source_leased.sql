@@ -25,7 +25,8 @@ WITH claimed AS (
     ON CONFLICT (source, key) DO UPDATE SET due = EXCLUDED.due
     RETURNING key, due
 )
-SELECT c.key, l.due, c.attempt, c.max_attempts, c.url, c.secret, c.topic, c.payload
+SELECT c.key, l.due, c.attempt, c.max_attempts, c.url, c.secret, c.topic, c.payload,
+       c.oversize
 FROM claimed AS c JOIN leased AS l ON l.key = c.key::text;
 
 -- name: settle

@@ -54,16 +54,18 @@ WHERE c.conrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::te
 
 -- name: documenso_probe
 -- Which Documenso schema this is: "Envelope" (v1.13+) or "Document" (v1.12 and earlier), and
--- the tables and columns the document payload reads.
+-- the tables and columns the document payload reads. From pg_attribute, not
+-- information_schema: the latter shows only columns the current role has privileges on, and
+-- relay's role (for `relay check`) need not be the installer.
 SELECT to_regclass(format('%%I.%%I', %(schema)s::text, 'Envelope')) IS NOT NULL,
        to_regclass(format('%%I.%%I', %(schema)s::text, 'Document')) IS NOT NULL,
        to_regclass(format('%%I.%%I', %(schema)s::text, 'Recipient')) IS NOT NULL,
-       EXISTS (SELECT 1 FROM information_schema.columns
-               WHERE table_schema = %(schema)s AND table_name = 'DocumentMeta'
-                 AND column_name = 'id'),
-       EXISTS (SELECT 1 FROM information_schema.columns
-               WHERE table_schema = %(schema)s AND table_name = 'Envelope'
-                 AND column_name = 'documentMetaId'),
-       EXISTS (SELECT 1 FROM information_schema.columns
-               WHERE table_schema = %(schema)s AND table_name = 'DocumentMeta'
-                 AND column_name = 'documentId');
+       EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, 'DocumentMeta'))
+                 AND attname = 'id' AND NOT attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, 'Envelope'))
+                 AND attname = 'documentMetaId' AND NOT attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, 'DocumentMeta'))
+                 AND attname = 'documentId' AND NOT attisdropped);

@@ -94,12 +94,7 @@ class Settler:
             # The database stayed away longer than the store retries for. These rows keep
             # their claim until it expires; then a sweep returns them and they are delivered
             # again (at-least-once), with the same id.
-            log.error(
-                "settle.failed source=%s rows=%d error=%s",
-                source,
-                len(items),
-                _first_line(exc),
-            )
+            _log_failed(source, items, exc)
             return None
         except psycopg.Error as exc:
             # Not a lost connection: the database refused a write of one row or more (a
@@ -141,12 +136,7 @@ class Settler:
             try:
                 one = await self._write_one(source, item, with_calls)
             except RETRYABLE as exc:
-                log.error(
-                    "settle.failed source=%s rows=%d error=%s",
-                    source,
-                    len(items),
-                    _first_line(exc),
-                )
+                _log_failed(source, items, exc)
                 return None
             if one is None:
                 rejected.add(item.key)
@@ -202,6 +192,10 @@ class Settler:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _log_failed(source: str, items: list[Settlement], exc: BaseException) -> None:
+    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), _first_line(exc))
 
 
 @dataclass(slots=True)

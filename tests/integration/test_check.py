@@ -176,6 +176,18 @@ def jobs_table(
     )
 
 
+async def deliver_jobs(db: str, receiver: Receiver, n: int) -> None:
+    """Rows 1..n of the jobs table, each delivered once and settled."""
+    config = config_mod.from_mapping(
+        raw_config(db, sources={"jobs": jobs_source(receiver.url)}), {}
+    )
+    await install(config)
+    async with running(config) as relay:
+        execute(db, f"INSERT INTO jobs (id) SELECT generate_series(1, {n})")
+        await receiver.wait_count(n)
+    assert relay.settler.lost == 0
+
+
 @pytest.mark.parametrize("error_type", ["jsonb", "json"])
 async def test_a_json_error_column_holds_the_error_status_and_attempt(
     db: str, receiver: Receiver, error_type: str
@@ -186,14 +198,7 @@ async def test_a_json_error_column_holds_the_error_status_and_attempt(
 
     receiver.behaviour = fail_odd
     jobs_table(db, error_type=error_type)
-    config = config_mod.from_mapping(
-        raw_config(db, sources={"jobs": jobs_source(receiver.url)}), {}
-    )
-    await install(config)
-    async with running(config) as relay:
-        execute(db, "INSERT INTO jobs (id) VALUES (1), (2)")
-        await receiver.wait_count(2)
-    assert relay.settler.lost == 0
+    await deliver_jobs(db, receiver, 2)
     with psycopg.connect(db) as conn:
         rows = conn.execute(
             "SELECT id, status, error::jsonb, code, finished IS NOT NULL FROM jobs ORDER BY id"
@@ -241,14 +246,7 @@ async def test_a_short_error_column_is_cut_to_fit(db: str, receiver: Receiver) -
 
     receiver.behaviour = fail
     jobs_table(db, error_type="varchar(20)", code_type="smallint", finished_type="timestamp")
-    config = config_mod.from_mapping(
-        raw_config(db, sources={"jobs": jobs_source(receiver.url)}), {}
-    )
-    await install(config)
-    async with running(config) as relay:
-        execute(db, "INSERT INTO jobs (id) VALUES (1)")
-        await receiver.wait_count(1)
-    assert relay.settler.lost == 0
+    await deliver_jobs(db, receiver, 1)
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT status, error, code FROM jobs").fetchone() == (
             "dead",

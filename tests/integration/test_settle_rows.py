@@ -6,12 +6,15 @@ the rows surely share one batch."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
 
 from relay import config as config_mod
+from relay.config import Config
 from relay.deliverer import Settler
 from relay.store import Outcome, Settlement, Store, WebhookCall
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
@@ -31,6 +34,19 @@ class CountingStore(Store):
     async def settle(self, source: str, settlements: Any) -> set[Any]:
         self.settles += 1
         return await super().settle(source, settlements)
+
+
+@contextlib.asynccontextmanager
+async def prepared(config: Config) -> AsyncIterator[CountingStore]:
+    """relay installed for `config`, and a store ready to claim and settle."""
+    await install(config)
+    store = CountingStore(config.database_url, config.sources)
+    await store.open()
+    try:
+        await store.prepare()
+        yield store
+    finally:
+        await store.close()
 
 
 async def settle(store: Store, source: str, batch: list[Settlement]) -> set[Any] | None:
@@ -76,11 +92,7 @@ async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
     config = config_mod.from_mapping(
         raw_config(db, sources={"jobs": {"kind": "documenso_jobs"}}), {}
     )
-    await install(config)
-    store = CountingStore(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared(config) as store:
         claimed = await store.claim("jobs", 10, 30.0)
         assert sorted(r.key for r in claimed) == ["job_a", "job_b"]
         # Tenant b deletes its webhook while both requests are in flight.
@@ -90,8 +102,6 @@ async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
             for r in claimed
         ]
         settled = await settle(store, "jobs", batch)
-    finally:
-        await store.close()
     assert settled == {"job_a", "job_b"}
     with psycopg.connect(db) as conn:
         jobs = conn.execute(
@@ -126,11 +136,7 @@ async def test_a_row_whose_write_is_refused_is_settled_alone_with_what_can_be_wr
         """,
     )
     config = config_mod.from_mapping(raw_config(db), {})
-    await install(config)
-    store = CountingStore(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared(config) as store:
         a, b, refused, d = await store.claim("deliveries", 10, 30.0)
         batch = [
             Settlement(a.key, a.lease, Outcome.done, http_status=200),
@@ -139,8 +145,6 @@ async def test_a_row_whose_write_is_refused_is_settled_alone_with_what_can_be_wr
             Settlement(d.key, d.lease, Outcome.dead, 0.0, "HTTP 410: gone", 410),
         ]
         settled = await settle(store, "deliveries", batch)
-    finally:
-        await store.close()
     assert settled == {a.key, b.key, d.key}
     with psycopg.connect(db) as conn:
         rows = conn.execute(
@@ -165,15 +169,9 @@ async def test_a_batch_that_nothing_refuses_is_one_statement(db: str) -> None:
         "SELECT 'http://127.0.0.1:9/' FROM generate_series(1, 20)",
     )
     config = config_mod.from_mapping(raw_config(db), {})
-    await install(config)
-    store = CountingStore(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared(config) as store:
         claimed = await store.claim("deliveries", 50, 30.0)
         batch = [Settlement(r.key, r.lease, Outcome.done, http_status=200) for r in claimed]
         settled = await settle(store, "deliveries", batch)
-    finally:
-        await store.close()
     assert settled == {r.key for r in claimed} and len(settled) == 20
     assert store.settles == 1

@@ -193,6 +193,7 @@ _NUMBER_TYPES = re.compile(r"^(integer|bigint|smallint|numeric(\(\d+(,\d+)?\))?)
 # URLs, secrets and topics read by a claim are bounded too: a longer one is not loaded, and its
 # row is settled dead with the reason.
 MAX_FIELD_BYTES = 8192
+_FIELD_LIMITS = {"url": MAX_FIELD_BYTES, "secret": MAX_FIELD_BYTES, "topic": MAX_FIELD_BYTES}
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
@@ -323,12 +324,20 @@ def _notify_install(source: Source, due_type: str, channel: str) -> _Notify:
         )
     insert_trigger = f"relay_notify_{source.name}_insert"
     update_trigger = f"relay_notify_{source.name}_update"
-    made_from: tuple[object, ...] = (_NOTIFY_SQL, source.name, source.schema, source.table)
-    made_from += (source.status,)
-    made_from += (source.pending, source.due, "without" in due_type, channel)
+    made_from = fingerprint(
+        _NOTIFY_SQL,
+        source.name,
+        source.schema,
+        source.table,
+        source.status,
+        source.pending,
+        source.due,
+        "without" in due_type,
+        channel,
+    )
     function = f"notify_{source.name}"
     install = sql.SQL(_NOTIFY_SQL).format(
-        fingerprint=sql.Literal(fingerprint(*made_from)),
+        fingerprint=sql.Literal(made_from),
         function=sql.Identifier("relay", function),
         table=sql.Identifier(source.schema, source.table),
         status=sql.Identifier(source.status),
@@ -339,7 +348,7 @@ def _notify_install(source: Source, due_type: str, channel: str) -> _Notify:
         insert_trigger=sql.Identifier(insert_trigger),
         update_trigger=sql.Identifier(update_trigger),
     )
-    return _Notify(install, insert_trigger, update_trigger, function, fingerprint(*made_from))
+    return _Notify(install, insert_trigger, update_trigger, function, made_from)
 
 
 def _fill(text: str, names: dict[str, sql.Composable]) -> sql.Composed:
@@ -372,30 +381,24 @@ def _seconds(value: float) -> sql.Composable:
     return sql.SQL("make_interval(secs => {})").format(sql.Literal(float(value)))
 
 
-def _within(value: sql.Composable, limit: int) -> sql.Composable:
-    """The value, or NULL if its text is longer than `limit` bytes (never sent to relay)."""
-    return sql.SQL("CASE WHEN octet_length({v}) <= {n} THEN {v} END").format(
-        v=value, n=sql.Literal(limit)
-    )
-
-
-def _oversize(values: dict[str, tuple[sql.Composable, int]]) -> sql.Composable:
-    """Which values are over their limit and how large, e.g. 'payload 20971520'; NULL if none.
+def _bounded(limits: dict[str, int]) -> sql.Composable:
+    """The claim's values (`c.url`, `c.payload`, ...), each NULL if its text is longer than its
+    limit in bytes, then one more: which were, and how large ('payload 20971520', NULL if none).
     Measured in the claim statement, so relay never loads a value it will not send."""
+    values = [
+        sql.SQL("CASE WHEN octet_length(c.{v}) <= {n} THEN c.{v} END").format(
+            v=sql.Identifier(name), n=sql.Literal(limit)
+        )
+        for name, limit in limits.items()
+    ]
     checks = [
         sql.SQL(
-            "CASE WHEN octet_length({v}) > {n} THEN {name} || ' ' || octet_length({v}) END"
-        ).format(v=value, n=sql.Literal(limit), name=sql.Literal(name))
-        for name, (value, limit) in values.items()
+            "CASE WHEN octet_length(c.{v}) > {n} THEN {name} || ' ' || octet_length(c.{v}) END"
+        ).format(v=sql.Identifier(name), n=sql.Literal(limit), name=sql.Literal(name))
+        for name, limit in limits.items()
     ]
-    return sql.SQL("NULLIF(concat_ws(', ', {}), '')").format(sql.SQL(", ").join(checks))
-
-
-def _bounded(
-    values: dict[str, tuple[sql.Composable, int]],
-) -> tuple[dict[str, sql.Composable], sql.Composable]:
-    """The claim's returned values, each bounded, and the column that says which were not."""
-    return {n: _within(v, limit) for n, (v, limit) in values.items()}, _oversize(values)
+    oversize = sql.SQL("NULLIF(concat_ws(', ', {}), '')").format(sql.SQL(", ").join(checks))
+    return sql.SQL(", ").join([*values, oversize])
 
 
 def compile_documenso_jobs(
@@ -406,29 +409,6 @@ def compile_documenso_jobs(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> Compiled:
     schema = source.app_schema
-    webhook = sql.Identifier(schema, "Webhook")
-    bounded, oversize = _bounded(
-        {
-            "url": (
-                sql.SQL(
-                    '(SELECT w."webhookUrl" FROM {} AS w '
-                    "WHERE t.\"jobId\" = 'internal.execute-webhook' "
-                    'AND w."id" = t."payload"->>\'webhookId\' AND w."enabled")'
-                ).format(webhook),
-                MAX_FIELD_BYTES,
-            ),
-            "secret": (
-                sql.SQL(
-                    "(SELECT COALESCE(w.\"secret\", '') FROM {} AS w "
-                    "WHERE t.\"jobId\" = 'internal.execute-webhook' "
-                    'AND w."id" = t."payload"->>\'webhookId\')'
-                ).format(webhook),
-                MAX_FIELD_BYTES,
-            ),
-            "topic": (sql.SQL('t."jobId"'), MAX_FIELD_BYTES),
-            "payload": (sql.SQL('t."payload"::text'), max_payload_bytes),
-        }
-    )
     backoff = sql.SQL(
         "make_interval(secs => LEAST({max}, "
         '{base} * power({factor}, GREATEST(c."retried" - 1, 0))))'
@@ -439,12 +419,8 @@ def compile_documenso_jobs(
     )
     names: dict[str, sql.Composable] = {
         "table": sql.Identifier(schema, "BackgroundJob"),
-        "webhook": webhook,
-        "url": bounded["url"],
-        "secret": bounded["secret"],
-        "topic": bounded["topic"],
-        "payload": bounded["payload"],
-        "oversize": oversize,
+        "webhook": sql.Identifier(schema, "Webhook"),
+        "bounded": _bounded({**_FIELD_LIMITS, "payload": max_payload_bytes}),
         "call": sql.Identifier(schema, "WebhookCall"),
         "now": _now("timestamp(3) without time zone"),
         "job_ids": sql.SQL("ARRAY[{}]::text[]").format(
@@ -485,27 +461,16 @@ def compile_source(
         payload = _text_or_null(source.payload_column)
     else:
         payload = sql.SQL("to_jsonb(t)::text")
-    read = {
-        "url": (source.url_column, MAX_FIELD_BYTES),
-        "secret": (source.secret_column, MAX_FIELD_BYTES),
-        "topic": (source.topic_column, MAX_FIELD_BYTES),
-    }
-    bounded, oversize = _bounded(
-        {
-            **{n: (_text_or_null(c), limit) for n, (c, limit) in read.items() if c is not None},
-            "payload": (payload, max_payload_bytes),
-        }
-    )
     row_columns = {
         "key": sql.SQL("t.{}").format(ident(source.key)),
         "lease": sql.SQL("t.{}").format(ident(source.due)) if source.due else None,
         "attempt": sql.SQL("t.{}::int").format(ident(source.attempts)),
         "max_attempts": max_attempts,
-        **{n: bounded.get(n, sql.SQL("NULL::text")) for n in ("url", "secret", "topic")},
-        "payload": bounded["payload"],
-        "oversize": oversize,
+        "url": _text_or_null(source.url_column),
+        "secret": _text_or_null(source.secret_column),
+        "topic": _text_or_null(source.topic_column),
+        "payload": payload,
     }
-    returning = sql.SQL(", ").join(e for e in row_columns.values() if e is not None)
     returning_named = sql.SQL(", ").join(
         sql.SQL("{} AS {}").format(e, ident(n)) for n, e in row_columns.items() if e is not None
     )
@@ -557,8 +522,8 @@ def compile_source(
         "status_type": _type(columns[source.status]),
         "key_type": _type(columns[source.key]),
         "due_type": _Catalog(due_type),
-        "returning": returning,
         "returning_named": returning_named,
+        "bounded": _bounded({**_FIELD_LIMITS, "payload": max_payload_bytes}),
         "source": sql.Literal(source.name),
         "extra_sets": extra_sets,
     }

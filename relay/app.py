@@ -46,6 +46,7 @@ class Relay:
         self.store = Store(
             config.database_url,
             config.sources,
+            max_payload_bytes=config.max_payload_bytes,
             channel=config.notify_channel,
             max_size=4 + len(config.sources),
             retry_for=max(config.claim_timeout / 2, 5.0),

@@ -61,6 +61,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
     store = Store(
         config.database_url,
         config.sources,
+        max_payload_bytes=config.max_payload_bytes,
         channel=config.notify_channel,
         max_size=2,
         retry=config.retry,
@@ -93,9 +94,14 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         else:
             await store.prepare()
             if command == "check":
-                missing = await store.check_triggers()
-                for name in missing:
-                    print(f"sources.{name}: trigger not installed; run `relay install`")
+                problems = await store.trigger_problems()
+                for name, problem in problems.items():
+                    # Without its trigger a source is delivered only at each sweep, and a stale
+                    # one may wake relay for the wrong rows or not at all.
+                    print(f"sources.{name}: {problem}; run `relay install`", file=sys.stderr)
+                if problems:
+                    print(f"relay check: {len(problems)} source(s) need `relay install`")
+                    return EXIT_FAILED
                 print(f"configuration OK for sources: {', '.join(store.sources)}")
             elif command == "status":
                 for name in store.sources:

@@ -121,6 +121,8 @@ class Config:
     heartbeat_interval: float = 10.0
     http_timeout: float = 10.0
     max_response_bytes: int = 64 * 1024
+    # A row whose payload is larger is settled dead without being loaded (measured in the claim).
+    max_payload_bytes: int = 1048576
     user_agent: str = "relay/0.1"
     # What the outbound guard lets through besides public addresses.
     http_allow: guard.Allow = field(default_factory=guard.Allow)
@@ -208,6 +210,7 @@ _SECTION_KEYS = {
         "shutdown_grace",
         "heartbeat_interval",
         "channel",
+        "max_payload_bytes",
     },
     "http": {"timeout", "max_response_bytes", "user_agent", "allow", "error_body_chars"},
     "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
@@ -655,6 +658,8 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         secret_column=_opt_ident(f"{where}.secret_column", data.get("secret_column")),
         headers=_headers(f"{where}.headers", data.get("headers", {})),
     )
+    # A row's status alone says where it is: if two of these were the same value, a delivered
+    # row would look claimed (and be "rescued" and sent again), or a dead one delivered.
     states = {
         "processing": source.processing,
         "done": source.done,
@@ -663,6 +668,13 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     for label, value in states.items():
         if value in source.pending:
             raise ConfigError(f"{where}.{label}: {value!r} is also listed in {where}.pending")
+    for i, (label, value) in enumerate(states.items()):
+        for other, other_value in list(states.items())[i + 1 :]:
+            if value == other_value:
+                raise ConfigError(
+                    f"{where}.{other}: {value!r} is also {where}.{label}; each state needs a "
+                    f"status value of its own"
+                )
     if source.retry not in source.pending:
         raise ConfigError(
             f"{where}.retry: {source.retry!r} must be one of {where}.pending {list(pending)}, "
@@ -885,6 +897,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         http_timeout=http_timeout,
         max_response_bytes=_int(
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
+        ),
+        max_payload_bytes=_int(
+            "relay.max_payload_bytes", relay.get("max_payload_bytes", 1048576), minimum=1024
         ),
         user_agent=_str("http.user_agent", http.get("user_agent", "relay/0.1")),
         http_allow=allowed,

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, retry, signing
+from relay import guard, retry, signing, store
 from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
@@ -80,33 +80,35 @@ class Settler:
                 return
 
     async def _write(self, source: str, items: list[Settlement]) -> set[Any] | None:
+        calls_written = False
         try:
             calls = [s.call for s in items if s.call is not None]
             if calls:
                 await self.store.record_calls(source, calls)
+            calls_written = True
             settled = await self.store.settle(source, items)
         except RETRYABLE as exc:
             # The database stayed away longer than the store retries for. These rows keep
             # their claim until it expires; then a sweep returns them and they are delivered
             # again (at-least-once), with the same id.
-            log.error(
-                "settle.failed source=%s rows=%d error=%s",
-                source,
-                len(items),
-                str(exc).splitlines()[0],
-            )
+            _log_failed(source, items, exc)
             return None
         except psycopg.Error as exc:
-            # Not a lost connection: the database refused the settle (a constraint, a trigger
-            # of the user's, a changed table). Leave the rows to their claim expiry rather than
-            # take the whole relay down with them; the reason is in the log.
-            log.error(
-                "settle.rejected source=%s rows=%d error=%s",
+            # Not a lost connection: the database refused a write of one row or more (a
+            # "WebhookCall" whose webhook was deleted, a value a column or a trigger of the
+            # user's refuses). One statement is all or nothing, so each row is written alone,
+            # and the others settle as they would have.
+            log.warning(
+                "settle.batch_rejected source=%s rows=%d error=%s: settling rows one by one",
                 source,
                 len(items),
-                str(exc).strip().splitlines()[0],
+                _first_line(exc),
             )
-            return None
+            written = await self._write_each(source, items, with_calls=not calls_written)
+            if written is None:
+                return None
+            settled, rejected = written
+            items = [s for s in items if s.key not in rejected]
         if len(settled) < len(items):
             for settlement in items:
                 if settlement.key not in settled:
@@ -119,6 +121,78 @@ class Settler:
                         settlement.outcome,
                     )
         return settled
+
+    async def _write_each(
+        self, source: str, items: list[Settlement], with_calls: bool
+    ) -> tuple[set[Any], set[Any]] | None:
+        """Each row on its own: the keys settled and the keys the database refused outright;
+        None if the database went away meanwhile."""
+        settled: set[Any] = set()
+        rejected: set[Any] = set()
+        for item in items:
+            try:
+                one = await self._write_one(source, item, with_calls)
+            except RETRYABLE as exc:
+                _log_failed(source, items, exc)
+                return None
+            if one is None:
+                rejected.add(item.key)
+            else:
+                settled |= one
+        return settled, rejected
+
+    async def _write_one(self, source: str, item: Settlement, with_call: bool) -> set[Any] | None:
+        """One row's settle, with less of it each time the database refuses: its attempt record,
+        then its error text and HTTP status; what is left is the outcome itself. None if even
+        that is refused."""
+        if with_call and item.call is not None:
+            try:
+                await self.store.record_calls(source, [item.call])
+            except RETRYABLE:
+                raise
+            except psycopg.Error as exc:
+                log.error(
+                    "settle.call_not_recorded source=%s key=%s error=%s",
+                    source,
+                    item.key,
+                    _first_line(exc),
+                )
+        try:
+            return await self.store.settle(source, [item])
+        except RETRYABLE:
+            raise
+        except psycopg.Error as exc:
+            log.error(
+                "settle.details_refused source=%s key=%s outcome=%s error=%s: settling without "
+                "the error text and HTTP status",
+                source,
+                item.key,
+                item.outcome,
+                _first_line(exc),
+            )
+        try:
+            return await self.store.settle(source, [replace(item, error=None, http_status=None)])
+        except RETRYABLE:
+            raise
+        except psycopg.Error as exc:
+            # Nothing of it can be written (a trigger of the user's refuses the row, say): it
+            # keeps its claim until that expires, and is then delivered again.
+            log.error(
+                "settle.rejected source=%s key=%s outcome=%s error=%s",
+                source,
+                item.key,
+                item.outcome,
+                _first_line(exc),
+            )
+            return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _log_failed(source: str, items: list[Settlement], exc: BaseException) -> None:
+    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), _first_line(exc))
 
 
 @dataclass(slots=True)
@@ -404,6 +478,10 @@ class Deliverer:
         return source.url
 
     async def _deliver(self, source: Source, row: Claimed) -> Settlement:
+        if row.oversize is not None:
+            return self._dead(
+                source, row, store.oversize_reason(source.name, row.oversize, self.config)
+            )
         if source.body is BodyFormat.documenso_job and row.attempt <= row.max_attempts:
             return await self._deliver_job(source, row)
         if row.attempt > row.max_attempts:

@@ -7,6 +7,7 @@ so the hot path only binds parameters.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -27,7 +28,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from relay.config import EXECUTE_WEBHOOK, ConfigError, RetryPolicy, Source, SourceKind
+from relay.config import EXECUTE_WEBHOOK, Config, ConfigError, RetryPolicy, Source, SourceKind
 
 log = logging.getLogger("relay.store")
 T = TypeVar("T")
@@ -82,6 +83,9 @@ class Claimed:
     secret: str | None
     topic: str | None
     payload: str | None  # JSON text
+    # Set when a value was too large to load (see MAX_FIELD_BYTES and relay.max_payload_bytes):
+    # which and how large, e.g. "payload 20971520". The claim returns NULL in its place.
+    oversize: str | None = None
 
 
 class Outcome(StrEnum):
@@ -156,6 +160,8 @@ class Compiled:
     insert_trigger: str
     update_trigger: str
     record_calls: Query | None = None
+    notify_function: str = ""  # in schema relay
+    fingerprint: str = ""  # the installed function's comment when it is up to date
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +185,35 @@ DEFAULT_RETRY = RetryPolicy()
 
 _TIMESTAMP_TYPES = re.compile(r"^timestamp(\(\d\))? with(out)? time zone$")
 _INTEGER_TYPES = {"integer", "bigint", "smallint"}
-_TEXTUAL = {"text", "character varying", "json", "jsonb"}
+# Text that an explicit CAST fits into (it truncates varchar(n) and char(n) instead of failing).
+_TEXT_TYPES = re.compile(r"^(text|character varying(\(\d+\))?|character(\(\d+\))?)$")
+_JSON_TYPES = {"json", "jsonb"}
+_NUMBER_TYPES = re.compile(r"^(integer|bigint|smallint|numeric(\(\d+(,\d+)?\))?)$")
+
+# URLs, secrets and topics read by a claim are bounded too: a longer one is not loaded, and its
+# row is settled dead with the reason.
+MAX_FIELD_BYTES = 8192
+_FIELD_LIMITS = {"url": MAX_FIELD_BYTES, "secret": MAX_FIELD_BYTES, "topic": MAX_FIELD_BYTES}
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def oversize_reason(source: str, oversize: str, config: Config) -> str:
+    """Why a row the claim did not load is dead, and what to do about it."""
+    return (
+        f"too large to deliver ({oversize} bytes): a payload may have at most "
+        f"relay.max_payload_bytes = {config.max_payload_bytes} bytes, a URL, secret or topic "
+        f"{MAX_FIELD_BYTES}; shrink the row or raise relay.max_payload_bytes, then run "
+        f"`relay retry-dead {source}`"
+    )
+
+
+class _Catalog(sql.SQL):
+    """SQL text taken from the catalog (a type name, a constraint): quoted already but, unlike
+    the query files' text, it may hold a `%` that a query with parameters must escape."""
+
+
+def _type(column: Column) -> sql.SQL:
+    return _Catalog(column.type)
 
 
 def _check_columns(source: Source, columns: dict[str, Column]) -> None:
@@ -206,25 +240,50 @@ def _check_columns(source: Source, columns: dict[str, Column]) -> None:
                 f"{where}.{key}: column {column!r} does not exist in table {table}; "
                 f"its columns are: {', '.join(sorted(columns))}"
             )
+
+    def refuse(key: str, column: str, needs: str) -> ConfigError:
+        return ConfigError(
+            f"{where}.{key}: column {column!r} of {table} is {columns[column].type}; {needs}"
+        )
+
     due_type = columns[source.due].type if source.due is not None else "timestamptz"
     if source.due is not None and not _TIMESTAMP_TYPES.match(due_type):
-        raise ConfigError(
-            f"{where}.due: column {source.due!r} is {due_type}; it must be a timestamp "
-            f"(with or without time zone)"
-        )
+        raise refuse("due", source.due, "it must be a timestamp (with or without time zone)")
     for key, column in (
         ("attempts", source.attempts),
         ("max_attempts_column", source.max_attempts_column),
     ):
         if column is not None and columns[column].type not in _INTEGER_TYPES:
-            raise ConfigError(
-                f"{where}.{key}: column {column!r} is {columns[column].type}; it must be an integer"
-            )
+            raise refuse(key, column, "it must be an integer")
     for key, column in (("url_column", source.url_column), ("secret_column", source.secret_column)):
         if column is not None and columns[column].type not in ("text", "character varying"):
-            raise ConfigError(
-                f"{where}.{key}: column {column!r} is {columns[column].type}; it must be text"
-            )
+            raise refuse(key, column, "it must be text")
+    # Columns a settle writes: each must hold what relay writes there, or every settle of the
+    # source would be refused and every delivered row sent again at its claim's expiry.
+    written: tuple[tuple[str, str | None, Callable[[str], bool], str], ...] = (
+        (
+            "last_error",
+            source.last_error,
+            lambda ty: bool(_TEXT_TYPES.match(ty)) or ty in _JSON_TYPES,
+            "relay writes the error there: use text, varchar or char (cut to fit), or json or "
+            "jsonb (an object {error, status, attempt})",
+        ),
+        (
+            "last_status",
+            source.last_status,
+            lambda ty: bool(_NUMBER_TYPES.match(ty) or _TEXT_TYPES.match(ty)),
+            "relay writes the HTTP status there: use an integer, numeric or text column",
+        ),
+        (
+            "done_at",
+            source.done_at,
+            lambda ty: bool(_TIMESTAMP_TYPES.match(ty)),
+            "relay writes the delivery time there: use a timestamp (with or without time zone)",
+        ),
+    )
+    for key, column, fits, needs in written:
+        if column is not None and not fits(columns[column].type):
+            raise refuse(key, column, needs)
 
 
 def _now(due_type: str) -> sql.Composable:
@@ -241,7 +300,23 @@ def _text_or_null(column: str | None) -> sql.Composable:
     return sql.SQL("t.{}::text").format(sql.Identifier(column))
 
 
-def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Composed, str, str]:
+def fingerprint(*parts: object) -> str:
+    """What an installed function was made from, stored as its comment: `relay check` compares
+    it with what `relay install` would install now, to find stale triggers."""
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+    return f"relay install {digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Notify:
+    install: sql.Composed
+    insert_trigger: str
+    update_trigger: str
+    function: str
+    fingerprint: str
+
+
+def _notify_install(source: Source, due_type: str, channel: str) -> _Notify:
     due_check: sql.Composable = sql.SQL("TRUE")  # no due column: any claimable status wakes
     if source.due is not None:
         due_check = sql.SQL("({due} IS NULL OR {due} <= {now})").format(
@@ -249,8 +324,21 @@ def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Co
         )
     insert_trigger = f"relay_notify_{source.name}_insert"
     update_trigger = f"relay_notify_{source.name}_update"
+    made_from = fingerprint(
+        _NOTIFY_SQL,
+        source.name,
+        source.schema,
+        source.table,
+        source.status,
+        source.pending,
+        source.due,
+        "without" in due_type,
+        channel,
+    )
+    function = f"notify_{source.name}"
     install = sql.SQL(_NOTIFY_SQL).format(
-        function=sql.Identifier("relay", f"notify_{source.name}"),
+        fingerprint=sql.Literal(made_from),
+        function=sql.Identifier("relay", function),
         table=sql.Identifier(source.schema, source.table),
         status=sql.Identifier(source.status),
         pending=sql.SQL(", ").join(sql.Literal(p) for p in source.pending),
@@ -260,7 +348,7 @@ def _notify_install(source: Source, due_type: str, channel: str) -> tuple[sql.Co
         insert_trigger=sql.Identifier(insert_trigger),
         update_trigger=sql.Identifier(update_trigger),
     )
-    return install, insert_trigger, update_trigger
+    return _Notify(install, insert_trigger, update_trigger, function, made_from)
 
 
 def _fill(text: str, names: dict[str, sql.Composable]) -> sql.Composed:
@@ -278,12 +366,14 @@ def _compile(
     due_type: str,
     channel: str,
 ) -> Compiled:
-    install, insert_trigger, update_trigger = _notify_install(source, due_type, channel)
+    notify = _notify_install(source, due_type, channel)
     return Compiled(
         **{name: _fill(queries[name], names) for name in QUERY_NAMES},
-        install=install,
-        insert_trigger=insert_trigger,
-        update_trigger=update_trigger,
+        install=notify.install,
+        insert_trigger=notify.insert_trigger,
+        update_trigger=notify.update_trigger,
+        notify_function=notify.function,
+        fingerprint=notify.fingerprint,
     )
 
 
@@ -291,8 +381,32 @@ def _seconds(value: float) -> sql.Composable:
     return sql.SQL("make_interval(secs => {})").format(sql.Literal(float(value)))
 
 
+def _bounded(limits: dict[str, int]) -> sql.Composable:
+    """The claim's values (`c.url`, `c.payload`, ...), each NULL if its text is longer than its
+    limit in bytes, then one more: which were, and how large ('payload 20971520', NULL if none).
+    Measured in the claim statement, so relay never loads a value it will not send."""
+    values = [
+        sql.SQL("CASE WHEN octet_length(c.{v}) <= {n} THEN c.{v} END").format(
+            v=sql.Identifier(name), n=sql.Literal(limit)
+        )
+        for name, limit in limits.items()
+    ]
+    checks = [
+        sql.SQL(
+            "CASE WHEN octet_length(c.{v}) > {n} THEN {name} || ' ' || octet_length(c.{v}) END"
+        ).format(v=sql.Identifier(name), n=sql.Literal(limit), name=sql.Literal(name))
+        for name, limit in limits.items()
+    ]
+    oversize = sql.SQL("NULLIF(concat_ws(', ', {}), '')").format(sql.SQL(", ").join(checks))
+    return sql.SQL(", ").join([*values, oversize])
+
+
 def compile_documenso_jobs(
-    source: Source, columns: dict[str, Column], channel: str, retry: RetryPolicy
+    source: Source,
+    columns: dict[str, Column],
+    channel: str,
+    retry: RetryPolicy,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> Compiled:
     schema = source.app_schema
     backoff = sql.SQL(
@@ -306,6 +420,7 @@ def compile_documenso_jobs(
     names: dict[str, sql.Composable] = {
         "table": sql.Identifier(schema, "BackgroundJob"),
         "webhook": sql.Identifier(schema, "Webhook"),
+        "bounded": _bounded({**_FIELD_LIMITS, "payload": max_payload_bytes}),
         "call": sql.Identifier(schema, "WebhookCall"),
         "now": _now("timestamp(3) without time zone"),
         "job_ids": sql.SQL("ARRAY[{}]::text[]").format(
@@ -314,7 +429,7 @@ def compile_documenso_jobs(
         "pending_after": _seconds(source.pending_after),
         "stuck_after": _seconds(source.stuck_after),
         "backoff_c": backoff,
-        "status_type": sql.SQL(columns[source.status].type),
+        "status_type": _type(columns[source.status]),
         "call_status_type": sql.Identifier(schema, "WebhookCallStatus"),
         "event_type": sql.Identifier(schema, "WebhookTriggerEvents"),
     }
@@ -324,10 +439,14 @@ def compile_documenso_jobs(
 
 
 def compile_source(
-    source: Source, columns: dict[str, Column], channel: str, retry: RetryPolicy = DEFAULT_RETRY
+    source: Source,
+    columns: dict[str, Column],
+    channel: str,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> Compiled:
     if source.kind is SourceKind.documenso_jobs:
-        return compile_documenso_jobs(source, columns, channel, retry)
+        return compile_documenso_jobs(source, columns, channel, retry, max_payload_bytes)
     ident = sql.Identifier
     # Without a due column, claims and retry times live in relay.leases (timestamptz).
     due_type = columns[source.due].type if source.due is not None else "timestamptz"
@@ -352,24 +471,29 @@ def compile_source(
         "topic": _text_or_null(source.topic_column),
         "payload": payload,
     }
-    returning = sql.SQL(", ").join(e for e in row_columns.values() if e is not None)
     returning_named = sql.SQL(", ").join(
         sql.SQL("{} AS {}").format(e, ident(n)) for n, e in row_columns.items() if e is not None
     )
     extra: list[sql.Composable] = []
     if source.last_error is not None:
+        error_type = columns[source.last_error]
+        error: sql.Composable = sql.SQL("s.error")
+        if error_type.type in _JSON_TYPES:
+            error = sql.SQL(
+                "jsonb_build_object('error', s.error, 'status', s.http_status, 'attempt', t.{})"
+            ).format(ident(source.attempts))
         extra.append(
             sql.SQL(
                 "{c} = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.{c} "
-                "ELSE s.error END"
-            ).format(c=ident(source.last_error))
+                "ELSE CAST({error} AS {ty}) END"
+            ).format(c=ident(source.last_error), error=error, ty=_type(error_type))
         )
     if source.last_status is not None:
         extra.append(
             sql.SQL(
                 "{c} = CASE s.outcome WHEN 'release' THEN t.{c} "
                 "ELSE CAST(s.http_status AS {ty}) END"
-            ).format(c=ident(source.last_status), ty=sql.SQL(columns[source.last_status].type))
+            ).format(c=ident(source.last_status), ty=_type(columns[source.last_status]))
         )
     if source.done_at is not None:
         extra.append(
@@ -395,11 +519,11 @@ def compile_source(
         ),
         "done": sql.Literal(source.done),
         "dead": sql.Literal(source.dead),
-        "status_type": sql.SQL(columns[source.status].type),
-        "key_type": sql.SQL(columns[source.key].type),
-        "due_type": sql.SQL(due_type),
-        "returning": returning,
+        "status_type": _type(columns[source.status]),
+        "key_type": _type(columns[source.key]),
+        "due_type": _Catalog(due_type),
         "returning_named": returning_named,
+        "bounded": _bounded({**_FIELD_LIMITS, "payload": max_payload_bytes}),
         "source": sql.Literal(source.name),
         "extra_sets": extra_sets,
     }
@@ -411,7 +535,56 @@ def compile_source(
 # -- the store ---------------------------------------------------------------------------------
 
 
+def _check_encoding(conn: psycopg.AsyncConnection[Any]) -> None:
+    """relay reads and writes UTF-8 text; in a SQL_ASCII database psycopg hands out bytes."""
+    encoding = conn.info.parameter_status("server_encoding")
+    if encoding != "UTF8":
+        raise ConfigError(
+            f"database.url: database {conn.info.dbname!r} is encoded {encoding}; relay needs a "
+            f"UTF8 database (create one with ENCODING 'UTF8' and move the data there)"
+        )
+
+
+async def _role(conn: psycopg.AsyncConnection[Any]) -> str:
+    cur = await conn.execute(_CATALOG["current_role"])
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def _check_schema(conn: psycopg.AsyncConnection[Any], where: str, schema: str) -> None:
+    cur = await conn.execute(_CATALOG["schema_usage"], {"schema": schema})
+    row = await cur.fetchone()
+    if row is None:
+        raise ConfigError(f"{where}: schema {schema!r} does not exist in the database")
+    if not row[0]:
+        role = await _role(conn)
+        on = sql.SQL("SCHEMA {}").format(sql.Identifier(schema))
+        raise ConfigError(
+            f"{where}: role {role!r} has no USAGE on schema {schema!r}, so it cannot see the "
+            f"tables there; as the schema's owner run: {_grant(conn, 'USAGE', None, on, role)}"
+        )
+
+
+def _grant(
+    conn: psycopg.AsyncConnection[Any],
+    privilege: str,
+    columns: Sequence[str] | None,
+    on: sql.Composable,
+    role: str,
+) -> str:
+    cols: sql.Composable = sql.SQL("")
+    if columns:
+        cols = sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+    return (
+        sql.SQL("GRANT {privilege}{cols} ON {on} TO {role};")
+        .format(privilege=sql.SQL(privilege), cols=cols, on=on, role=sql.Identifier(role))
+        .as_string(conn)
+    )
+
+
 async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[str, Column]:
+    await _check_schema(conn, f"sources.{source.name}", source.schema)
     cur = await conn.execute(_CATALOG["columns"], {"schema": source.schema, "table": source.table})
     columns = {r[0]: Column(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
     if not columns and source.kind is SourceKind.documenso_jobs:
@@ -460,8 +633,94 @@ async def _describe(conn: psycopg.AsyncConnection[Any], source: Source) -> dict[
                     f"sources.{source.name}.{key}: {value!r} is not a value of enum "
                     f"{status.type}; its values are: {', '.join(sorted(labels))}"
                 )
+    else:
+        await _check_status_type(conn, source, status, values)
     await _check_status_constraints(conn, source, status, values)
     return columns
+
+
+async def _check_status_type(
+    conn: psycopg.AsyncConnection[Any],
+    source: Source,
+    status: Column,
+    values: Sequence[tuple[str, str]],
+) -> None:
+    """Each status value must come back unchanged from the column's type: a varchar(5) would
+    cut 'processing' short, and a settle would then never find its row."""
+    for key, value in values:
+        query = sql.SQL("SELECT CAST({} AS {})::text").format(sql.Literal(value), _type(status))
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(query)
+                row = await cur.fetchone()
+        except psycopg.errors.DataError as exc:
+            row = None
+            reason = str(exc).strip().splitlines()[0]
+        else:
+            reason = f"it would be stored as {row[0]!r}" if row else ""
+        if row is None or row[0] != value:
+            raise ConfigError(
+                f"sources.{source.name}.{key}: {value!r} cannot be stored as it is in column "
+                f"{source.status!r} of {source.qualified_table} ({status.type}): {reason}"
+            )
+
+
+# What each kind of source reads (SELECT) and writes (UPDATE) in its table; None: every column
+# (a whole-row payload). Relay's bookkeeping tables are checked on top of these.
+def _needed_columns(source: Source, columns: dict[str, Column]) -> tuple[list[str], list[str]]:
+    if source.kind is SourceKind.documenso_jobs:
+        jobs_read = ["id", "status", "retried", "maxRetries", "jobId", "submittedAt"]
+        jobs_read += ["lastRetriedAt", "completedAt", "updatedAt", "payload"]
+        return jobs_read, ["status", "retried", "lastRetriedAt", "completedAt", "updatedAt"]
+    written = [source.status, source.attempts, source.due]
+    written += [source.last_error, source.last_status, source.done_at]
+    read = [*written, source.key, source.max_attempts_column, source.payload_column]
+    read += [source.url_column, source.secret_column, source.topic_column]
+    return _present(read if source.payload_column else columns), _present(written)
+
+
+def _present(names: Iterable[str | None]) -> list[str]:
+    return list(dict.fromkeys(n for n in names if n is not None))
+
+
+async def _check_privileges(
+    conn: psycopg.AsyncConnection[Any], source: Source, columns: dict[str, Column]
+) -> None:
+    """The role relay runs as must be allowed every statement it will run for this source:
+    claims and settles read and write the table, Documenso's jobs insert "WebhookCall" rows,
+    and relay's own tables hold outbox rows and leases."""
+    read, written = _needed_columns(source, columns)
+    needs: list[tuple[str, str, list[str], list[str], list[str]]] = [
+        (source.schema, source.table, read, written, [])
+    ]
+    if source.kind is SourceKind.documenso_jobs and EXECUTE_WEBHOOK in source.job_ids:
+        needs.append((source.schema, "Webhook", ["id", "webhookUrl", "secret", "enabled"], [], []))
+        needs.append((source.schema, "WebhookCall", [], [], ["INSERT"]))
+    if source.due is None:
+        needs.append(("relay", "leases", ["source", "key", "due"], ["due"], ["INSERT", "DELETE"]))
+    role = await _role(conn)
+    missing: list[str] = []
+    for schema, table, select, update, table_privileges in needs:
+        if schema != source.schema:
+            await _check_schema(conn, f"sources.{source.name}", schema)
+        cur = await conn.execute(_CATALOG["privileges"], {"schema": schema, "table": table})
+        rows = await cur.fetchall()
+        if not rows:
+            continue  # a missing table is reported by _describe
+        can_select = {r[0] for r in rows if r[1]}
+        can_update = {r[0] for r in rows if r[2]}
+        can = {"INSERT": rows[0][3], "DELETE": rows[0][4]}
+        on = sql.Identifier(schema, table)
+        if [c for c in select if c not in can_select]:
+            missing.append(_grant(conn, "SELECT", None, on, role))
+        if lacking := [c for c in update if c not in can_update]:
+            missing.append(_grant(conn, "UPDATE", lacking, on, role))
+        missing.extend(_grant(conn, p, None, on, role) for p in table_privileges if not can[p])
+    if missing:
+        raise ConfigError(
+            f"sources.{source.name}: role {role!r} lacks privileges that relay's claims and "
+            f"settles need; as the tables' owner run: {' '.join(missing)}"
+        )
 
 
 async def _check_status_constraints(
@@ -512,8 +771,20 @@ async def _check_status_constraints(
                 ) from None
 
 
-async def _install_documenso_documents(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
-    """Detect Documenso's schema version and install the matching document-event trigger."""
+@dataclass(frozen=True, slots=True)
+class _DocumensoTrigger:
+    """The document-event trigger that fits this Documenso schema version."""
+
+    table: str  # "Envelope" or "Document"
+    function: str  # its function in schema relay
+    install: sql.Composed
+    fingerprint: str
+
+
+async def _documenso_trigger(
+    conn: psycopg.AsyncConnection[Any], source: Source
+) -> _DocumensoTrigger:
+    """Detect Documenso's schema version and compose the matching document-event trigger."""
     schema = source.app_schema
     cur = await conn.execute(_CATALOG["documenso_probe"], {"schema": schema})
     row = await cur.fetchone()
@@ -542,16 +813,82 @@ async def _install_documenso_documents(conn: psycopg.AsyncConnection[Any], sourc
         meta_expr = sql.SQL(
             '(SELECT to_jsonb(m) FROM {} AS m WHERE m."documentId" = NEW."id")'
         ).format(sql.Identifier(schema, "DocumentMeta"))
-    await conn.execute(sql.SQL(_DOCUMENSO_DOCUMENTS["common"]).format())
     section = "envelope" if envelope else "document"
-    await conn.execute(
-        sql.SQL(_DOCUMENSO_DOCUMENTS[section]).format(
-            table=sql.Identifier(schema, table),
-            recipient=sql.Identifier(schema, "Recipient"),
-            meta=meta_expr,
-        )
+    made_from = fingerprint(
+        _DOCUMENSO_DOCUMENTS["common"], _DOCUMENSO_DOCUMENTS[section], schema, row
     )
-    log.info("install.documenso source=%s schema=%s table=%s", source.name, schema, table)
+    # Sections lose their last `;` when loaded: one goes back between the two.
+    install = sql.SQL(_DOCUMENSO_DOCUMENTS["common"] + ";\n").format() + sql.SQL(
+        _DOCUMENSO_DOCUMENTS[section]
+    ).format(
+        table=sql.Identifier(schema, table),
+        recipient=sql.Identifier(schema, "Recipient"),
+        meta=meta_expr,
+        fingerprint=sql.Literal(made_from),
+    )
+    return _DocumensoTrigger(table, f"documenso_{section}_event", install, made_from)
+
+
+async def _install_documenso_documents(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
+    trigger = await _documenso_trigger(conn, source)
+    await conn.execute(trigger.install)
+    log.info(
+        "install.documenso source=%s schema=%s table=%s",
+        source.name,
+        source.app_schema,
+        trigger.table,
+    )
+
+
+async def _trigger_problem(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    table: str,
+    function: str,
+    triggers: tuple[str, str],
+    expected: str,
+) -> str | None:
+    """Why this trigger pair is not what `relay install` would install now, or None."""
+    cur = await conn.execute(
+        _CATALOG["installed_trigger"],
+        {
+            "schema": schema,
+            "table": table,
+            "function": function,
+            "insert_trigger": triggers[0],
+            "update_trigger": triggers[1],
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    count, installed = row
+    if not count:
+        return f"its trigger on {schema}.{table} is not installed"
+    if count < 2 or installed != expected:
+        return (
+            f"its trigger on {schema}.{table} is stale: it was installed for another "
+            f"configuration or relay version"
+        )
+    return None
+
+
+def _render(query: sql.Composable, conn: psycopg.AsyncConnection[Any], escape: bool) -> str:
+    """A composed query as SQL text. Where it will run with parameters, a `%` in a quoted name,
+    a literal or catalog text is doubled, so that psycopg reads it as the character `%`, not as
+    a placeholder (the query files' own `%(name)s` stay placeholders)."""
+    if isinstance(query, sql.Composed):
+        return "".join(_render(part, conn, escape) for part in query)
+    text = query.as_string(conn)
+    if escape and (not isinstance(query, sql.SQL) or isinstance(query, _Catalog)):
+        return text.replace("%", "%%")
+    return text
+
+
+def _has_params(query: sql.Composable) -> bool:
+    if isinstance(query, sql.Composed):
+        return any(_has_params(part) for part in query)
+    own_text = isinstance(query, sql.SQL) and not isinstance(query, _Catalog)
+    return own_text and "%(" in query.as_string()
 
 
 def _rendered(compiled: Compiled, conn: psycopg.AsyncConnection[Any]) -> Compiled:
@@ -559,7 +896,7 @@ def _rendered(compiled: Compiled, conn: psycopg.AsyncConnection[Any]) -> Compile
     on every execute (about a tenth of relay's CPU on the hot path, measured)."""
 
     def text(query: Query) -> sql.SQL:
-        return sql.SQL(query.as_string(conn))
+        return sql.SQL(_render(query, conn, _has_params(query)))
 
     return replace(
         compiled,
@@ -586,6 +923,7 @@ class Store:
         url: str,
         sources: Sequence[Source],
         *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         channel: str = "relay",
         max_size: int = 8,
         retry_for: float = 30.0,
@@ -593,6 +931,7 @@ class Store:
         pgbouncer: bool = False,
     ) -> None:
         self.sources = {s.name: s for s in sources}
+        self.max_payload_bytes = max_payload_bytes
         self.retry = retry
         self.channel = channel
         self.retry_for = retry_for
@@ -642,41 +981,62 @@ class Store:
     async def prepare(self) -> None:
         """Check every source against the database and compile its queries."""
         async with self.pool.connection() as conn:
+            _check_encoding(conn)
             for source in self.sources.values():
                 columns = await _describe(conn, source)
-                compiled = compile_source(source, columns, self.channel, self.retry)
+                await _check_privileges(conn, source, columns)
+                compiled = compile_source(
+                    source, columns, self.channel, self.retry, self.max_payload_bytes
+                )
                 self.compiled[source.name] = _rendered(compiled, conn)
 
-    async def check_triggers(self) -> list[str]:
-        """Names of sources whose wake-up triggers are missing."""
-        missing = []
+    async def trigger_problems(self) -> dict[str, str]:
+        """Sources whose triggers are missing or stale (not what `relay install` would install
+        now), and why."""
+        problems: dict[str, str] = {}
         async with self.pool.connection() as conn:
             for name, compiled in self.compiled.items():
                 source = self.sources[name]
-                cur = await conn.execute(
-                    _CATALOG["installed_trigger"],
-                    {
-                        "schema": source.schema,
-                        "table": source.table,
-                        "insert_trigger": compiled.insert_trigger,
-                        "update_trigger": compiled.update_trigger,
-                    },
+                triggers = (compiled.insert_trigger, compiled.update_trigger)
+                problem = await _trigger_problem(
+                    conn,
+                    source.schema,
+                    source.table,
+                    compiled.notify_function,
+                    triggers,
+                    compiled.fingerprint,
                 )
-                row = await cur.fetchone()
-                if row is None or row[0] != 2:
-                    missing.append(name)
-        return missing
+                if problem is None and source.kind is SourceKind.documenso_documents:
+                    documenso = await _documenso_trigger(conn, source)
+                    problem = await _trigger_problem(
+                        conn,
+                        source.app_schema,
+                        documenso.table,
+                        documenso.function,
+                        ("relay_documenso_created", "relay_documenso_status"),
+                        documenso.fingerprint,
+                    )
+                if problem is not None:
+                    problems[name] = problem
+        return problems
+
+    async def check_triggers(self) -> list[str]:
+        """Names of sources whose wake-up triggers are missing or stale."""
+        return list(await self.trigger_problems())
 
     async def install(self) -> None:
         """relay's schema and every source's trigger, in one transaction; idempotent."""
         async with self.pool.connection() as conn, conn.transaction():
+            _check_encoding(conn)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_SCHEMA_SQL)
             for source in self.sources.values():
                 if source.kind is SourceKind.documenso_documents:
                     await _install_documenso_documents(conn, source)
                 columns = await _describe(conn, source)
-                compiled = compile_source(source, columns, self.channel, self.retry)
+                compiled = compile_source(
+                    source, columns, self.channel, self.retry, self.max_payload_bytes
+                )
                 self.compiled[source.name] = _rendered(compiled, conn)
                 await conn.execute(compiled.install)
 

@@ -3,32 +3,37 @@
 -- one job. The same names and result columns as source.sql, so the rest of relay is unchanged.
 -- Placeholders: {table}, {webhook}, {call} (quoted names), {now} (UTC, for timestamp(3)
 -- columns), {job_ids}, {pending_after}, {stuck_after}, {backoff} (literals from the config),
--- {status_type}.
+-- {status_type}, {bounded} (the claim's bounded values, see source.sql).
 --
 -- Differences from a generic queue, forced by Documenso's schema: there is no due column, so
 -- "updatedAt" (which Documenso's own claim also sets) is the claim's token, and a retry waits
 -- {backoff} after "lastRetriedAt"; "retried" counts failures as Documenso counts them.
 
 -- name: claim
-UPDATE {table} AS t
-SET "status" = 'PROCESSING', "updatedAt" = {now}
-WHERE t."id" = ANY(ARRAY(
-    SELECT c."id" FROM {table} AS c
-    WHERE c."status" = 'PENDING'
-      AND c."jobId" = ANY({job_ids})
-      AND c."submittedAt" <= {now} - {pending_after}
-      AND (c."lastRetriedAt" IS NULL OR c."lastRetriedAt" + {backoff_c} <= {now})
-    ORDER BY c."submittedAt", c."id"
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED))
-RETURNING t."id", t."updatedAt", t."retried" + 1, t."maxRetries" + 1,
-    (SELECT w."webhookUrl" FROM {webhook} AS w
-      WHERE t."jobId" = 'internal.execute-webhook'
-        AND w."id" = t."payload"->>'webhookId' AND w."enabled"),
-    (SELECT COALESCE(w."secret", '') FROM {webhook} AS w
-      WHERE t."jobId" = 'internal.execute-webhook' AND w."id" = t."payload"->>'webhookId'),
-    t."jobId",
-    t."payload"::text;
+WITH claimed AS (
+    UPDATE {table} AS t
+    SET "status" = 'PROCESSING', "updatedAt" = {now}
+    WHERE t."id" = ANY(ARRAY(
+        SELECT c."id" FROM {table} AS c
+        WHERE c."status" = 'PENDING'
+          AND c."jobId" = ANY({job_ids})
+          AND c."submittedAt" <= {now} - {pending_after}
+          AND (c."lastRetriedAt" IS NULL OR c."lastRetriedAt" + {backoff_c} <= {now})
+        ORDER BY c."submittedAt", c."id"
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED))
+    RETURNING t."id" AS key, t."updatedAt" AS lease, t."retried" + 1 AS attempt,
+        t."maxRetries" + 1 AS max_attempts,
+        (SELECT w."webhookUrl" FROM {webhook} AS w
+          WHERE t."jobId" = 'internal.execute-webhook'
+            AND w."id" = t."payload"->>'webhookId' AND w."enabled") AS url,
+        (SELECT COALESCE(w."secret", '') FROM {webhook} AS w
+          WHERE t."jobId" = 'internal.execute-webhook'
+            AND w."id" = t."payload"->>'webhookId') AS secret,
+        t."jobId" AS topic,
+        t."payload"::text AS payload
+)
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 
 -- name: settle
 -- done: COMPLETED. retry: back to PENDING with "retried" + 1. dead: FAILED once "retried"

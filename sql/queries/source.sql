@@ -8,17 +8,23 @@
 -- SKIP LOCKED so concurrent relays never take the same row; `= ANY(ARRAY(...))` keeps the index
 -- scan a CTE or join loses after ANALYZE. Attempts count here, at claim time, so a row that
 -- crashes the relay cannot loop forever. The new due time is the claim's expiry and its token.
-UPDATE {table} AS t
-SET {status} = {processing},
-    {due} = {now} + make_interval(secs => %(lease_seconds)s::float8),
-    {attempts} = COALESCE(t.{attempts}, 0) + 1
-WHERE t.{key} = ANY(ARRAY(
-    SELECT c.{key} FROM {table} AS c
-    WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now})
-    ORDER BY c.{key}
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED))
-RETURNING {returning};
+-- {bounded} returns the URL, secret, topic and payload only if they are within their limits,
+-- and says which are not: relay never loads a value it will not send. It reads them from the
+-- UPDATE's result, so that each (a payload built from the whole row, say) is computed once.
+WITH claimed AS (
+    UPDATE {table} AS t
+    SET {status} = {processing},
+        {due} = {now} + make_interval(secs => %(lease_seconds)s::float8),
+        {attempts} = COALESCE(t.{attempts}, 0) + 1
+    WHERE t.{key} = ANY(ARRAY(
+        SELECT c.{key} FROM {table} AS c
+        WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now})
+        ORDER BY c.{key}
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED))
+    RETURNING {returning_named}
+)
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 
 -- name: settle
 -- Settle a batch in one statement. The batch is one JSON array of objects (Store.settle): one

@@ -1,7 +1,7 @@
 -- Named queries for a table source mapped WITHOUT a due column: the same names and result
 -- columns as source.sql, with the claim's expiry (its token) and the retry time kept in
 -- relay.leases, keyed by (source, key::text), so the user's table is still not changed.
--- Placeholders as in source.sql, plus {source} (the source name) and {returning_named}.
+-- Placeholders as in source.sql, plus {source} (the source name).
 
 -- name: claim
 WITH claimed AS (
@@ -25,7 +25,7 @@ WITH claimed AS (
     ON CONFLICT (source, key) DO UPDATE SET due = EXCLUDED.due
     RETURNING key, due
 )
-SELECT c.key, l.due, c.attempt, c.max_attempts, c.url, c.secret, c.topic, c.payload
+SELECT c.key, l.due, c.attempt, c.max_attempts, {bounded}
 FROM claimed AS c JOIN leased AS l ON l.key = c.key::text;
 
 -- name: settle

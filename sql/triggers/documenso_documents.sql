@@ -7,7 +7,10 @@
 -- relay.documenso_events, with the payload Documenso's own webhook carries, built at that moment
 -- from the document and its recipients. relay then delivers it in Documenso's webhook shape.
 -- The trigger must never break Documenso's own write: if building the payload fails, it records
--- the event with a minimal payload and the reason, and the write goes on.
+-- the event with a minimal payload and the reason; if even that cannot be recorded (relay's table
+-- dropped, a privilege taken away) it raises a WARNING, and the write goes on. Every function
+-- runs as its owner (Documenso's role needs no privilege on relay's schema) with a pinned
+-- search_path, so only the schema-qualified names written here are ever looked up.
 
 -- name: common
 CREATE TABLE IF NOT EXISTS relay.documenso_events (
@@ -31,14 +34,16 @@ CREATE INDEX IF NOT EXISTS documenso_events_processing_idx
 
 -- Documenso stores UTC in timestamp(3) without time zone and sends JavaScript's toISOString().
 CREATE OR REPLACE FUNCTION relay.documenso_iso(value jsonb) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN value IS NULL OR jsonb_typeof(value) = 'null' THEN 'null'::jsonb
            ELSE to_jsonb(to_char((value #>> ARRAY[]::text[])::timestamp,
                                  'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')) END
 $$;
 
 CREATE OR REPLACE FUNCTION relay.documenso_event_name(status text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE status
         WHEN 'PENDING' THEN 'DOCUMENT_SENT'
         WHEN 'COMPLETED' THEN 'DOCUMENT_COMPLETED'
@@ -49,7 +54,9 @@ $$;
 
 -- Fields are read with -> so a column a Documenso version lacks comes out null, not an error.
 CREATE OR REPLACE FUNCTION relay.documenso_recipient_json(r jsonb, document_id int, envelope_id text)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
+RETURNS jsonb
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT jsonb_build_object(
         'id', r->'id', 'envelopeId', to_jsonb(envelope_id), 'documentId', to_jsonb(document_id),
         'templateId', r->'templateId', 'email', r->'email', 'name', r->'name',
@@ -64,7 +71,9 @@ $$;
 
 CREATE OR REPLACE FUNCTION relay.documenso_document_json(
     d jsonb, document_id int, envelope_id text, meta jsonb, recipients jsonb)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
+RETURNS jsonb
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT jsonb_build_object(
         'id', to_jsonb(document_id), 'envelopeId', to_jsonb(envelope_id),
         'externalId', d->'externalId', 'userId', d->'userId', 'authOptions', d->'authOptions',
@@ -92,36 +101,54 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
             ELSE '{{}}'::jsonb END
 $$;
 
+REVOKE ALL ON FUNCTION relay.documenso_iso(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_event_name(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_recipient_json(jsonb, int, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_document_json(jsonb, int, text, jsonb, jsonb) FROM PUBLIC;
+
 -- name: envelope
 -- Documenso v1.13 and later: "Envelope" holds documents and templates; only documents count.
 CREATE OR REPLACE FUNCTION relay.documenso_envelope_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
-    event text := relay.documenso_event_name(NEW."status"::text);
-    legacy_id int := substring(NEW."secondaryId" FROM '^document_([0-9]+)$')::int;
+    event text;
+    legacy_id int;
     payload jsonb;
 BEGIN
-    IF event IS NULL OR NEW."type"::text <> 'DOCUMENT' THEN
-        RETURN NULL;
-    END IF;
     BEGIN
-        payload := relay.documenso_document_json(
-            to_jsonb(NEW), legacy_id, NEW."id",
-            {meta},
-            (SELECT coalesce(jsonb_agg(
-                        relay.documenso_recipient_json(to_jsonb(r), legacy_id, NEW."id")
-                        ORDER BY r."id"), '[]'::jsonb)
-             FROM {recipient} AS r WHERE r."envelopeId" = NEW."id"));
+        event := relay.documenso_event_name(NEW."status"::text);
+        IF event IS NULL OR NEW."type"::text <> 'DOCUMENT' THEN
+            RETURN NULL;
+        END IF;
+        legacy_id := substring(NEW."secondaryId" FROM '^document_([0-9]+)$')::int;
+        BEGIN
+            payload := relay.documenso_document_json(
+                to_jsonb(NEW), legacy_id, NEW."id",
+                {meta},
+                (SELECT coalesce(jsonb_agg(
+                            relay.documenso_recipient_json(to_jsonb(r), legacy_id, NEW."id")
+                            ORDER BY r."id"), '[]'::jsonb)
+                 FROM {recipient} AS r WHERE r."envelopeId" = NEW."id"));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
+                event, NEW."id", SQLERRM;
+            payload := jsonb_build_object('id', legacy_id, 'envelopeId', NEW."id",
+                                          'status', NEW."status"::text, 'relayError', SQLERRM);
+        END;
+        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
-            event, NEW."id", SQLERRM;
-        payload := jsonb_build_object('id', legacy_id, 'envelopeId', NEW."id",
-                                      'status', NEW."status"::text, 'relayError', SQLERRM);
+        RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
+            coalesce(event, 'the status change'), NEW."id", SQLERRM;
     END;
-    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     RETURN NULL;
 END
 $$;
+
+REVOKE ALL ON FUNCTION relay.documenso_envelope_event() FROM PUBLIC;
+COMMENT ON FUNCTION relay.documenso_envelope_event() IS {fingerprint};
 
 CREATE OR REPLACE TRIGGER relay_documenso_status
     AFTER UPDATE OF "status" ON {table}
@@ -137,32 +164,44 @@ CREATE OR REPLACE TRIGGER relay_documenso_created
 -- name: document
 -- Documenso v1.12 and earlier: "Document", integer ids; templates live in another table.
 CREATE OR REPLACE FUNCTION relay.documenso_document_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
-    event text := relay.documenso_event_name(NEW."status"::text);
+    event text;
     payload jsonb;
 BEGIN
-    IF event IS NULL THEN
-        RETURN NULL;
-    END IF;
     BEGIN
-        payload := relay.documenso_document_json(
-            to_jsonb(NEW), NEW."id", NULL,
-            {meta},
-            (SELECT coalesce(jsonb_agg(
-                        relay.documenso_recipient_json(to_jsonb(r), NEW."id", NULL)
-                        ORDER BY r."id"), '[]'::jsonb)
-             FROM {recipient} AS r WHERE r."documentId" = NEW."id"));
+        event := relay.documenso_event_name(NEW."status"::text);
+        IF event IS NULL THEN
+            RETURN NULL;
+        END IF;
+        BEGIN
+            payload := relay.documenso_document_json(
+                to_jsonb(NEW), NEW."id", NULL,
+                {meta},
+                (SELECT coalesce(jsonb_agg(
+                            relay.documenso_recipient_json(to_jsonb(r), NEW."id", NULL)
+                            ORDER BY r."id"), '[]'::jsonb)
+                 FROM {recipient} AS r WHERE r."documentId" = NEW."id"));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
+                event, NEW."id", SQLERRM;
+            payload := jsonb_build_object('id', NEW."id", 'status', NEW."status"::text,
+                                          'relayError', SQLERRM);
+        END;
+        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
-            event, NEW."id", SQLERRM;
-        payload := jsonb_build_object('id', NEW."id", 'status', NEW."status"::text,
-                                      'relayError', SQLERRM);
+        RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
+            coalesce(event, 'the status change'), NEW."id", SQLERRM;
     END;
-    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     RETURN NULL;
 END
 $$;
+
+REVOKE ALL ON FUNCTION relay.documenso_document_event() FROM PUBLIC;
+COMMENT ON FUNCTION relay.documenso_document_event() IS {fingerprint};
 
 CREATE OR REPLACE TRIGGER relay_documenso_status
     AFTER UPDATE OF "status" ON {table}

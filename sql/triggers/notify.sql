@@ -6,18 +6,34 @@
 -- cannot matter). Identical notifications in one transaction fold into one. It notifies only
 -- when the statement left a row claimable now, so relay's own settles and retries scheduled for
 -- later wake nobody. The notification is a hint: relay's sweeps find every row without it.
+--
+-- It must never fail the application's statement: it runs as its owner (the writer needs no
+-- privilege on relay's schema) with a pinned search_path, and whatever goes wrong in it becomes
+-- a WARNING; the row is then found by the next sweep instead.
 
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM relay_changed
-               WHERE {status} IN ({pending}) AND {due_check}) THEN
-        PERFORM pg_notify({channel}, {source});
-    END IF;
+    BEGIN
+        IF EXISTS (SELECT 1 FROM relay_changed
+                   WHERE {status} IN ({pending}) AND {due_check}) THEN
+            PERFORM pg_catalog.pg_notify({channel}, {source});
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'relay: no wake-up for source % (its rows wait for the next sweep): %',
+            {source}, SQLERRM;
+    END;
     RETURN NULL;
 END
 $$;
+
+REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;
+
+-- What `relay check` compares with what `relay install` would install now (stale triggers).
+COMMENT ON FUNCTION {function}() IS {fingerprint};
 
 CREATE OR REPLACE TRIGGER {insert_trigger}
     AFTER INSERT ON {table}

@@ -1,5 +1,11 @@
 -- relay's own schema: the outbox that applications publish to, and relay.publish().
 -- Idempotent: `relay install` runs it on every install.
+--
+-- Privileges (README, "Roles and grants"): the role that installs owns all of this. Nothing here
+-- is granted to PUBLIC; install even takes back the EXECUTE that PostgreSQL gives PUBLIC on every
+-- new function. The role relay runs as is granted what it needs by the DBA; an application that
+-- publishes needs only USAGE on the schema (name lookup) and EXECUTE on relay.publish, which
+-- runs as its owner and can set nothing but the topic, the payload and the due time.
 
 CREATE SCHEMA IF NOT EXISTS relay;
 
@@ -25,15 +31,33 @@ CREATE TABLE IF NOT EXISTS relay.outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending_idx ON relay.outbox (id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_processing_idx ON relay.outbox (due_at) WHERE status = 'processing';
 
+-- SECURITY DEFINER: writers need no privilege on relay.outbox, so they can neither read other
+-- rows nor choose a row's status, attempts or max_attempts. The pinned search_path keeps a
+-- caller's objects (a table or function named like ours in their schema) out of it.
 CREATE OR REPLACE FUNCTION relay.publish(topic text, payload jsonb DEFAULT '{}'::jsonb,
                                          deliver_at timestamptz DEFAULT now())
 RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    published bigint;
+BEGIN
+    IF topic IS NULL OR topic = '' OR octet_length(topic) > 1024 THEN
+        RAISE EXCEPTION 'relay.publish: topic must be 1 to 1024 bytes of text, got %',
+            coalesce(quote_literal(left(topic, 64)), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     INSERT INTO relay.outbox (topic, payload, due_at)
-    VALUES (publish.topic, publish.payload, publish.deliver_at)
-    RETURNING id
+    VALUES (publish.topic, coalesce(publish.payload, '{}'::jsonb),
+            coalesce(publish.deliver_at, pg_catalog.now()))
+    RETURNING relay.outbox.id INTO published;
+    RETURN published;
+END
 $$;
+
+REVOKE ALL ON FUNCTION relay.publish(text, jsonb, timestamptz) FROM PUBLIC;
 
 COMMENT ON FUNCTION relay.publish(text, jsonb, timestamptz) IS
     'Queue an event for relay: delivered to the URL configured for its topic once the transaction commits.';

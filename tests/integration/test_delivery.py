@@ -520,7 +520,7 @@ async def test_a_nul_byte_in_an_error_response_does_not_fail_the_settles_beside_
         return web.Response(text="ok")
 
     receiver.behaviour = nul_for_the_first
-    config = make_config(db, retry={"base": 60})
+    config = make_config(db, retry={"base": 60, "max_delay": 60})
     await install(config)
     async with running(config) as relay:
         ids = await insert_rows(db, receiver.url, 3)

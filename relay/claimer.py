@@ -6,6 +6,11 @@ once and claims stay whole batches under load (one claim and one settle statemen
 rows, not per row). The budget (`Slots`) is fixed, whatever the backlog. Then the claimer sets a
 timer to the next row that is scheduled for later, so a retry is delivered when it falls due
 rather than at the next sweep.
+
+A source whose claim the database refuses for a reason other than a lost connection (its table
+dropped, a column renamed, a privilege revoked) is failing: its claimer stops claiming, says why
+once, and waits for the sweeper to find the table usable again (`retry`); the other sources'
+claimers go on.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Protocol
+
+import psycopg
 
 from relay.config import Config, Source
 from relay.store import RETRYABLE, Claimed
@@ -108,12 +115,31 @@ class Claimer:
         self._woken = True  # claim once at start
         self._deadline = 0.0
         self.claimed = 0
+        self.failure: str | None = None  # why this source is failing, if it is
 
     # -- called by the listener, the sweeper and the deliverer ---------------------------------
 
     def wake(self) -> None:
+        if self.failure is None:  # a failing source claims only when the sweeper says so
+            self._woken = True
+            self._kick.set()
+
+    def retry(self) -> None:
+        """The sweeper found a failing source's table usable again: try a claim pass."""
         self._woken = True
         self._kick.set()
+
+    def fail(self, reason: str) -> None:
+        """The database refused this source's queries: stop claiming until `retry`."""
+        if reason != self.failure:  # once per change, not once per attempt
+            log.error(
+                "source.failing source=%s error=%s: its other work stops; relay goes on with "
+                "the other sources and checks this one again at each sweep (every %gs)",
+                self.source.name,
+                reason,
+                self.config.sweep_interval,
+            )
+        self.failure = reason
 
     def schedule(self, delay: float) -> None:
         """A row falls due in `delay` seconds: make sure a claim runs then."""
@@ -146,6 +172,13 @@ class Claimer:
                 )
                 self._deadline = loop.time() + 1.0
                 continue
+            except psycopg.Error as exc:
+                # Not the connection: the database refuses this source's query.
+                self.fail(first_line(exc))
+                continue
+            if self.failure is not None:
+                log.warning("source.resumed source=%s", self.source.name)
+                self.failure = None
             if due is not None:
                 # A row already due that this pass did not get (it fell due just after the
                 # claim, or another relay holds it): look again shortly, never in a busy loop.
@@ -154,8 +187,9 @@ class Claimer:
     async def _sleep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set() and not self._woken:
-            timeout = self._deadline - loop.time()
-            if timeout <= 0:
+            # Failing: no timer, only `retry` (or stopping) ends the wait.
+            timeout = None if self.failure is not None else self._deadline - loop.time()
+            if timeout is not None and timeout <= 0:
                 return
             self._kick.clear()
             try:
@@ -188,3 +222,9 @@ class Claimer:
                 if not self._woken:
                     return
                 self._woken = False
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's message on one line (PostgreSQL's details and hints follow on others)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

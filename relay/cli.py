@@ -7,19 +7,20 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 import psycopg_pool
 
 from relay import config as config_mod
-from relay.app import Relay, install_signal_handlers
+from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.store import Store
 
 log = logging.getLogger("relay.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+ADMIN_STATEMENT_TIMEOUT = 60.0  # seconds: install, uninstall, status and retry-dead
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +59,12 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         max_size=2,
         retry=config.retry,
         pgbouncer=config.pgbouncer,
+        # Installing waits for locks on the application's tables; reports read whole tables.
+        statement_timeout=(
+            config.statement_timeout
+            if command == "check"
+            else max(config.statement_timeout, ADMIN_STATEMENT_TIMEOUT)
+        ),
     )
     try:
         await store.open()
@@ -112,11 +119,11 @@ def _redact(url: str) -> str:
     return " ".join(f"{k}={v}" for k, v in info.items())
 
 
-async def run_relay(config: Config) -> int:
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    relay = Relay(config)
-    await relay.run(stop)
+async def run_relay(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """`relay run`: until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads with `load`."""
+    service = Service(config, load)
+    service.install_signal_handlers()
+    await service.run()
     return EXIT_OK
 
 
@@ -126,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_mod.load(args.config, os.environ)
         if args.command == "run":
-            return asyncio.run(run_relay(config))
+            return asyncio.run(run_relay(config, lambda: config_mod.load(args.config, os.environ)))
         return asyncio.run(_with_store(config, args.command, getattr(args, "source", None)))
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)

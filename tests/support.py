@@ -19,7 +19,7 @@ import psycopg
 from aiohttp import web
 
 from relay import config as config_mod
-from relay.app import Relay
+from relay.app import Relay, Service
 from relay.config import Config
 from relay.demo import QUEUE_SOURCE
 from relay.store import Store
@@ -185,11 +185,12 @@ async def install(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Relay]:
-    """A relay running in this event loop until the block ends (then a graceful stop)."""
-    relay = Relay(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop), name="relay-under-test")
+async def serving(config: Config) -> AsyncIterator[Service]:
+    """relay as `relay run` runs it (health endpoint included), in this event loop until the
+    block ends (then a graceful stop)."""
+    service = Service(config)
+    relay = service.relay
+    task = asyncio.create_task(service.run(), name="relay-under-test")
     try:
         listening = asyncio.create_task(relay.listener.up.wait())
         await asyncio.wait({task, listening}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
@@ -200,10 +201,17 @@ async def running(config: Config) -> AsyncIterator[Relay]:
         # The sweep the connect asked for has run: from here on, only notifications, timers and
         # the periodic sweep find rows.
         await asyncio.wait_for(relay.sweeper.quiet(), WAIT)
-        yield relay
+        yield service
     finally:
-        stop.set()
+        service.stop.set()
         await asyncio.wait_for(task, WAIT)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Relay]:
+    """A relay running in this event loop until the block ends (then a graceful stop)."""
+    async with serving(config) as service:
+        yield service.relay
 
 
 async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int]:

@@ -235,9 +235,11 @@ class Relay:
             await self.deliverer.drain(self.config.shutdown_grace)
             await deliverer
             self.settler.close()
-            # The last settles are bounded too: rows whose settle cannot be written keep their
-            # claims until these expire, and are then delivered again (at least once).
-            _, waiting = await asyncio.wait({settler}, timeout=FINAL_WRITES)
+            # The last settles are bounded too (and short when the database already failed to
+            # answer): rows whose settle cannot be written keep their claims until these
+            # expire, and are then delivered again (at least once).
+            wait = STOP_WAIT if self.store.interrupted else FINAL_WRITES
+            _, waiting = await asyncio.wait({settler}, timeout=wait)
             if waiting:
                 self.store.interrupt()
                 _, waiting = await asyncio.wait({settler}, timeout=STOP_WAIT)

@@ -642,8 +642,14 @@ class Store:
             await self.pool.open()
         await self.pool.wait(timeout=15.0)
 
+    @property
+    def interrupted(self) -> bool:
+        return self._stopping
+
     async def close(self) -> None:
-        await self.pool.close()
+        # Interrupted, the database is not answering: the pool's attempts to connect are not
+        # worth waiting for (each would take up to connect_timeout).
+        await self.pool.close(timeout=1.0 if self._stopping else 5.0)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 import psycopg
 
-from relay.config import Config, Source
+from relay.config import Config, ConfigError, Source
 from relay.store import RETRYABLE, Claimed
 
 log = logging.getLogger("relay.claimer")
@@ -96,6 +97,7 @@ class Slots:
 class ClaimStore(Protocol):
     async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]: ...
     async def next_due(self, source: str) -> float | None: ...
+    async def prepare(self, names: Iterable[str] | None = None) -> None: ...
 
 
 class Starter(Protocol):
@@ -116,6 +118,7 @@ class Claimer:
         self._deadline = 0.0
         self.claimed = 0
         self.failure: str | None = None  # why this source is failing, if it is
+        self.failing = asyncio.Event()  # set while failing, for tests (as the listener's down)
 
     # -- called by the listener, the sweeper and the deliverer ---------------------------------
 
@@ -129,6 +132,19 @@ class Claimer:
         self._woken = True
         self._kick.set()
 
+    async def diagnose(self, error: psycopg.Error) -> None:
+        """The database refused one of this source's queries: stop claiming, with the most
+        telling reason. The configuration check names the key that no longer fits (a column
+        renamed, a table dropped); if it finds nothing, the database's own error is the reason."""
+        reason = first_line(error)
+        try:
+            await self.store.prepare([self.source.name])
+        except ConfigError as exc:
+            reason = first_line(exc)
+        except psycopg.Error:
+            pass
+        self.fail(reason)
+
     def fail(self, reason: str) -> None:
         """The database refused this source's queries: stop claiming until `retry`."""
         if reason != self.failure:  # once per change, not once per attempt
@@ -140,6 +156,7 @@ class Claimer:
                 self.config.sweep_interval,
             )
         self.failure = reason
+        self.failing.set()
 
     def schedule(self, delay: float) -> None:
         """A row falls due in `delay` seconds: make sure a claim runs then."""
@@ -174,11 +191,12 @@ class Claimer:
                 continue
             except psycopg.Error as exc:
                 # Not the connection: the database refuses this source's query.
-                self.fail(first_line(exc))
+                await self.diagnose(exc)
                 continue
             if self.failure is not None:
                 log.warning("source.resumed source=%s", self.source.name)
                 self.failure = None
+                self.failing.clear()
             if due is not None:
                 # A row already due that this pass did not get (it fell due just after the
                 # claim, or another relay holds it): look again shortly, never in a busy loop.

@@ -35,6 +35,7 @@ class Sweepable(Protocol):
     def wake(self) -> None: ...
     def retry(self) -> None: ...
     def fail(self, reason: str) -> None: ...
+    async def diagnose(self, error: psycopg.Error) -> None: ...
 
 
 class Sweeper:
@@ -83,9 +84,12 @@ class Sweeper:
             except RETRYABLE as exc:
                 log.warning("sweep.failed source=%s error=%s", source, first_line(exc))
                 continue
-            except (psycopg.Error, ConfigError) as exc:
+            except ConfigError as exc:
+                claimer.fail(first_line(exc))  # still failing, for this reason
+                continue
+            except psycopg.Error as exc:
                 # The table changed under this source: it stops alone (see relay.claimer).
-                claimer.fail(first_line(exc))
+                await claimer.diagnose(exc)
                 continue
             if claimer.failure is not None:
                 claimer.retry()

@@ -83,7 +83,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
             await store.uninstall()
             print("removed relay's triggers and functions (relay.outbox and its rows are kept)")
         else:
-            await store.prepare()
+            failing = await _prepare(store, each=command == "status")
             if command == "check":
                 missing = await store.check_triggers()
                 for name in missing:
@@ -91,11 +91,16 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                 print(f"configuration OK for sources: {', '.join(store.sources)}")
             elif command == "status":
                 for name in store.sources:
+                    if name in failing:
+                        print(f"{name}: failing: {failing[name]}")
+                        continue
                     counts = await store.counts(name)
                     oldest = await store.oldest_due(name)
                     shown = ", ".join(f"{k}={v}" for k, v in counts.items()) or "empty"
                     age = "none" if oldest is None else f"{oldest:.1f}s"
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
+                if failing:
+                    return EXIT_FAILED
             elif command == "retry-dead":
                 assert source is not None
                 if source not in store.sources:
@@ -108,6 +113,21 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def _prepare(store: Store, each: bool) -> dict[str, str]:
+    """Check and compile the sources. With `each`, one that fails the check is reported (its
+    reason, by name) and the others go on, as a running relay does; otherwise it is an error."""
+    if not each:
+        await store.prepare()
+        return {}
+    failing = {}
+    for name in store.sources:
+        try:
+            await store.prepare([name])
+        except ConfigError as exc:
+            failing[name] = str(exc)
+    return failing
 
 
 def _redact(url: str) -> str:

@@ -5,6 +5,7 @@ other sources go on delivering and relay keeps running."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import psycopg
@@ -19,9 +20,13 @@ from tests.support import (
     install,
     make_config,
     queue_source,
+    raw_config,
+    run_cli,
     serving,
+    write_config,
 )
 
+HOOK = "http://127.0.0.1:9/hook"  # never called
 QUEUE_SQL = (sql_dir() / "demo" / "webhook_delivery_queue.sql").read_text()
 
 # How each breakage is done, and undone.
@@ -116,3 +121,18 @@ async def test_a_broken_source_stops_alone_and_resumes_when_fixed(
         assert any(r.getMessage().startswith("source.resumed") for r in caplog.records)
         events = await publish(db, 1)
         await receiver.wait_ids(delivery_ids(events, "events"))
+
+
+async def test_relay_status_shows_a_broken_source_as_failing(db: str, tmp_config: Path) -> None:
+    raw = raw_config(
+        db,
+        sources={"deliveries": queue_source(), "events": {"kind": "outbox", "url": HOOK}},
+    )
+    await install(write_config(tmp_config, raw))
+    await execute(db, BREAKAGES["column renamed"][0])
+    code, out = await run_cli(tmp_config, "status")
+    assert code == 1, out
+    lines = out.splitlines()
+    [failing] = [x for x in lines if x.startswith("deliveries:")]
+    assert "failing: sources.deliveries.attempts" in failing and "'attempt_count'" in failing
+    assert any(x.startswith("events: empty") for x in lines), out

@@ -193,10 +193,6 @@ class Claimer:
                 # Not the connection: the database refuses this source's query.
                 await self.diagnose(exc)
                 continue
-            if self.failure is not None:
-                log.warning("source.resumed source=%s", self.source.name)
-                self.failure = None
-                self.failing.clear()
             if due is not None:
                 # A row already due that this pass did not get (it fell due just after the
                 # claim, or another relay holds it): look again shortly, never in a busy loop.
@@ -231,6 +227,10 @@ class Claimer:
                 self.slots.give(want)
                 raise
             self.slots.give(want - len(rows))
+            if self.failure is not None:
+                log.warning("source.resumed source=%s", self.source.name)
+                self.failure = None
+                self.failing.clear()
             self.claimed += len(rows)
             for row in rows:
                 self.deliverer.start(self.source, row, began)

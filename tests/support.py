@@ -228,6 +228,16 @@ async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int
         return [r[0] for r in await cur.fetchall()]
 
 
+async def publish(url: str, n: int) -> list[int]:
+    """`relay.publish` `n` events (topic 't') in one statement; returns their outbox ids."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT relay.publish('t', jsonb_build_object('n', g)) FROM generate_series(1, %s) g",
+            (n,),
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
 async def fetch_rows(url: str) -> dict[int, dict[str, Any]]:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)

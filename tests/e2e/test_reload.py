@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from aiohttp import web
 
@@ -23,20 +22,12 @@ from tests.support import (
     fetch_rows,
     insert_rows,
     install,
+    publish,
     queue_source,
     raw_config,
     to_toml,
     write_config,
 )
-
-
-async def publish(db: str, n: int) -> list[int]:
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT relay.publish('t', jsonb_build_object('n', g)) FROM generate_series(1, %s) g",
-            (n,),
-        )
-        return [r[0] for r in await cur.fetchall()]
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from tests.support import (
     insert_rows,
     install,
     make_config,
+    publish,
     queue_source,
     raw_config,
     run_cli,
@@ -45,15 +46,6 @@ async def get(port: int, path: str) -> tuple[int, dict[str, object]]:
         session.get(f"http://127.0.0.1:{port}{path}") as resp,
     ):
         return resp.status, await resp.json()
-
-
-async def publish(db: str, n: int) -> list[int]:
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT relay.publish('t', jsonb_build_object('n', g)) FROM generate_series(1, %s) g",
-            (n,),
-        )
-        return [r[0] for r in await cur.fetchall()]
 
 
 async def execute(db: str, statement: str) -> None:

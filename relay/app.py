@@ -282,7 +282,11 @@ class Service:
         self._tg: asyncio.TaskGroup | None = None
 
     def status(self) -> dict[str, Any]:
-        return {**self.relay.status(), "reloads": self.reloads}
+        return {
+            **self.relay.status(),
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+        }
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -347,11 +351,11 @@ class Service:
                 hup.cancel()
                 if self._hup.is_set() and not self.stop.is_set():
                     self._hup.clear()
-                    await self._reload()
+                    await self._reload(stopped)
         finally:
             stopped.cancel()
 
-    async def _reload(self) -> None:
+    async def _reload(self, stopped: asyncio.Task[Any]) -> None:
         if self.load is None:
             log.info("reload.skipped reason=no configuration file (the embedded demo)")
             return
@@ -366,14 +370,17 @@ class Service:
         ):
             log.warning("reload.health_unchanged: a new health.listen takes a restart")
         new = Relay(config)
-        try:
-            async with asyncio.timeout(max(15.0, 3 * config.statement_timeout)):
-                await new.start_checks()
-        except (ConfigError, psycopg.Error, TimeoutError, *RETRYABLE) as exc:
+        checking = asyncio.create_task(self._check(new), name="reload.check")
+        await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not checking.done():
+            # Stopping: the new configuration will not be needed.
             new.store.interrupt()
+            await asyncio.wait({checking}, timeout=STOP_WAIT)
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
             await new.store.close()
-            reason = str(exc) if isinstance(exc, ConfigError) else first_line(exc)
-            self._reload_failed(reason or type(exc).__name__)
+            return
+        if not checking.result():
             return
         old, self.relay, self.config = self.relay, new, config
         self.reloads += 1
@@ -385,6 +392,23 @@ class Service:
         )
         assert self._tg is not None
         self._tg.create_task(self._retire(old, new), name=f"relay.retire:{self.reloads}")
+
+    async def _check(self, new: Relay) -> bool:
+        """The new configuration's database checks; False (and logged) if they fail."""
+        try:
+            async with asyncio.timeout(max(15.0, 3 * new.config.statement_timeout)):
+                await new.start_checks()
+            return True
+        except (ConfigError, psycopg.Error, TimeoutError, *RETRYABLE) as exc:
+            reason = str(exc) if isinstance(exc, ConfigError) else first_line(exc)
+            self._reload_failed(reason)
+        except Exception as exc:
+            # A reload is never a reason to stop relaying with the configuration that works.
+            log.exception("reload.crashed")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
+        new.store.interrupt()
+        await new.store.close()
+        return False
 
     def _reload_failed(self, reason: str) -> None:
         self.reload_failures += 1

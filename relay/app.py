@@ -1,4 +1,5 @@
-"""Wires the relay together: one TaskGroup, signals, two-phase shutdown.
+"""Wires the relay together: one TaskGroup per relay, two-phase shutdown; and around it the
+process: signals, the health endpoint and configuration reloads (`Service`).
 
 notification -> claimer -> deliverer -> settler, with the sweeper feeding the same claimers.
 If any long-running part dies, the TaskGroup cancels the rest and the process exits non-zero
@@ -12,13 +13,15 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from relay import guard
-from relay.claimer import Claimer, Slots
-from relay.config import Config
+from relay.claimer import Claimer, Slots, first_line
+from relay.config import Config, ConfigError
 from relay.deliverer import Deliverer, Settler
 from relay.listener import Listener
 from relay.server import serve
@@ -29,6 +32,10 @@ log = logging.getLogger("relay.app")
 
 _AGAIN = (Outcome.retry, Outcome.release)
 PROGRESS_EVERY = 10.0  # seconds between `delivery.progress` lines (only when there was work)
+# Shutdown never waits on the database for long: parts still waiting on it this long after the
+# stop have their statements cut off, and so do the last settles after the deliveries ended.
+STOP_WAIT = 1.0
+FINAL_WRITES = 3.0
 
 
 def _log_start_retry(state: RetryCallState) -> None:
@@ -52,6 +59,7 @@ class Relay:
             retry_for=max(config.claim_timeout / 2, 5.0),
             retry=config.retry,
             pgbouncer=config.pgbouncer,
+            statement_timeout=config.statement_timeout,
         )
         self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
         self.settler = Settler(self.store, on_settled=self._on_settled)
@@ -60,18 +68,19 @@ class Relay:
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources
         }
-        self.sweeper = Sweeper(
-            self.store, list(self.claimers), list(self.claimers.values()), config.sweep_interval
-        )
+        self.sweeper = Sweeper(self.store, self.claimers, config.sweep_interval)
         self.listener = Listener(
             config.listen_url,
             config.notify_channel,
             heartbeat=config.heartbeat_interval,
             on_notify=self._on_notify,
             on_connect=self.sweeper.sweep_now,
+            # The listener's connection went silent: the pool's idle ones are on the same path.
+            on_silent=self.store.sever_idle,
+            probe_timeout=min(config.heartbeat_interval, config.statement_timeout),
         )
         self.ready = asyncio.Event()  # set once started; for tests and the CLI
-        self.health_port: int | None = None
+        self._checked = False
 
     # -- callbacks between the parts ---------------------------------------------------------
 
@@ -90,9 +99,14 @@ class Relay:
                 # when the soonest falls due. relay's own settles send no notification.
                 self.claimers[source].schedule(min(due))
 
+    def failing(self) -> dict[str, str]:
+        """The sources that are failing, and why."""
+        return {n: c.failure for n, c in self.claimers.items() if c.failure is not None}
+
     def status(self) -> dict[str, Any]:
         return {
             "listener": "connected" if self.listener.connected else "disconnected",
+            "failing": self.failing(),
             "worker_id": self.config.worker_id,
             "in_flight": self.deliverer.in_flight,
             "queued": self.deliverer.queued,
@@ -100,7 +114,10 @@ class Relay:
             "failed": self.deliverer.failed,
             "sweeps": self.sweeper.sweeps,
             "listener_connections": self.listener.connections,
-            "sources": {n: {"claimed": c.claimed} for n, c in self.claimers.items()},
+            "sources": {
+                n: {"claimed": c.claimed, "failing": c.failure} for n, c in self.claimers.items()
+            },
+            "severed_connections": self.store.watchdog.severed + self.listener.watchdog.severed,
         }
 
     async def _report(self, stop: asyncio.Event) -> None:
@@ -135,8 +152,27 @@ class Relay:
                 name,
                 self.config.sweep_interval,
             )
+        self._checked = True
 
-    async def _start(self, stop: asyncio.Event) -> bool:
+    async def start(self, stop: asyncio.Event) -> bool:
+        """Connect and check (unless `start_checks` did already); False if stopped first."""
+        if self._checked:
+            return True
+        starting = asyncio.create_task(self._start_waiting(stop), name="relay.start")
+        stopped = asyncio.create_task(stop.wait(), name="relay.start.stop")
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                # Stopped while the database did not answer: cut its statements off.
+                self.store.interrupt()
+                await asyncio.wait({starting}, timeout=STOP_WAIT)
+        finally:
+            for task in (starting, stopped):
+                task.cancel()
+            await asyncio.gather(starting, stopped, return_exceptions=True)
+        return not starting.cancelled() and starting.result()
+
+    async def _start_waiting(self, stop: asyncio.Event) -> bool:
         """Connect and check; a database that is not there yet is waited for, not fatal."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RETRYABLE),
@@ -151,18 +187,10 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            if not await self._start(stop):
+            if not await self.start(stop):
                 return
             await self.deliverer.open()
-            runner = None
-            if self.config.health_host is not None:
-                runner = await serve(self.status, self.config.health_host, self.config.health_port)
-                self.health_port = runner.addresses[0][1] if runner.addresses else None
-            try:
-                await self._run_parts(stop)
-            finally:
-                if runner is not None:
-                    await runner.cleanup()
+            await self._run_parts(stop)
         finally:
             await self.deliverer.close()
             await self.store.close()
@@ -200,23 +228,207 @@ class Relay:
             self.sweeper.sweep_now()
             for claimer in self.claimers.values():
                 claimer.kick()
+            # A part waiting on a database that does not answer would hold the stop up for as
+            # long as the store retries: cut it off (its claim, if it took one, expires).
+            _, waiting = await asyncio.wait(parts, timeout=STOP_WAIT)
+            if waiting:
+                self.store.interrupt()
             await asyncio.gather(*parts)
             await self.deliverer.drain(self.config.shutdown_grace)
             await deliverer
             self.settler.close()
-            await settler
+            # The last settles are bounded too (and short when the database already failed to
+            # answer): rows whose settle cannot be written keep their claims until these
+            # expire, and are then delivered again (at least once).
+            wait = STOP_WAIT if self.store.interrupted else FINAL_WRITES
+            _, waiting = await asyncio.wait({settler}, timeout=wait)
+            if waiting:
+                self.store.interrupt()
+                _, waiting = await asyncio.wait({settler}, timeout=STOP_WAIT)
+            if waiting:
+                # Waiting for a new connection that does not come (not inside a statement,
+                # which interrupt() cut off): safe to cancel.
+                settler.cancel()
+                log.error("shutdown.settles_abandoned: the database did not answer")
+            await asyncio.wait({settler})
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """First SIGINT/SIGTERM: graceful stop. Second: exit at once."""
-    loop = asyncio.get_running_loop()
+# -- the process ----------------------------------------------------------------------------
 
-    def handler(signum: int) -> None:
-        if stop.is_set():
-            log.warning("relay.killed signal=%s: second signal, exiting now", signum)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
+class Service:
+    """The process around the relay: signals, the health endpoint, and reloads.
+
+    SIGINT, SIGTERM and SIGQUIT stop it in two phases (a second one exits at once). SIGHUP
+    reloads the configuration with `load` (None: there is no file, nothing to reload): a
+    configuration that loads and passes the database checks starts a new Relay at once, and
+    the running one stops as on SIGTERM (it claims no more, lets its requests finish within
+    shutdown_grace, hands back what it had not started). Side by side they are two relays
+    sharing the database, which relay supports anyway (SKIP LOCKED). A configuration that
+    fails is logged with the reason and the running one goes on.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        load: Callable[[], Config] | None = None,
+        *,
+        network: guard.Network | None = None,
+    ) -> None:
+        self.config = config
+        self.network = network  # the guard's resolver and sockets (tests swap them)
+        self.relay = Relay(config, network=network)
+        self.load = load
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()  # the health endpoint is up and the first relay started
+        self.health_port: int | None = None
+        self.reloads = 0  # configurations taken on by SIGHUP (for status and tests)
+        self.reload_failures = 0
+        self._hup = asyncio.Event()
+        self._running: dict[Relay, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.relay.status(),
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+        }
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        # A closed pipe (a receiver gone mid-request, a log reader gone) is an error on that
+        # write, never a reason to die; Python ignores it already, this keeps it so.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stop.is_set():
+            log.warning("relay.killed signal=%s: second signal, exiting now", name)
             os._exit(1)
-        log.info("relay.signal signal=%s: stopping (send again to exit at once)", signum)
-        stop.set()
+        log.info("relay.signal signal=%s: stopping (send again to exit at once)", name)
+        self.stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handler, sig)
+    def _on_hup(self) -> None:
+        log.info("relay.signal signal=SIGHUP: reloading the configuration")
+        self._hup.set()
+
+    async def run(self) -> None:
+        runner = None
+        if self.config.health_host is not None:
+            runner = await serve(self.status, self.config.health_host, self.config.health_port)
+            self.health_port = runner.addresses[0][1] if runner.addresses else None
+        try:
+            # A wrong configuration or a missing table ends start-up here, with its message.
+            try:
+                started = await self.relay.start(self.stop)
+            except BaseException:
+                await self.relay.store.close()
+                raise
+            if not started:
+                await self.relay.store.close()
+                return
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._launch(self.relay)
+                self.ready.set()
+                await self._reloads_until_stopped()
+                for stop, _ in self._running.values():
+                    stop.set()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+
+    def _launch(self, relay: Relay) -> None:
+        assert self._tg is not None
+        stop = asyncio.Event()
+        task = self._tg.create_task(relay.run(stop), name=f"relay:{self.reloads}")
+        self._running[relay] = (stop, task)
+        task.add_done_callback(lambda _: self._running.pop(relay, None))
+
+    async def _reloads_until_stopped(self) -> None:
+        stopped = asyncio.create_task(self.stop.wait(), name="service.stop")
+        try:
+            while not self.stop.is_set():
+                hup = asyncio.create_task(self._hup.wait(), name="service.hup")
+                await asyncio.wait({stopped, hup}, return_when=asyncio.FIRST_COMPLETED)
+                hup.cancel()
+                if self._hup.is_set() and not self.stop.is_set():
+                    self._hup.clear()
+                    await self._reload(stopped)
+        finally:
+            stopped.cancel()
+
+    async def _reload(self, stopped: asyncio.Task[Any]) -> None:
+        if self.load is None:
+            log.info("reload.skipped reason=no configuration file (the embedded demo)")
+            return
+        try:
+            config = self.load()
+        except ConfigError as exc:
+            self._reload_failed(str(exc))
+            return
+        if (config.health_host, config.health_port) != (
+            self.config.health_host,
+            self.config.health_port,
+        ):
+            log.warning("reload.health_unchanged: a new health.listen takes a restart")
+        new = Relay(config, network=self.network)
+        checking = asyncio.create_task(self._check(new), name="reload.check")
+        await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not checking.done():
+            # Stopping: the new configuration will not be needed.
+            new.store.interrupt()
+            await asyncio.wait({checking}, timeout=STOP_WAIT)
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
+            await new.store.close()
+            return
+        if not checking.result():
+            return
+        old, self.relay, self.config = self.relay, new, config
+        self.reloads += 1
+        self._launch(new)
+        log.info(
+            "reload.done sources=%s: the previous configuration stops claiming and finishes "
+            "its deliveries",
+            ",".join(new.claimers),
+        )
+        assert self._tg is not None
+        self._tg.create_task(self._retire(old, new), name=f"relay.retire:{self.reloads}")
+
+    async def _check(self, new: Relay) -> bool:
+        """The new configuration's database checks; False (and logged) if they fail."""
+        try:
+            async with asyncio.timeout(max(15.0, 3 * new.config.statement_timeout)):
+                await new.start_checks()
+            return True
+        except (ConfigError, psycopg.Error, TimeoutError, *RETRYABLE) as exc:
+            reason = str(exc) if isinstance(exc, ConfigError) else first_line(exc)
+            self._reload_failed(reason)
+        except Exception as exc:
+            # A reload is never a reason to stop relaying with the configuration that works.
+            log.exception("reload.crashed")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
+        new.store.interrupt()
+        await new.store.close()
+        return False
+
+    def _reload_failed(self, reason: str) -> None:
+        self.reload_failures += 1
+        log.error("reload.failed error=%s: the running configuration stays", reason)
+
+    async def _retire(self, old: Relay, new: Relay) -> None:
+        """Stop `old` in two phases; then `new` sweeps, so the rows `old` handed back unstarted
+        are claimed at once (relay's own settles send no notification)."""
+        if old not in self._running:
+            return
+        stop, task = self._running[old]
+        stop.set()
+        await asyncio.wait({task})  # its failure, if any, is the TaskGroup's to report
+        new.sweeper.sweep_now()

@@ -6,15 +6,23 @@ once and claims stay whole batches under load (one claim and one settle statemen
 rows, not per row). The budget (`Slots`) is fixed, whatever the backlog. Then the claimer sets a
 timer to the next row that is scheduled for later, so a retry is delivered when it falls due
 rather than at the next sweep.
+
+A source whose claim the database refuses for a reason other than a lost connection (its table
+dropped, a column renamed, a privilege revoked) is failing: its claimer stops claiming, says why
+once, and waits for the sweeper to find the table usable again (`retry`); the other sources'
+claimers go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
-from relay.config import Config, Source
+import psycopg
+
+from relay.config import Config, ConfigError, Source
 from relay.store import RETRYABLE, Claimed
 
 log = logging.getLogger("relay.claimer")
@@ -89,6 +97,7 @@ class Slots:
 class ClaimStore(Protocol):
     async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]: ...
     async def next_due(self, source: str) -> float | None: ...
+    async def prepare(self, names: Iterable[str] | None = None) -> None: ...
 
 
 class Starter(Protocol):
@@ -108,12 +117,46 @@ class Claimer:
         self._woken = True  # claim once at start
         self._deadline = 0.0
         self.claimed = 0
+        self.failure: str | None = None  # why this source is failing, if it is
+        self.failing = asyncio.Event()  # set while failing, for tests (as the listener's down)
 
     # -- called by the listener, the sweeper and the deliverer ---------------------------------
 
     def wake(self) -> None:
+        if self.failure is None:  # a failing source claims only when the sweeper says so
+            self._woken = True
+            self._kick.set()
+
+    def retry(self) -> None:
+        """The sweeper found a failing source's table usable again: try a claim pass."""
         self._woken = True
         self._kick.set()
+
+    async def diagnose(self, error: psycopg.Error) -> None:
+        """The database refused one of this source's queries: stop claiming, with the most
+        telling reason. The configuration check names the key that no longer fits (a column
+        renamed, a table dropped); if it finds nothing, the database's own error is the reason."""
+        reason = first_line(error)
+        try:
+            await self.store.prepare([self.source.name])
+        except ConfigError as exc:
+            reason = first_line(exc)
+        except psycopg.Error:
+            pass
+        self.fail(reason)
+
+    def fail(self, reason: str) -> None:
+        """The database refused this source's queries: stop claiming until `retry`."""
+        if reason != self.failure:  # once per change, not once per attempt
+            log.error(
+                "source.failing source=%s error=%s: its other work stops; relay goes on with "
+                "the other sources and checks this one again at each sweep (every %gs)",
+                self.source.name,
+                reason,
+                self.config.sweep_interval,
+            )
+        self.failure = reason
+        self.failing.set()
 
     def schedule(self, delay: float) -> None:
         """A row falls due in `delay` seconds: make sure a claim runs then."""
@@ -146,6 +189,10 @@ class Claimer:
                 )
                 self._deadline = loop.time() + 1.0
                 continue
+            except psycopg.Error as exc:
+                # Not the connection: the database refuses this source's query.
+                await self.diagnose(exc)
+                continue
             if due is not None:
                 # A row already due that this pass did not get (it fell due just after the
                 # claim, or another relay holds it): look again shortly, never in a busy loop.
@@ -154,8 +201,9 @@ class Claimer:
     async def _sleep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set() and not self._woken:
-            timeout = self._deadline - loop.time()
-            if timeout <= 0:
+            # Failing: no timer, only `retry` (or stopping) ends the wait.
+            timeout = None if self.failure is not None else self._deadline - loop.time()
+            if timeout is not None and timeout <= 0:
                 return
             self._kick.clear()
             try:
@@ -179,6 +227,10 @@ class Claimer:
                 self.slots.give(want)
                 raise
             self.slots.give(want - len(rows))
+            if self.failure is not None:
+                log.warning("source.resumed source=%s", self.source.name)
+                self.failure = None
+                self.failing.clear()
             self.claimed += len(rows)
             for row in rows:
                 self.deliverer.start(self.source, row, began)
@@ -188,3 +240,9 @@ class Claimer:
                 if not self._woken:
                     return
                 self._woken = False
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's message on one line (PostgreSQL's details and hints follow on others)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -7,14 +7,14 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 import psycopg_pool
 
 from relay import config as config_mod
 from relay import logs
-from relay.app import Relay, install_signal_handlers
+from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.store import Store
 
@@ -22,6 +22,7 @@ log = logging.getLogger("relay.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 CONNECT_TIMEOUT = 5  # seconds a CLI command waits for the database before saying it cannot
+ADMIN_STATEMENT_TIMEOUT = 60.0  # seconds: install, uninstall, status and retry-dead
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,12 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         max_size=2,
         retry=config.retry,
         pgbouncer=config.pgbouncer,
+        # Installing waits for locks on the application's tables; reports read whole tables.
+        statement_timeout=(
+            config.statement_timeout
+            if command == "check"
+            else max(config.statement_timeout, ADMIN_STATEMENT_TIMEOUT)
+        ),
     )
     problem = await _unreachable(config.database_url)
     if problem is not None:
@@ -92,7 +99,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
             await store.uninstall()
             print("removed relay's triggers and functions (relay.outbox and its rows are kept)")
         else:
-            await store.prepare()
+            failing = await _prepare(store, each=command == "status")
             if command == "check":
                 problems = await store.trigger_problems()
                 for name, problem in problems.items():
@@ -105,6 +112,9 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                 print(f"configuration OK for sources: {', '.join(store.sources)}")
             elif command == "status":
                 for name in store.sources:
+                    if name in failing:
+                        print(f"{name}: failing: {logs.escape(failing[name])}")
+                        continue
                     counts = await store.counts(name)
                     oldest = await store.oldest_due(name)
                     # Status values are the application's data: shown escaped, never raw.
@@ -112,6 +122,8 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                     shown = shown or "empty"
                     age = "none" if oldest is None else f"{oldest:.1f}s"
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
+                if failing:
+                    return EXIT_FAILED
             elif command == "retry-dead":
                 assert source is not None
                 if source not in store.sources:
@@ -140,6 +152,21 @@ async def _unreachable(url: str) -> str | None:
     return None
 
 
+async def _prepare(store: Store, each: bool) -> dict[str, str]:
+    """Check and compile the sources. With `each`, one that fails the check is reported (its
+    reason, by name) and the others go on, as a running relay does; otherwise it is an error."""
+    if not each:
+        await store.prepare()
+        return {}
+    failing = {}
+    for name in store.sources:
+        try:
+            await store.prepare([name])
+        except ConfigError as exc:
+            failing[name] = str(exc)
+    return failing
+
+
 def _redact(url: str) -> str:
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
@@ -149,11 +176,11 @@ def _redact(url: str) -> str:
     return " ".join(f"{k}={v}" for k, v in info.items())
 
 
-async def run_relay(config: Config) -> int:
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    relay = Relay(config)
-    await relay.run(stop)
+async def run_relay(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """`relay run`: until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads with `load`."""
+    service = Service(config, load)
+    service.install_signal_handlers()
+    await service.run()
     return EXIT_OK
 
 
@@ -163,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(_log_level(args.log_level, os.environ))
         config = config_mod.load(args.config, os.environ)
         if args.command == "run":
-            return asyncio.run(run_relay(config))
+            return asyncio.run(run_relay(config, lambda: config_mod.load(args.config, os.environ)))
         return asyncio.run(_with_store(config, args.command, getattr(args, "source", None)))
     except ConfigError as exc:
         print(f"relay: configuration error: {logs.escape(str(exc))}", file=sys.stderr)

@@ -118,7 +118,12 @@ class Config:
     sweep_interval: float = 30.0
     claim_timeout: float = 60.0
     shutdown_grace: float = 10.0
-    heartbeat_interval: float = 10.0
+    # The listener probes its connection after this long without a notification; with the
+    # probe's own bound, a silent connection is replaced within about twice this.
+    heartbeat_interval: float = 5.0
+    # The bound on each of relay's statements: the server cancels it after this long, and the
+    # client gives up on a connection that has not answered shortly after.
+    statement_timeout: float = 5.0
     http_timeout: float = 10.0
     max_response_bytes: int = 64 * 1024
     # A row whose payload is larger is settled dead without being loaded (measured in the claim).
@@ -165,6 +170,7 @@ MIN_HEARTBEAT = 0.5
 MIN_CLAIM_TIMEOUT = 1.0
 MIN_HTTP_TIMEOUT = 0.1
 MIN_RETRY_BASE = 0.01
+MIN_STATEMENT_TIMEOUT = 0.1  # seconds
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _IDENT = re.compile(r"^[^\x00]{1,63}$")
@@ -199,7 +205,7 @@ def libpq_url(url: str) -> tuple[str, bool]:
 
 _TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources"}
 _SECTION_KEYS = {
-    "database": {"url", "listen_url", "pgbouncer"},
+    "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
     "relay": {
         "worker_id",
         "max_in_flight",
@@ -805,6 +811,15 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     if not isinstance(pgbouncer, bool):
         raise ConfigError(f"database.pgbouncer: expected true or false, got {pgbouncer!r}")
 
+    statement_timeout = duration(
+        "database.statement_timeout", database.get("statement_timeout", 5.0)
+    )
+    if statement_timeout < MIN_STATEMENT_TIMEOUT:
+        raise ConfigError(
+            f"database.statement_timeout: must be at least {MIN_STATEMENT_TIMEOUT * 1000:g}ms "
+            f"(a bound on each of relay's statements), got {statement_timeout:g}s"
+        )
+
     max_attempts = _int("retry.max_attempts", retry.get("max_attempts", 5))
     sources_raw = raw.get("sources", {})
     if not isinstance(sources_raw, dict) or not sources_raw:
@@ -891,9 +906,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         shutdown_grace=duration("relay.shutdown_grace", relay.get("shutdown_grace", 10.0)),
         heartbeat_interval=duration(
             "relay.heartbeat_interval",
-            relay.get("heartbeat_interval", 10.0),
+            relay.get("heartbeat_interval", 5.0),
             minimum=MIN_HEARTBEAT,
         ),
+        statement_timeout=statement_timeout,
         http_timeout=http_timeout,
         max_response_bytes=_int(
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from relay import cli, logs
 from relay import config as config_mod
-from relay.app import Relay, install_signal_handlers
+from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.embedded import EmbeddedError, EmbeddedPostgres
 from relay.store import Store, sql_dir
@@ -122,10 +122,11 @@ async def _run_demo(pg: EmbeddedPostgres, receiver_port: int, health_port: int) 
     finally:
         await store.close()
 
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    relay = Relay(config)
-    task = asyncio.create_task(relay.run(stop), name="relay")
+    # No configuration file here: SIGHUP says there is nothing to reload and goes on.
+    service = Service(config)
+    service.install_signal_handlers()
+    relay = service.relay
+    task = asyncio.create_task(service.run(), name="relay")
     ready = asyncio.create_task(relay.listener.up.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
@@ -140,7 +141,7 @@ async def _run_demo(pg: EmbeddedPostgres, receiver_port: int, health_port: int) 
                     f"  receiver: {receiver_url}",
                     f"  allowed:  {', '.join(DEMO_ALLOW)} (http.allow: loopback is open for the "
                     f"demo's receiver; relay refuses non-public targets by default)",
-                    f"  health:   http://127.0.0.1:{relay.health_port}/healthz",
+                    f"  health:   http://127.0.0.1:{service.health_port}/healthz",
                     "",
                     "Connect with:",
                     f"  {pg.psql_command(DEMO_DB)}",

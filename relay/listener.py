@@ -2,9 +2,11 @@
 
 It owns exactly one autocommit connection, never one from the pool (a pooled or PgBouncer
 connection cannot be trusted to keep a LISTEN). Between notifications it probes the connection
-with `SELECT 1` every heartbeat, so a half-open TCP connection is noticed rather than trusted
-for ever. On every (re)connect it LISTENs first and then asks for a sweep, so a row committed
-while it was away is found by query: notifications are only a hint.
+with `SELECT 1` every heartbeat, bounded by a watchdog that severs the connection if no answer
+comes (see relay.connections), so a half-open or silent TCP connection is noticed within about
+two heartbeats rather than trusted for ever. On every (re)connect it LISTENs first and then asks
+for a sweep, so a row committed while it was away is found by query: notifications are only a
+hint.
 """
 
 from __future__ import annotations
@@ -19,17 +21,12 @@ import psycopg
 from psycopg import sql
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from relay import connections
+
 log = logging.getLogger("relay.listener")
 
-# libpq keepalives: a peer that vanished without closing the socket is detected by the kernel
-# too, not only by the heartbeat.
-KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-    "connect_timeout": 5,
-}
+# On stop, how long the loop may take to notice its severed connection before it is cancelled.
+STOP_WAIT = 2.0
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -52,6 +49,8 @@ class Listener:
         heartbeat: float,
         on_notify: Callable[[str], None],
         on_connect: Callable[[], None],
+        on_silent: Callable[[], None] | None = None,
+        probe_timeout: float | None = None,
         max_backoff: float = 5.0,
     ) -> None:
         self.url = url
@@ -60,6 +59,11 @@ class Listener:
         self.on_notify = on_notify
         self.on_connect = on_connect
         self.max_backoff = max_backoff
+        # A probe unanswered for this long severs the connection, and `on_silent` hears of it.
+        self.watchdog = connections.Watchdog(
+            heartbeat if probe_timeout is None else probe_timeout, on_silent=on_silent
+        )
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self.connected = False
         self.up = asyncio.Event()  # set while connected and listening
         self.down = asyncio.Event()  # set while not (for tests and the health endpoint)
@@ -68,10 +72,16 @@ class Listener:
         self.backend_pid: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        work = asyncio.create_task(self._loop(), name="listener.loop")
+        work = asyncio.create_task(self._loop(stop), name="listener.loop")
         stopped = asyncio.create_task(stop.wait(), name="listener.stop")
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and self._conn is not None:
+                # Cancelling a task inside a statement makes psycopg wait on the server again
+                # to cancel it, which a silent connection never answers: sever it instead, and
+                # the loop ends by itself.
+                connections.sever(self._conn)
+                await asyncio.wait({work}, timeout=STOP_WAIT)
         finally:
             for task in (work, stopped):
                 task.cancel()
@@ -88,15 +98,17 @@ class Listener:
         ):
             with attempt:
                 return await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, **KEEPALIVES
+                    self.url, autocommit=True, **connections.options(self.url)
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _loop(self) -> None:
-        while True:
-            conn = await self._connect()
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            conn = self._conn = await self._connect()
+            severed = self.watchdog.severed
             try:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                with self.watchdog.watching(conn):
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 self.connected = True
                 self.up.set()
                 self.down.clear()
@@ -105,12 +117,16 @@ class Listener:
                 log.info("listener.connected channel=%s pid=%s", self.channel, self.backend_pid)
                 self.on_connect()
                 await self._consume(conn)
-            except (psycopg.Error, TimeoutError) as exc:
+            except psycopg.Error as exc:
                 # Any failure of this connection (terminated, server restarted, network gone,
                 # heartbeat unanswered) means the same thing: reconnect, LISTEN, sweep.
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timeout"
-                log.warning("listener.lost error=%s", reason)
+                if not stop.is_set():
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "?"
+                    if self.watchdog.severed != severed:
+                        reason = f"no answer within {self.watchdog.bound:g}s (connection silent)"
+                    log.warning("listener.lost error=%s", reason)
             finally:
+                self._conn = None
                 self.connected = False
                 self.up.clear()
                 self.down.set()
@@ -122,5 +138,5 @@ class Listener:
             async for notify in conn.notifies(timeout=self.heartbeat):
                 self.on_notify(notify.payload)
             # No notification for a whole heartbeat: prove the connection is still alive.
-            async with asyncio.timeout(self.heartbeat):
+            with self.watchdog.watching(conn):
                 await conn.execute("SELECT 1")

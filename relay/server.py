@@ -1,4 +1,13 @@
-"""The small HTTP endpoint for operators: liveness, readiness and status."""
+"""The small HTTP endpoint for operators: liveness, readiness and status.
+
+- `/healthz` is liveness: 200 while the process's event loop runs. A lost database is not a
+  reason to restart relay (it reconnects by itself), so it does not fail this probe.
+- `/readyz` is readiness: 503 while the listener is not connected or a source is failing, with
+  the reasons.
+- `/status` is everything `Relay.status()` reports.
+
+No answer names the server's software or versions.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +22,31 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+async def _anonymous(_: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would send `Server: Python/3.x aiohttp/3.y` (a version list for scanners).
+    response.headers["Server"] = "relay"
+
+
 def make_app(status: Callable[[], dict[str, Any]]) -> web.Application:
-    """`status()` returns a dict with at least {"listener": "connected" | "disconnected"}."""
+    """`status()` returns a dict with at least {"listener": "connected" | "disconnected",
+    "failing": {source: reason}}."""
 
     async def healthz(_: web.Request) -> web.Response:
+        return _json({"alive": True, "listener": status()["listener"]})
+
+    async def readyz(_: web.Request) -> web.Response:
         state = status()
-        ok = state["listener"] == "connected"
-        return _json(state, 200 if ok else 503)
+        ready = state["listener"] == "connected" and not state["failing"]
+        body = {"ready": ready, "listener": state["listener"], "failing": state["failing"]}
+        return _json(body, 200 if ready else 503)
 
     async def status_view(_: web.Request) -> web.Response:
         return _json(status())
 
     app = web.Application()
+    app.on_response_prepare.append(_anonymous)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_view)
     return app
 

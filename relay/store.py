@@ -7,10 +7,12 @@ so the hot path only binds parameters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -23,11 +25,12 @@ import psycopg_pool
 from psycopg import sql
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_random_exponential,
 )
 
+from relay import connections
 from relay.config import EXECUTE_WEBHOOK, Config, ConfigError, RetryPolicy, Source, SourceKind
 
 log = logging.getLogger("relay.store")
@@ -911,12 +914,16 @@ def _rendered(compiled: Compiled, conn: psycopg.AsyncConnection[Any]) -> Compile
     )
 
 
-async def _no_prepare(conn: psycopg.AsyncConnection[Any]) -> None:
-    conn.prepare_threshold = None
+DEFAULT_STATEMENT_TIMEOUT = 5.0
 
 
 class Store:
-    """A connection pool and the compiled queries of every configured source."""
+    """A connection pool and the compiled queries of every configured source.
+
+    Every use of a pooled connection is bounded: the server cancels a statement that runs
+    longer than `statement_timeout`, and a connection that has not answered shortly after that
+    is severed (see relay.connections) and replaced, as are the pool's idle connections then.
+    """
 
     def __init__(
         self,
@@ -929,35 +936,84 @@ class Store:
         retry_for: float = 30.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         pgbouncer: bool = False,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> None:
         self.sources = {s.name: s for s in sources}
         self.max_payload_bytes = max_payload_bytes
         self.retry = retry
         self.channel = channel
         self.retry_for = retry_for
+        self.pgbouncer = pgbouncer
+        self.watchdog = connections.Watchdog(
+            statement_timeout + connections.SLACK, on_silent=self.sever_idle
+        )
+        # Every connection the pool opened, to sever the idle ones when one went silent.
+        self._conns: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+        self._stopping = False
         self.pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
             max_size=max_size,
             open=False,
             # Every query here is one statement, so autocommit makes each its own short
-            # transaction without a BEGIN/COMMIT round trip.
-            kwargs={"autocommit": True},
-            # PgBouncer in transaction mode may hand each statement to another server
-            # connection, where a prepared statement does not exist.
-            configure=_no_prepare if pgbouncer else None,
+            # transaction without a BEGIN/COMMIT round trip. A PgBouncer in transaction mode
+            # would refuse the startup `options` that carry statement_timeout: there the
+            # client-side bound alone applies.
+            kwargs={
+                "autocommit": True,
+                **connections.options(url, None if pgbouncer else statement_timeout),
+            },
+            configure=self._configure,
             name="relay",
             timeout=10.0,
         )
         self.compiled: dict[str, Compiled] = {}
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conns.add(conn)
+        if self.pgbouncer:
+            # PgBouncer in transaction mode may hand each statement to another server
+            # connection, where a prepared statement does not exist.
+            conn.prepare_threshold = None
 
     async def open(self) -> None:
         if self.pool.closed:
             await self.pool.open()
         await self.pool.wait(timeout=15.0)
 
+    @property
+    def interrupted(self) -> bool:
+        return self._stopping
+
     async def close(self) -> None:
-        await self.pool.close()
+        # Interrupted, the database is not answering: the pool's attempts to connect are not
+        # worth waiting for (each would take up to connect_timeout).
+        await self.pool.close(timeout=1.0 if self._stopping else 5.0)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one bounded use."""
+        async with self.pool.connection() as conn:
+            with self.watchdog.watching(conn):
+                yield conn
+
+    def sever_idle(self) -> None:
+        """A connection went silent: the pool's idle ones probably share its fate (same path to
+        the same server), so cut them now rather than let each be found out by a timeout."""
+        for conn in list(self._conns):
+            if conn not in self.watchdog.busy:
+                connections.sever(conn)
+
+    def interrupt(self) -> None:
+        """Stopping: no more retries, and the statements still waiting on the database fail
+        now (their rows keep their claims until expiry, as after a crash)."""
+        self._stopping = True
+        cut = self.watchdog.sever_busy()
+        if cut:
+            log.warning("store.interrupted connections=%d: stopping without their answer", cut)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, RETRYABLE) and not self._stopping
 
     async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
         """Run `action`, retrying on a lost connection (the pool replaces broken ones)."""
@@ -965,9 +1021,10 @@ class Store:
             # The common case costs one call, not a retry controller per query.
             return await action()
         except RETRYABLE:
-            pass
+            if self._stopping:
+                raise
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(RETRYABLE),
+            retry=retry_if_exception(self._retryable),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.retry_for),
             reraise=True,
@@ -978,11 +1035,12 @@ class Store:
 
     # -- set-up ----------------------------------------------------------------------------
 
-    async def prepare(self) -> None:
-        """Check every source against the database and compile its queries."""
-        async with self.pool.connection() as conn:
+    async def prepare(self, names: Iterable[str] | None = None) -> None:
+        """Check every source (or those named) against the database and compile its queries."""
+        chosen = self.sources.values() if names is None else [self.sources[n] for n in names]
+        async with self._connection() as conn:
             _check_encoding(conn)
-            for source in self.sources.values():
+            for source in chosen:
                 columns = await _describe(conn, source)
                 await _check_privileges(conn, source, columns)
                 compiled = compile_source(
@@ -994,7 +1052,7 @@ class Store:
         """Sources whose triggers are missing or stale (not what `relay install` would install
         now), and why."""
         problems: dict[str, str] = {}
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             for name, compiled in self.compiled.items():
                 source = self.sources[name]
                 triggers = (compiled.insert_trigger, compiled.update_trigger)
@@ -1026,7 +1084,7 @@ class Store:
 
     async def install(self) -> None:
         """relay's schema and every source's trigger, in one transaction; idempotent."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             _check_encoding(conn)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_SCHEMA_SQL)
@@ -1041,7 +1099,7 @@ class Store:
                 await conn.execute(compiled.install)
 
     async def uninstall(self) -> None:
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_UNINSTALL_SQL)
 
@@ -1051,7 +1109,7 @@ class Store:
         query = self.compiled[source].claim
 
         async def run() -> list[Claimed]:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cur = await conn.execute(query, {"limit": limit, "lease_seconds": lease_seconds})
                 return [Claimed(*row) for row in await cur.fetchall()]
 
@@ -1064,7 +1122,7 @@ class Store:
         query = self.compiled[source].settle
 
         async def run() -> set[Any]:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cur = await conn.execute(query, params)
                 return {row[0] for row in await cur.fetchall()}
 
@@ -1085,14 +1143,14 @@ class Store:
         }
 
         async def run() -> None:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 await conn.execute(query, params)
 
         await self._with_retries(run)
 
     async def _scalar(self, query: Query) -> Any:
         async def run() -> Any:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cur = await conn.execute(query)
                 row = await cur.fetchone()
                 return None if row is None else row[0]
@@ -1101,7 +1159,7 @@ class Store:
 
     async def _rowcount(self, query: Query) -> int:
         async def run() -> int:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cur = await conn.execute(query)
                 return cur.rowcount
 
@@ -1117,7 +1175,7 @@ class Store:
     # -- operations ------------------------------------------------------------------------
 
     async def counts(self, source: str) -> dict[str, int]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(self.compiled[source].counts)
             return {row[0]: int(row[1]) for row in await cur.fetchall()}
 

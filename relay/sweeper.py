@@ -3,15 +3,22 @@
 A sweep runs at start, right after every (re)connect of the listener, and every
 `sweep_interval`. It is what makes notifications optional: a row whose notification was never
 heard is found here.
+
+It is also where a failing source (see relay.claimer) is checked again: its table and columns
+are checked and its queries compiled anew, and if that works its claimer tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+import psycopg
+
+from relay.claimer import first_line
+from relay.config import ConfigError
 from relay.store import RETRYABLE
 
 log = logging.getLogger("relay.sweeper")
@@ -19,22 +26,23 @@ log = logging.getLogger("relay.sweeper")
 
 class RescueStore(Protocol):
     async def rescue(self, source: str) -> int: ...
+    async def prepare(self, names: Iterable[str] | None = None) -> None: ...
 
 
-class Wakeable(Protocol):
+class Sweepable(Protocol):
+    failure: str | None
+
     def wake(self) -> None: ...
+    def retry(self) -> None: ...
+    def fail(self, reason: str) -> None: ...
+    async def diagnose(self, error: psycopg.Error) -> None: ...
 
 
 class Sweeper:
     def __init__(
-        self,
-        store: RescueStore,
-        sources: Sequence[str],
-        claimers: Sequence[Wakeable],
-        interval: float,
+        self, store: RescueStore, claimers: Mapping[str, Sweepable], interval: float
     ) -> None:
         self.store = store
-        self.sources = sources
         self.claimers = claimers
         self.interval = interval
         self._kick = asyncio.Event()
@@ -68,12 +76,23 @@ class Sweeper:
             self._swept.notify_all()
 
     async def _sweep(self) -> None:
-        for source in self.sources:
+        for source, claimer in self.claimers.items():
             try:
+                if claimer.failure is not None:
+                    await self.store.prepare([source])
                 rescued = await self.store.rescue(source)
             except RETRYABLE as exc:
-                log.warning("sweep.failed source=%s error=%s", source, str(exc).splitlines()[0])
+                log.warning("sweep.failed source=%s error=%s", source, first_line(exc))
                 continue
+            except ConfigError as exc:
+                claimer.fail(first_line(exc))  # still failing, for this reason
+                continue
+            except psycopg.Error as exc:
+                # The table changed under this source: it stops alone (see relay.claimer).
+                await claimer.diagnose(exc)
+                continue
+            if claimer.failure is not None:
+                claimer.retry()
             if rescued:
                 log.warning(
                     "sweep.rescued source=%s rows=%d reason=claim expired (worker died?)",
@@ -81,7 +100,7 @@ class Sweeper:
                     rescued,
                 )
         self.sweeps += 1
-        for claimer in self.claimers:
+        for claimer in self.claimers.values():
             claimer.wake()
 
     async def quiet(self) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from relay import config as config_mod
 from relay import guard
-from relay.app import Relay
+from relay.app import Relay, Service
 from relay.config import Config
 from relay.demo import QUEUE_SOURCE
 from relay.store import Store
@@ -189,11 +189,12 @@ async def install(config: Config) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, network: guard.Network | None = None) -> AsyncIterator[Relay]:
-    """A relay running in this event loop until the block ends (then a graceful stop)."""
-    relay = Relay(config, network=network)
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop), name="relay-under-test")
+async def serving(config: Config, network: guard.Network | None = None) -> AsyncIterator[Service]:
+    """relay as `relay run` runs it (health endpoint included), in this event loop until the
+    block ends (then a graceful stop)."""
+    service = Service(config, network=network)
+    relay = service.relay
+    task = asyncio.create_task(service.run(), name="relay-under-test")
     try:
         listening = asyncio.create_task(relay.listener.up.wait())
         await asyncio.wait({task, listening}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
@@ -204,10 +205,17 @@ async def running(config: Config, network: guard.Network | None = None) -> Async
         # The sweep the connect asked for has run: from here on, only notifications, timers and
         # the periodic sweep find rows.
         await asyncio.wait_for(relay.sweeper.quiet(), WAIT)
-        yield relay
+        yield service
     finally:
-        stop.set()
+        service.stop.set()
         await asyncio.wait_for(task, WAIT)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, network: guard.Network | None = None) -> AsyncIterator[Relay]:
+    """A relay running in this event loop until the block ends (then a graceful stop)."""
+    async with serving(config, network) as service:
+        yield service.relay
 
 
 async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int]:
@@ -220,6 +228,16 @@ async def insert_rows(url: str, target: str, n: int, **columns: Any) -> list[int
             f"SELECT %(url)s, jsonb_build_object('n', g){extra_vals} "
             f"FROM generate_series(1, %(n)s) g RETURNING id",
             {"url": target, "n": n, **columns},
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def publish(url: str, n: int) -> list[int]:
+    """`relay.publish` `n` events (topic 't') in one statement; returns their outbox ids."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT relay.publish('t', jsonb_build_object('n', g)) FROM generate_series(1, %s) g",
+            (n,),
         )
         return [r[0] for r in await cur.fetchall()]
 

@@ -1,4 +1,5 @@
-"""GET /healthz follows the listener: 200 while connected, 503 while the database is away."""
+"""The health endpoint: /healthz is liveness (200 while relay runs, whatever the database does),
+/readyz follows the listener and the sources, and no answer names the server's software."""
 
 from __future__ import annotations
 
@@ -8,34 +9,56 @@ import aiohttp
 import pytest
 
 from tests.conftest import Server
-from tests.support import WAIT, install, make_config, running
+from tests.support import WAIT, install, make_config, serving
 
 
-async def get(port: int, path: str) -> tuple[int, dict[str, object]]:
+async def get(port: int, path: str) -> tuple[int, dict[str, object], dict[str, str]]:
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}{path}") as resp,
     ):
-        return resp.status, await resp.json()
+        return resp.status, await resp.json(), dict(resp.headers)
 
 
 @pytest.mark.restart
-async def test_healthz_reports_the_listener(db: str, server: Server) -> None:
+async def test_readyz_follows_the_listener_and_healthz_stays_alive(db: str, server: Server) -> None:
     config = make_config(db, relay={"heartbeat_interval": 0.5})
     await install(config)
-    async with running(config) as relay:
-        assert relay.health_port
-        status, body = await get(relay.health_port, "/healthz")
+    async with serving(config) as service:
+        relay = service.relay
+        assert service.health_port
+        status, body, _ = await get(service.health_port, "/readyz")
         assert (status, body["listener"]) == (200, "connected")
 
         await asyncio.to_thread(server.stop)
         await asyncio.wait_for(relay.listener.down.wait(), WAIT)
-        status, body = await get(relay.health_port, "/healthz")
+        status, body, _ = await get(service.health_port, "/readyz")
         assert (status, body["listener"]) == (503, "disconnected")
+        # Liveness: relay is reconnecting by itself; restarting it would not help.
+        status, body, _ = await get(service.health_port, "/healthz")
+        assert (status, body["listener"]) == (200, "disconnected")
 
         await asyncio.to_thread(server.start)
         await asyncio.wait_for(relay.listener.up.wait(), WAIT)
-        status, body = await get(relay.health_port, "/healthz")
+        status, body, _ = await get(service.health_port, "/readyz")
         assert status == 200
-        status, body = await get(relay.health_port, "/status")
+        status, body, _ = await get(service.health_port, "/status")
         assert status == 200 and body["listener_connections"] == 2
+
+
+async def test_no_answer_names_the_server_software(db: str) -> None:
+    config = make_config(db)
+    await install(config)
+    async with serving(config) as service:
+        assert service.health_port
+        for path in ("/healthz", "/readyz", "/status", "/nowhere"):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{service.health_port}{path}") as resp,
+            ):
+                server = resp.headers.get("Server", "")
+                assert "aiohttp" not in server.lower() and "python" not in server.lower(), (
+                    path,
+                    server,
+                )
+                assert server == "relay", (path, server)

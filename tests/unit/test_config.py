@@ -317,3 +317,11 @@ def test_documenso_jobs_preset() -> None:
     assert error({"database": {"url": DB}, "sources": {"jobs": webhook_forward}}).startswith(
         "sources.jobs.forward:"
     )
+
+
+def test_statement_timeout_and_heartbeat_defaults_and_minimum() -> None:
+    cfg = build()
+    assert (cfg.statement_timeout, cfg.heartbeat_interval) == (5.0, 5.0)
+    assert build(database={"url": DB, "statement_timeout": "250ms"}).statement_timeout == 0.25
+    msg = error({"database": {"url": DB, "statement_timeout": "50ms"}, "sources": {}})
+    assert msg.startswith("database.statement_timeout: must be at least 100ms")

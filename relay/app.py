@@ -144,13 +144,14 @@ class Relay:
         """Open the pool and check every source against the database (ConfigError if wrong)."""
         await self.store.open()
         await self.store.prepare()
-        missing = await self.store.check_triggers()
-        for name in missing:
+        problems = await self.store.trigger_problems()
+        for name, problem in problems.items():
             log.warning(
-                "source.untriggered source=%s: its wake-up trigger is not installed, so rows are "
-                "found only by sweeps every %gs; run `relay install` to deliver them at once",
+                "source.untriggered source=%s problem=%s sweep_interval=%gs hint=%s",
                 name,
+                problem,
                 self.config.sweep_interval,
+                "rows are found only by sweeps until `relay install` is run",
             )
         self._checked = True
 

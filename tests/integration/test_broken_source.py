@@ -60,7 +60,7 @@ async def test_a_broken_source_stops_alone_and_resumes_when_fixed(
     break_it, fix_it = BREAKAGES[breakage]
     config = make_config(
         db,
-        relay={"sweep_interval": 0.5},
+        relay={"sweep_interval": 1},
         sources={"deliveries": queue_source(), "events": {"kind": "outbox", "url": receiver.url}},
     )
     await install(config)

@@ -34,6 +34,7 @@ from tests.support import (
     install,
     make_config,
     running,
+    serving,
 )
 
 REFUSED = "relay does not send to non-public addresses unless http.allow lists them"
@@ -426,12 +427,12 @@ async def test_secrets_and_header_values_never_show_in_logs_or_status(
     }
     config = make_config(db, sources={"events": source})
     await install(config)
-    async with running(config) as relay:
+    async with serving(config) as service:
         execute(db, """SELECT relay.publish('order.created', '{"id": 7}'::jsonb)""")
         await receiver.wait_count(2)
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{relay.health_port}/status") as resp,
+            session.get(f"http://127.0.0.1:{service.health_port}/status") as resp,
         ):
             status = await resp.text()
     assert receiver.received[1].headers["Authorization"] == "Bearer T0KEN-xyz"

@@ -250,7 +250,7 @@ class Relay:
                 # Waiting for a new connection that does not come (not inside a statement,
                 # which interrupt() cut off): safe to cancel.
                 settler.cancel()
-                log.error("shutdown.settles_abandoned: the database did not answer")
+                log.error("shutdown.settles_abandoned reason=%s", "the database did not answer")
             await asyncio.wait({settler})
 
 
@@ -310,13 +310,13 @@ class Service:
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.stop.is_set():
-            log.warning("relay.killed signal=%s: second signal, exiting now", name)
+            log.warning("relay.killed signal=%s reason=%s", name, "second signal, exiting now")
             os._exit(1)
-        log.info("relay.signal signal=%s: stopping (send again to exit at once)", name)
+        log.info("relay.signal signal=%s next=%s", name, "stopping (send again to exit at once)")
         self.stop.set()
 
     def _on_hup(self) -> None:
-        log.info("relay.signal signal=SIGHUP: reloading the configuration")
+        log.info("relay.signal signal=SIGHUP next=%s", "reloading the configuration")
         self._hup.set()
 
     async def run(self) -> None:
@@ -367,7 +367,7 @@ class Service:
 
     async def _reload(self, stopped: asyncio.Task[Any]) -> None:
         if self.load is None:
-            log.info("reload.skipped reason=no configuration file (the embedded demo)")
+            log.info("reload.skipped reason=%s", "no configuration file (the embedded demo)")
             return
         try:
             config = self.load()
@@ -378,7 +378,7 @@ class Service:
             self.config.health_host,
             self.config.health_port,
         ):
-            log.warning("reload.health_unchanged: a new health.listen takes a restart")
+            log.warning("reload.health_unchanged reason=%s", "a new health.listen takes a restart")
         new = Relay(config, network=self.network)
         checking = asyncio.create_task(self._check(new), name="reload.check")
         await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -396,9 +396,9 @@ class Service:
         self.reloads += 1
         self._launch(new)
         log.info(
-            "reload.done sources=%s: the previous configuration stops claiming and finishes "
-            "its deliveries",
+            "reload.done sources=%s next=%s",
             ",".join(new.claimers),
+            "the previous configuration stops claiming and finishes its deliveries",
         )
         assert self._tg is not None
         self._tg.create_task(self._retire(old, new), name=f"relay.retire:{self.reloads}")
@@ -422,7 +422,7 @@ class Service:
 
     def _reload_failed(self, reason: str) -> None:
         self.reload_failures += 1
-        log.error("reload.failed error=%s: the running configuration stays", reason)
+        log.error("reload.failed error=%s next=%s", reason, "the running configuration stays")
 
     async def _retire(self, old: Relay, new: Relay) -> None:
         """Stop `old` in two phases; then `new` sweeps, so the rows `old` handed back unstarted

@@ -149,11 +149,11 @@ class Claimer:
         """The database refused this source's queries: stop claiming until `retry`."""
         if reason != self.failure:  # once per change, not once per attempt
             log.error(
-                "source.failing source=%s error=%s: its other work stops; relay goes on with "
-                "the other sources and checks this one again at each sweep (every %gs)",
+                "source.failing source=%s error=%s sweep_interval=%gs next=%s",
                 self.source.name,
                 reason,
                 self.config.sweep_interval,
+                "this source stops; the others go on, and it is checked again at each sweep",
             )
         self.failure = reason
         self.failing.set()

@@ -881,13 +881,14 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if claim_ahead > safe_ahead:
         log.warning(
-            "config.claim_ahead claim_ahead=%d: with max_in_flight=%d and http.timeout=%gs, "
-            "rows that wait for a hung receiver may reach the end of their claim and be handed "
-            "back unsent; at most %d is safe (or raise relay.claim_timeout)",
+            "config.claim_ahead claim_ahead=%d max_in_flight=%d http_timeout=%gs safe=%d hint=%s",
             claim_ahead,
             max_in_flight,
             http_timeout,
             safe_ahead,
+            "rows that wait for a hung receiver may reach the end of their claim and be handed "
+            "back unsent; lower relay.claim_ahead to the safe figure or raise "
+            "relay.claim_timeout",
         )
     return Config(
         database_url=url,

@@ -99,9 +99,10 @@ class Watchdog:
     def _expired(self, conn: psycopg.AsyncConnection[Any], after: float) -> None:
         self.severed += 1
         log.warning(
-            "db.silent pid=%s after=%gs: no answer from the database, closing the connection",
+            "db.silent pid=%s after=%gs next=%s",
             _pid(conn),
             after,
+            "no answer from the database: closing the connection",
         )
         sever(conn)
         if self.on_silent is not None:

@@ -99,10 +99,11 @@ class Settler:
             # user's refuses). One statement is all or nothing, so each row is written alone,
             # and the others settle as they would have.
             log.warning(
-                "settle.batch_rejected source=%s rows=%d error=%s: settling rows one by one",
+                "settle.batch_rejected source=%s rows=%d error=%s next=%s",
                 source,
                 len(items),
                 _first_line(exc),
+                "settling the rows one by one",
             )
             written = await self._write_each(source, items, with_calls=not calls_written)
             if written is None:
@@ -114,11 +115,12 @@ class Settler:
                 if settlement.key not in settled:
                     self.lost += 1
                     log.warning(
-                        "settle.lost source=%s key=%s outcome=%s reason=claim no longer held "
-                        "(expired and taken over, or the row was deleted or changed)",
+                        "settle.lost source=%s key=%s outcome=%s reason=%s",
                         source,
                         settlement.key,
                         settlement.outcome,
+                        "claim no longer held (expired and taken over, or the row was deleted "
+                        "or changed)",
                     )
         return settled
 
@@ -163,12 +165,12 @@ class Settler:
             raise
         except psycopg.Error as exc:
             log.error(
-                "settle.details_refused source=%s key=%s outcome=%s error=%s: settling without "
-                "the error text and HTTP status",
+                "settle.details_refused source=%s key=%s outcome=%s error=%s next=%s",
                 source,
                 item.key,
                 item.outcome,
                 _first_line(exc),
+                "settling without the error text and HTTP status",
             )
         try:
             return await self.store.settle(source, [replace(item, error=None, http_status=None)])
@@ -408,10 +410,11 @@ class Deliverer:
             if loop.time() - claimed_at > self._start_within[source.name]:
                 # It waited so long for a slot that its claim could expire mid-request.
                 log.warning(
-                    "delivery.released source=%s key=%s reason=claim too close to expiry to "
-                    "start a request (raise relay.claim_timeout or lower relay.claim_ahead)",
+                    "delivery.released source=%s key=%s reason=%s",
                     source.name,
                     row.key,
+                    "claim too close to expiry to start a request (raise relay.claim_timeout "
+                    "or lower relay.claim_ahead)",
                 )
                 self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
                 continue
@@ -557,10 +560,11 @@ class Deliverer:
         if row.url is None:
             # Documenso does not call a disabled or deleted Webhook: nothing to deliver.
             log.info(
-                "delivery.skipped source=%s key=%s reason=Webhook %s is disabled or deleted",
+                "delivery.skipped source=%s key=%s webhook=%s reason=%s",
                 source.name,
                 row.key,
                 job["webhookId"],
+                "the Webhook is disabled or deleted",
             )
             return Settlement(row.key, row.lease, Outcome.done)
         event = str(job["event"])

@@ -1010,7 +1010,9 @@ class Store:
         self._stopping = True
         cut = self.watchdog.sever_busy()
         if cut:
-            log.warning("store.interrupted connections=%d: stopping without their answer", cut)
+            log.warning(
+                "store.interrupted connections=%d next=%s", cut, "stopping without their answer"
+            )
 
     def _retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, RETRYABLE) and not self._stopping

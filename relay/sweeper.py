@@ -95,9 +95,10 @@ class Sweeper:
                 claimer.retry()
             if rescued:
                 log.warning(
-                    "sweep.rescued source=%s rows=%d reason=claim expired (worker died?)",
+                    "sweep.rescued source=%s rows=%d reason=%s",
                     source,
                     rescued,
+                    "claim expired (a relay died or lost the database mid-delivery?)",
                 )
         self.sweeps += 1
         for claimer in self.claimers.values():

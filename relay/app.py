@@ -324,6 +324,13 @@ class Service:
         if self.config.health_host is not None:
             runner = await serve(self.status, self.config.health_host, self.config.health_port)
             self.health_port = runner.addresses[0][1] if runner.addresses else None
+            # Off loopback only with health.allow_remote = true; said once, so it is on record.
+            log.info(
+                "health.listening host=%s port=%s remote=%s",
+                self.config.health_host,
+                self.health_port,
+                "allowed" if self.config.health_remote else "no",
+            )
         try:
             # A wrong configuration or a missing table ends start-up here, with its message.
             try:

@@ -136,6 +136,7 @@ class Config:
     retry: RetryPolicy = RetryPolicy()
     health_host: str | None = "127.0.0.1"
     health_port: int = 8081
+    health_remote: bool = False  # health.allow_remote: listening off loopback is meant
     notify_channel: str = "relay"
     # database.url goes through PgBouncer in transaction mode: no server-side prepared statements.
     pgbouncer: bool = False
@@ -926,6 +927,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         retry=policy,
         health_host=host,
         health_port=port,
+        health_remote=health.get("allow_remote", False) is True,
         notify_channel=channel,
         pgbouncer=pgbouncer,
     )

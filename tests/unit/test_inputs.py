@@ -72,7 +72,7 @@ def test_allow_remote_opens_the_health_endpoint_to_other_hosts() -> None:
         "health": {"listen": "0.0.0.0:9000", "allow_remote": True},
     }
     cfg = config.from_mapping(raw, {})
-    assert (cfg.health_host, cfg.health_port) == ("0.0.0.0", 9000)
+    assert (cfg.health_host, cfg.health_port, cfg.health_remote) == ("0.0.0.0", 9000, True)
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8081", "[::1]:8081", "localhost:8081"])

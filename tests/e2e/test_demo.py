@@ -79,7 +79,7 @@ async def test_make_run_demo_delivers_the_banner_insert_and_stops_cleanly(tmp_pa
         assert demo.proc is not None
         # No configuration file to reload: SIGHUP says so and the demo goes on.
         demo.proc.send_signal(signal.SIGHUP)
-        await demo.wait_line(r"reload\.skipped reason=no configuration file")
+        await demo.wait_line(r'reload\.skipped reason="no configuration file')
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(publish)
         await demo.wait_line(r'\[receiver .*id=events_2 attempt=1 body=\{"order": 42\}')

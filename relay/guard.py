@@ -343,7 +343,9 @@ class Guard:
             self._targets[url] = found
         if isinstance(found, URL):
             return found
-        raise found
+        # A fresh exception each time: raising the cached one would grow its traceback with
+        # every raise, and with it keep every caller's frame (a row and its payload) alive.
+        raise type(found)(*found.args)
 
     def _check(self, url: str) -> URL | InvalidTarget | Refused:
         try:

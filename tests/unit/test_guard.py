@@ -305,3 +305,26 @@ def test_refusal_finds_the_guards_reason_behind_aiohttps_connector_error() -> No
 
 def test_allow_default_is_empty() -> None:
     assert Allow() == guard.allow([])
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "ftp://example.com/"])
+def test_a_refused_target_keeps_no_callers_frame_alive(url: str) -> None:
+    # The cached refusal used to be raised again and again: its traceback grew by the caller's
+    # frames with every raise, keeping each row (and its payload) alive for as long as the URL
+    # stayed in the cache.
+    g = _guard()
+
+    def deliver() -> BaseException:
+        try:
+            g.target(url)
+        except (Refused, guard.InvalidTarget) as exc:
+            return exc
+        raise AssertionError("not refused")
+
+    first, again = deliver(), deliver()
+    assert first is not again
+    depth = 0
+    tb = again.__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    assert depth <= 2

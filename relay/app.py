@@ -280,6 +280,8 @@ class Service:
     ) -> None:
         self.config = config
         self.network = network  # the guard's resolver and sockets (tests swap them)
+        # Where the health endpoint listens: set at start, kept through reloads.
+        self._health = (config.health_host, config.health_port)
         self.relay = Relay(config, network=network)
         self.load = load
         self.stop = asyncio.Event()
@@ -378,15 +380,17 @@ class Service:
             return
         try:
             config = self.load()
+            new = Relay(config, network=self.network)
         except ConfigError as exc:
             self._reload_failed(str(exc))
             return
-        if (config.health_host, config.health_port) != (
-            self.config.health_host,
-            self.config.health_port,
-        ):
+        except Exception as exc:
+            # A reload is never a reason to stop relaying with the configuration that works.
+            log.exception("reload.crashed")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
+            return
+        if (config.health_host, config.health_port) != self._health:
             log.warning("reload.health_unchanged reason=%s", "a new health.listen takes a restart")
-        new = Relay(config, network=self.network)
         checking = asyncio.create_task(self._check(new), name="reload.check")
         await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not checking.done():

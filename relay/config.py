@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import psycopg
+
 from relay import guard, signing
 
 
@@ -194,7 +196,8 @@ _PRISMA_PARAMS = {
 
 def libpq_url(url: str) -> tuple[str, bool]:
     """Drop Prisma-only parameters from a URL, so a Prisma app's DATABASE_URL works as it is;
-    also say whether it asked for PgBouncer mode (`pgbouncer=true`)."""
+    also say whether it asked for PgBouncer mode (`pgbouncer=true`). ValueError if it is not
+    a connection string libpq accepts."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql") or not parts.query:
         return url, False
@@ -202,6 +205,20 @@ def libpq_url(url: str) -> tuple[str, bool]:
     pgbouncer = any(k == "pgbouncer" and v.lower() == "true" for k, v in params)
     kept = [(k, v) for k, v in params if k not in _PRISMA_PARAMS]
     return urlunsplit(parts._replace(query=urlencode(kept))), pgbouncer
+
+
+def _database_url(where: str, value: str) -> tuple[str, bool]:
+    """`libpq_url`, with a text libpq cannot parse refused at load, naming the key. libpq's own
+    message is left out: it may quote the part of the text where the password is."""
+    try:
+        url, pgbouncer = libpq_url(value)
+        psycopg.conninfo.conninfo_to_dict(url)
+    except (ValueError, psycopg.ProgrammingError):
+        raise ConfigError(
+            f"{where}: not a connection URL or string libpq accepts; write it as "
+            f"postgresql://user:password@host:5432/dbname or 'host=... dbname=... user=...'"
+        ) from None
+    return url, pgbouncer
 
 
 _TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources"}
@@ -341,9 +358,16 @@ def _fraction(where: str, value: Any) -> float:
 
 def http_url(where: str, value: Any) -> str:
     text = _str(where, value)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: {text!r} is not an http:// or https:// URL with a host")
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed "[" or an invalid address inside brackets
+        valid = False
+    if not valid:
+        # Shown without userinfo or query string: either may hold a credential.
+        raise ConfigError(
+            f"{where}: {guard.display_url(text)!r} is not an http:// or https:// URL with a host"
+        )
     return text
 
 
@@ -801,13 +825,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError(
             "database.url: no database to relay for; set DATABASE_URL or [database] url"
         )
-    url, url_pgbouncer = libpq_url(_str("database.url", url))
+    url, url_pgbouncer = _database_url("database.url", _str("database.url", url))
     listen_url = (
         env.get("RELAY_LISTEN_URL")
         or _value("database.listen_url", database.get("listen_url"), env)
         or url
     )
-    listen_url, _ = libpq_url(_str("database.listen_url", listen_url))
+    listen_url, _ = _database_url("database.listen_url", _str("database.listen_url", listen_url))
     pgbouncer = database.get("pgbouncer", url_pgbouncer)
     if not isinstance(pgbouncer, bool):
         raise ConfigError(f"database.pgbouncer: expected true or false, got {pgbouncer!r}")
@@ -942,9 +966,13 @@ def load(path: str | Path | None, env: Mapping[str, str]) -> Config:
         )
     file = Path(chosen)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the configuration file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -93,9 +93,20 @@ def _missing_column(raw: dict[str, Any]) -> None:
     raw["sources"]["deliveries"]["attempts"] = "tries"
 
 
+def _unparsable_url(raw: dict[str, Any]) -> None:
+    raw["sources"]["events"] = {"kind": "outbox", "url": "http://[::1/hook"}
+
+
+def _unparsable_database_url(raw: dict[str, Any]) -> None:
+    raw["database"]["url"] = "postgresql://[x/app"
+
+
 BAD_CONFIGS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     # Refused when the file is read...
     "unknown key": (_unknown_key, "relay.colour: unknown key"),
+    # (these raised ValueError, not ConfigError, and the reload took the running relay down)
+    "unparsable url": (_unparsable_url, "sources.events.url: 'http://[::1/hook' is not"),
+    "unparsable database url": (_unparsable_database_url, "database.url: not a connection URL"),
     # ... and when the database check of a changed source fails.
     "missing column": (_missing_column, "column 'tries' does not exist"),
 }

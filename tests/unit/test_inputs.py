@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,3 +118,31 @@ def test_a_newline_in_a_logged_value_cannot_forge_a_line() -> None:
         'WARNING delivery.failed key=7 error="HTTP 500: oops\\n2026-01-01 ERROR relay.app '
         'relay.crashed"'
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1/x", "http://[zz]/", "htp://user:tok@e.com/p?k=SECRET"]
+)
+def test_a_url_that_does_not_parse_is_named_without_its_credentials(url: str) -> None:
+    # "[::1/x" raised ValueError from urlsplit (a traceback at start, a crash on SIGHUP), and a
+    # refused URL was quoted whole, password and query token included.
+    source = {k: v for k, v in queue_source(url=url).items() if k != "url_column"}
+    msg = error(sources={"q": source})
+    assert msg.startswith("sources.q.url: ") and "is not an http:// or https:// URL" in msg
+    assert "tok" not in msg and "SECRET" not in msg
+
+
+@pytest.mark.parametrize("url", ["postgresql://[x/app", "host=db foo=bar password=hunter2"])
+def test_a_database_url_libpq_cannot_parse_is_a_configuration_error(url: str) -> None:
+    raw: dict[str, Any] = {"database": {"url": url}, "sources": {"q": queue_source()}}
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(raw, {})
+    assert str(info.value).startswith("database.url: not a connection URL or string libpq")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_configuration_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b"[database]\nurl = 'postgresql://x/\xff'\n")
+    with pytest.raises(ConfigError, match=r"relay.toml: not UTF-8 text \(byte 33\)"):
+        config.load(path, {})

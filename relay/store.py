@@ -182,6 +182,9 @@ class WebhookCall:
 
 
 RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+# How long a connection may stay silent while one source is checked or installed (a few dozen
+# statements, each bounded by the server's statement_timeout as well).
+SETUP_BOUND = 30.0
 DEFAULT_RETRY = RetryPolicy()
 
 # -- compiling a source's queries ----------------------------------------------------------------
@@ -991,10 +994,13 @@ class Store:
         await self.pool.close(timeout=1.0 if self._stopping else 5.0)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection for one bounded use."""
+    async def _connection(
+        self, bound: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one bounded use: one statement on the hot path (the
+        watchdog's own bound), or at least `bound` seconds for a use of many statements."""
         async with self.pool.connection() as conn:
-            with self.watchdog.watching(conn):
+            with self.watchdog.watching(conn, max(bound or 0.0, self.watchdog.bound)):
                 yield conn
 
     def sever_idle(self) -> None:
@@ -1040,9 +1046,11 @@ class Store:
     async def prepare(self, names: Iterable[str] | None = None) -> None:
         """Check every source (or those named) against the database and compile its queries."""
         chosen = self.sources.values() if names is None else [self.sources[n] for n in names]
-        async with self._connection() as conn:
-            _check_encoding(conn)
-            for source in chosen:
+        # One connection per source: checking one takes a few dozen round trips, and the
+        # watchdog bounds each use of a connection, not each statement.
+        for source in chosen:
+            async with self._connection(SETUP_BOUND) as conn:
+                _check_encoding(conn)
                 columns = await _describe(conn, source)
                 await _check_privileges(conn, source, columns)
                 compiled = compile_source(
@@ -1054,8 +1062,8 @@ class Store:
         """Sources whose triggers are missing or stale (not what `relay install` would install
         now), and why."""
         problems: dict[str, str] = {}
-        async with self._connection() as conn:
-            for name, compiled in self.compiled.items():
+        for name, compiled in self.compiled.items():
+            async with self._connection(SETUP_BOUND) as conn:
                 source = self.sources[name]
                 triggers = (compiled.insert_trigger, compiled.update_trigger)
                 problem = await _trigger_problem(
@@ -1086,7 +1094,9 @@ class Store:
 
     async def install(self) -> None:
         """relay's schema and every source's trigger, in one transaction; idempotent."""
-        async with self._connection() as conn, conn.transaction():
+        # One transaction for every source (all or nothing), so one bound for all of them.
+        bound = SETUP_BOUND * max(1, len(self.sources))
+        async with self._connection(bound) as conn, conn.transaction():
             _check_encoding(conn)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_SCHEMA_SQL)

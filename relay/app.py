@@ -234,7 +234,15 @@ class Relay:
             _, waiting = await asyncio.wait(parts, timeout=STOP_WAIT)
             if waiting:
                 self.store.interrupt()
-            await asyncio.gather(*parts)
+                _, waiting = await asyncio.wait(waiting, timeout=STOP_WAIT)
+            for part in waiting:
+                # Still waiting for a connection the pool cannot make (a statement would have
+                # been cut off by interrupt()): safe to cancel; a claimer gives its budget back.
+                part.cancel()
+            await asyncio.wait(parts)
+            for part in parts:
+                if not part.cancelled() and part.exception() is not None:
+                    raise part.exception()  # type: ignore[misc]
             await self.deliverer.drain(self.config.shutdown_grace)
             await deliverer
             self.settler.close()

@@ -94,6 +94,18 @@ class Settler:
             _log_failed(source, items, exc)
             return None
         except psycopg.Error as exc:
+            if _structural(exc):
+                # The table itself changed (a column renamed, the table dropped, a privilege
+                # revoked): no row would do better alone. The rows keep their claims until
+                # these expire; the claimer finds the source failing and the sweeps re-check it.
+                log.error(
+                    "settle.rejected source=%s rows=%d error=%s next=%s",
+                    source,
+                    len(items),
+                    _first_line(exc),
+                    "the rows keep their claims until these expire",
+                )
+                return None
             # Not a lost connection: the database refused a write of one row or more (a
             # "WebhookCall" whose webhook was deleted, a value a column or a trigger of the
             # user's refuses). One statement is all or nothing, so each row is written alone,
@@ -187,6 +199,16 @@ class Settler:
                 _first_line(exc),
             )
             return None
+
+
+# SQLSTATE classes that say the statement no longer fits the table (undefined column or table,
+# insufficient privilege: 42; invalid schema: 3F; feature not supported: 0A), as opposed to a
+# value of one row that was refused.
+_STRUCTURAL = ("42", "3F", "0A")
+
+
+def _structural(exc: psycopg.Error) -> bool:
+    return (exc.sqlstate or "")[:2] in _STRUCTURAL
 
 
 def _first_line(exc: BaseException) -> str:

@@ -175,3 +175,25 @@ async def test_a_batch_that_nothing_refuses_is_one_statement(db: str) -> None:
         settled = await settle(store, "deliveries", batch)
     assert settled == {r.key for r in claimed} and len(settled) == 20
     assert store.settles == 1
+
+
+async def test_a_batch_refused_because_the_table_changed_is_not_retried_row_by_row(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A renamed column fails every row alike: writing them one by one took two failing
+    # statements and two ERROR lines per row, for every batch.
+    execute(
+        db,
+        "INSERT INTO webhook_delivery_queue (url) "
+        "SELECT 'http://127.0.0.1:9/' FROM generate_series(1, 5)",
+    )
+    config = config_mod.from_mapping(raw_config(db), {})
+    async with prepared(config) as store:
+        claimed = await store.claim("deliveries", 10, 30.0)
+        execute(db, "ALTER TABLE webhook_delivery_queue RENAME COLUMN last_error TO error_text")
+        batch = [Settlement(r.key, r.lease, Outcome.done, http_status=200) for r in claimed]
+        settled = await settle(store, "deliveries", batch)
+    assert settled is None  # left to the claims' expiry
+    assert store.settles == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settle.")]
+    assert len(lines) == 1 and lines[0].startswith("settle.rejected source=deliveries rows=5")

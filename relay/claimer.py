@@ -184,9 +184,7 @@ class Claimer:
             except RETRYABLE as exc:
                 # The database is away; the listener's reconnect will wake us, and the timer
                 # tries again meanwhile.
-                log.warning(
-                    "claim.failed source=%s error=%s", self.source.name, str(exc).splitlines()[0]
-                )
+                log.warning("claim.failed source=%s error=%s", self.source.name, first_line(exc))
                 self._deadline = loop.time() + 1.0
                 continue
             except psycopg.Error as exc:

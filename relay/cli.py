@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseExceptionGroup as group:
         # A part of the relay died: say which and why, and exit non-zero.
         for failure in group.exceptions:
-            log.critical("relay.crashed error=%r", failure, exc_info=failure)
+            log.critical("relay.crashed error=%s", failure, exc_info=failure)
         return EXIT_FAILED
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
@@ -329,6 +330,8 @@ def duration(where: str, value: Any, minimum: float = 0.0) -> float:
         raise ConfigError(
             f"{where}: expected a duration like 30, '250ms', '30s' or '5m', got {value!r}"
         )
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{where}: expected a finite duration, got {value!r}")
     if seconds < 0:
         raise ConfigError(f"{where}: must not be negative, got {value!r}")
     if seconds < minimum:
@@ -343,7 +346,7 @@ def _show_seconds(seconds: float) -> str:
 
 
 def _number(where: str, value: Any, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{where}: expected a number like 2 or 1.5, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{where}: must be at least {minimum:g}, got {value!r}")
@@ -374,6 +377,13 @@ def http_url(where: str, value: Any) -> str:
 def _bool(where: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _secret_text(where: str, value: Any) -> str:
+    """A secret sent as it is (Documenso's X-Documenso-Secret): errors never quote it."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string")
     return value
 
 
@@ -549,7 +559,7 @@ def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) 
         body=BodyFormat.documenso,
         # Documenso's convention: the secret as it is, not a Standard Webhooks signature, so it
         # is not held to the whsec_ rule.
-        secret=_str(f"{where}.secret", data["secret"]) if "secret" in data else None,
+        secret=_secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None,
         secret_header="X-Documenso-Secret",
         app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
     )

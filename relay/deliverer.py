@@ -324,6 +324,11 @@ class Deliverer:
         # A claimed row starts its request only if its claim outlives the request's timeout
         # and its settle, so no delivery is still running when another worker may take the row.
         self._start_within = {s.name: config.start_within(s) for s in config.sources}
+        # Where a source's targets come from, for the error of an invalid one (built once).
+        self._origins = {
+            s.name: f" in column {s.url_column!r}" if s.url_column else f" of sources.{s.name}"
+            for s in config.sources
+        }
         self.busy = 0
         self.delivered = 0
         self.failed = 0
@@ -525,7 +530,7 @@ class Deliverer:
                 f"no target for topic {row.topic!r}: add it (or '*') under "
                 f"[sources.{source.name}.topics], then `relay retry-dead {source.name}`",
             )
-        target = self._checked(url, f" in column {source.url_column!r}")
+        target = self._checked(url, self._origins[source.name])
         if isinstance(target, Attempt):
             return self._settle_attempt(source, row, target, None)
         assert url is not None

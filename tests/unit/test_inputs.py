@@ -146,3 +146,17 @@ def test_a_configuration_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"[database]\nurl = 'postgresql://x/\xff'\n")
     with pytest.raises(ConfigError, match=r"relay.toml: not UTF-8 text \(byte 33\)"):
         config.load(path, {})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_durations_and_numbers_must_be_finite(value: float) -> None:
+    # TOML allows nan and inf; nan passed every comparison and failed every claim in SQL.
+    assert error(http={"timeout": value}).startswith("http.timeout: expected a finite duration")
+    assert error(retry={"factor": value}).startswith("retry.factor: expected a number")
+
+
+def test_a_documenso_secret_that_is_not_text_is_not_quoted() -> None:
+    source = {"kind": "documenso_documents", "url": "https://hooks.example.com/", "secret": 31337}
+    msg = error(sources={"docs": source})
+    assert msg.startswith("sources.docs.secret: expected a non-empty string")
+    assert "31337" not in msg

@@ -749,11 +749,21 @@ async def _check_status_constraints(
         return
     probe = sql.Identifier("relay_status_probe")
     async with conn.transaction(force_rollback=True):
-        await conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} ({} {}) ON COMMIT DROP").format(
-                probe, sql.Identifier(source.status), sql.SQL(status.type)
-            )
-        )
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    sql.SQL("CREATE TEMP TABLE {} ({} {}) ON COMMIT DROP").format(
+                        probe, sql.Identifier(source.status), sql.SQL(status.type)
+                    )
+                )
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigError(
+                f"sources.{source.name}.status: relay checks its status values against the "
+                f"CHECK constraints of {source.qualified_table} in a temporary table, and its "
+                f"role may not create one; run: GRANT TEMPORARY ON DATABASE "
+                f"{sql.Identifier(conn.info.dbname).as_string(conn)} TO "
+                f"{sql.Identifier(conn.info.user).as_string(conn)}"
+            ) from None
         for name, definition in checks:
             # The definition comes from pg_get_constraintdef(), i.e. from the catalog itself.
             await conn.execute(

@@ -279,3 +279,30 @@ async def test_check_names_each_missing_privilege_and_the_grant_that_gives_it(
         f'GRANT UPDATE ("status", "attempts", "due_at", "last_error", "last_status", '
         f'"delivered_at") ON "relay"."outbox" TO {quoted};',
     ]
+
+
+async def test_check_names_the_temporary_privilege_its_status_probe_needs(
+    db: str, roles: tuple[str, str]
+) -> None:
+    # On a database where TEMP is revoked from PUBLIC, check and start-up failed with a bare
+    # "permission denied to create temporary tables" (exit 1, no key, no fix).
+    runner, _ = roles
+    config = config_mod.from_mapping(raw_config(db), {})
+    await install(config)
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    execute(
+        db, sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname))
+    )
+    grant(db, "GRANT SELECT, UPDATE ON public.webhook_delivery_queue TO {role}", runner)
+    runner_config = config_mod.from_mapping(raw_config(as_role(db, runner)), {})
+    store = Store(runner_config.database_url, runner_config.sources)
+    await store.open()
+    try:
+        with pytest.raises(ConfigError) as info:
+            await store.prepare()
+        message = str(info.value)
+        assert message.startswith("sources.deliveries.status: relay checks its status values")
+        execute(db, message.split(" run: ")[1])
+        await store.prepare()  # doing what it says is enough
+    finally:
+        await store.close()

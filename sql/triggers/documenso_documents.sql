@@ -138,11 +138,21 @@ BEGIN
             payload := jsonb_build_object('id', legacy_id, 'envelopeId', NEW."id",
                                           'status', NEW."status"::text, 'relayError', SQLERRM);
         END;
-        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
             coalesce(event, 'the status change'), NEW."id", SQLERRM;
+        RETURN NULL;
     END;
+    -- The write stays outside any EXCEPTION block: a block that writes takes a subtransaction
+    -- id for every row, and a transaction changing more than 64 documents would overflow
+    -- PostgreSQL's subtransaction cache, slowing every session while it runs. What could make
+    -- it fail is checked first instead (the table runs as its owner, so privileges cannot).
+    IF to_regclass('relay.documenso_events') IS NULL THEN
+        RAISE WARNING 'relay: % for document % not recorded: relay.documenso_events is missing; '
+            'run `relay install`', event, NEW."id";
+        RETURN NULL;
+    END IF;
+    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     RETURN NULL;
 END
 $$;
@@ -191,11 +201,21 @@ BEGIN
             payload := jsonb_build_object('id', NEW."id", 'status', NEW."status"::text,
                                           'relayError', SQLERRM);
         END;
-        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
             coalesce(event, 'the status change'), NEW."id", SQLERRM;
+        RETURN NULL;
     END;
+    -- The write stays outside any EXCEPTION block: a block that writes takes a subtransaction
+    -- id for every row, and a transaction changing more than 64 documents would overflow
+    -- PostgreSQL's subtransaction cache, slowing every session while it runs. What could make
+    -- it fail is checked first instead (the table runs as its owner, so privileges cannot).
+    IF to_regclass('relay.documenso_events') IS NULL THEN
+        RAISE WARNING 'relay: % for document % not recorded: relay.documenso_events is missing; '
+            'run `relay install`', event, NEW."id";
+        RETURN NULL;
+    END IF;
+    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     RETURN NULL;
 END
 $$;

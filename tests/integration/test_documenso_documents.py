@@ -217,3 +217,35 @@ async def test_documensos_own_prisma_database_url_works_as_it_is(
             cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
             assert await cur.fetchone() == (0,)
     assert {r.json["event"] for r in receiver.received} == {"DOCUMENT_SENT"}
+
+
+async def test_sending_many_documents_in_one_transaction_takes_no_subtransaction_ids(
+    envelope_db: str,
+) -> None:
+    # The event's INSERT sat in an EXCEPTION block: each row took a subtransaction id, and a
+    # transaction changing more than 64 documents overflowed PostgreSQL's subtransaction cache,
+    # which slows every other session while that transaction is open.
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(
+        envelope_db,
+        """
+        INSERT INTO "DocumentMeta" ("id") SELECT 'bulk_' || g FROM generate_series(1, 100) g;
+        INSERT INTO "Envelope" ("id", "secondaryId", "type", "updatedAt", "title", "source",
+                                "internalVersion", "userId", "teamId", "documentMetaId")
+        SELECT 'bulk_' || g, 'document_' || (1000 + g), 'DOCUMENT', now(), 'Bulk', 'DOCUMENT',
+               2, 1, 7, 'bulk_' || g
+        FROM generate_series(1, 100) g;
+        """,
+    )
+    with psycopg.connect(envelope_db) as conn, conn.transaction():
+        conn.execute(
+            """UPDATE "Envelope" SET "status" = 'PENDING', "updatedAt" = now()
+               WHERE "id" LIKE 'bulk_%'"""
+        )
+        row = conn.execute(
+            "SELECT s.subxact_count, s.subxact_overflowed "
+            "FROM pg_stat_get_backend_idset() AS b(id), pg_stat_get_backend_subxact(b.id) AS s "
+            "WHERE pg_stat_get_backend_pid(b.id) = pg_backend_pid()"
+        ).fetchone()
+    assert row == (0, False)
+    assert len(events(envelope_db)) == 100

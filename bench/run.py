@@ -327,7 +327,7 @@ class Bench:
                 wait_until(
                     lambda: (
                         proc.poll() is not None
-                        or http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+                        or http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
                     ),
                     30,
                     "relay to listen",

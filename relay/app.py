@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from relay import guard
-from relay.claimer import Claimer, Slots, first_line
+from relay import guard, logs
+from relay.claimer import Claimer, Slots
 from relay.config import Config, ConfigError
 from relay.deliverer import Deliverer, Settler
 from relay.listener import Listener
@@ -43,7 +43,7 @@ def _log_start_retry(state: RetryCallState) -> None:
     log.warning(
         "relay.waiting_for_database attempt=%d error=%s",
         state.attempt_number,
-        str(exc).strip().splitlines()[0] if exc else "",
+        logs.first_line(exc) if exc else "",
     )
 
 
@@ -429,7 +429,7 @@ class Service:
                 await new.start_checks()
             return True
         except (ConfigError, psycopg.Error, TimeoutError, *RETRYABLE) as exc:
-            reason = str(exc) if isinstance(exc, ConfigError) else first_line(exc)
+            reason = str(exc) if isinstance(exc, ConfigError) else logs.first_line(exc)
             self._reload_failed(reason)
         except Exception as exc:
             # A reload is never a reason to stop relaying with the configuration that works.

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import psycopg
 
+from relay import logs
 from relay.config import Config, ConfigError, Source
 from relay.store import RETRYABLE, Claimed
 
@@ -136,11 +137,11 @@ class Claimer:
         """The database refused one of this source's queries: stop claiming, with the most
         telling reason. The configuration check names the key that no longer fits (a column
         renamed, a table dropped); if it finds nothing, the database's own error is the reason."""
-        reason = first_line(error)
+        reason = logs.first_line(error)
         try:
             await self.store.prepare([self.source.name])
         except ConfigError as exc:
-            reason = first_line(exc)
+            reason = logs.first_line(exc)
         except psycopg.Error:
             pass
         self.fail(reason)
@@ -184,7 +185,9 @@ class Claimer:
             except RETRYABLE as exc:
                 # The database is away; the listener's reconnect will wake us, and the timer
                 # tries again meanwhile.
-                log.warning("claim.failed source=%s error=%s", self.source.name, first_line(exc))
+                log.warning(
+                    "claim.failed source=%s error=%s", self.source.name, logs.first_line(exc)
+                )
                 self._deadline = loop.time() + 1.0
                 continue
             except psycopg.Error as exc:
@@ -238,9 +241,3 @@ class Claimer:
                 if not self._woken:
                     return
                 self._woken = False
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's message on one line (PostgreSQL's details and hints follow on others)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,7 +13,7 @@ import psycopg
 import psycopg_pool
 
 from relay import config as config_mod
-from relay import logs
+from relay import connections, logs
 from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.store import Store
@@ -21,7 +21,6 @@ from relay.store import Store
 log = logging.getLogger("relay.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-CONNECT_TIMEOUT = 5  # seconds a CLI command waits for the database before saying it cannot
 ADMIN_STATEMENT_TIMEOUT = 60.0  # seconds: install, uninstall, status and retry-dead
 
 
@@ -139,12 +138,12 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
 
 
 async def _unreachable(url: str) -> str | None:
-    """Why the database cannot be reached, in one line, within CONNECT_TIMEOUT; None if it can.
+    """Why the database cannot be reached, in one line, within connect_timeout; None if it can.
 
     One plain connection first, so that an unreachable database is one clear line after a few
     seconds rather than the pool's retries and multi-line warnings."""
     try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT)
+        conn = await psycopg.AsyncConnection.connect(url, **connections.options(url))
     except psycopg.OperationalError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         return logs.escape(lines[-1] if lines else type(exc).__name__)

@@ -6,7 +6,6 @@ what to do, and the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
@@ -110,8 +109,9 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    database_url: str
-    listen_url: str  # the direct (non-PgBouncer) URL the listener uses
+    # Kept out of repr: a database URL may hold its password.
+    database_url: str = field(repr=False)
+    listen_url: str = field(repr=False)  # the direct (non-PgBouncer) URL the listener uses
     worker_id: str
     sources: tuple[Source, ...]
     max_in_flight: int = 20
@@ -174,7 +174,7 @@ MIN_HEARTBEAT = 0.5
 MIN_CLAIM_TIMEOUT = 1.0
 MIN_HTTP_TIMEOUT = 0.1
 MIN_RETRY_BASE = 0.01
-MIN_STATEMENT_TIMEOUT = 0.1  # seconds
+MIN_STATEMENT_TIMEOUT = 0.1
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _IDENT = re.compile(r"^[^\x00]{1,63}$")
@@ -770,24 +770,15 @@ def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
             f"'' turns it off), got {text!r}"
         )
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not isinstance(allow_remote, bool):
-        raise ConfigError(f"health.allow_remote: expected true or false, got {allow_remote!r}")
-    if not _is_loopback(host) and not allow_remote:
+    ip = guard.parse_ip(host)
+    loopback = host == "localhost" if ip is None else guard.classify(ip) == "loopback"
+    if not loopback and not _bool("health.allow_remote", allow_remote):
         raise ConfigError(
             f"health.listen: {host!r} is not a loopback address, so the health endpoint would be "
             f"reachable from other hosts; set health.allow_remote = true to mean it, or listen "
             f"on 127.0.0.1"
         )
     return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _allow(value: Any) -> guard.Allow:
@@ -842,18 +833,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         or url
     )
     listen_url, _ = _database_url("database.listen_url", _str("database.listen_url", listen_url))
-    pgbouncer = database.get("pgbouncer", url_pgbouncer)
-    if not isinstance(pgbouncer, bool):
-        raise ConfigError(f"database.pgbouncer: expected true or false, got {pgbouncer!r}")
+    pgbouncer = _bool("database.pgbouncer", database.get("pgbouncer", url_pgbouncer))
 
     statement_timeout = duration(
-        "database.statement_timeout", database.get("statement_timeout", 5.0)
+        "database.statement_timeout",
+        database.get("statement_timeout", 5.0),
+        minimum=MIN_STATEMENT_TIMEOUT,
     )
-    if statement_timeout < MIN_STATEMENT_TIMEOUT:
-        raise ConfigError(
-            f"database.statement_timeout: must be at least {MIN_STATEMENT_TIMEOUT * 1000:g}ms "
-            f"(a bound on each of relay's statements), got {statement_timeout:g}s"
-        )
 
     max_attempts = _int("retry.max_attempts", retry.get("max_attempts", 5))
     sources_raw = raw.get("sources", {})
@@ -961,7 +947,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         retry=policy,
         health_host=host,
         health_port=port,
-        health_remote=health.get("allow_remote", False) is True,
+        health_remote=_bool("health.allow_remote", health.get("allow_remote", False)),
         notify_channel=channel,
         pgbouncer=pgbouncer,
     )

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, retry, signing, store
+from relay import guard, logs, retry, signing, store
 from relay.claimer import Slots
 from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
 from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
@@ -102,7 +102,7 @@ class Settler:
                     "settle.rejected source=%s rows=%d error=%s next=%s",
                     source,
                     len(items),
-                    _first_line(exc),
+                    logs.first_line(exc),
                     "the rows keep their claims until these expire",
                 )
                 return None
@@ -114,7 +114,7 @@ class Settler:
                 "settle.batch_rejected source=%s rows=%d error=%s next=%s",
                 source,
                 len(items),
-                _first_line(exc),
+                logs.first_line(exc),
                 "settling the rows one by one",
             )
             written = await self._write_each(source, items, with_calls=not calls_written)
@@ -169,7 +169,7 @@ class Settler:
                     "settle.call_not_recorded source=%s key=%s error=%s",
                     source,
                     item.key,
-                    _first_line(exc),
+                    logs.first_line(exc),
                 )
         try:
             return await self.store.settle(source, [item])
@@ -181,7 +181,7 @@ class Settler:
                 source,
                 item.key,
                 item.outcome,
-                _first_line(exc),
+                logs.first_line(exc),
                 "settling without the error text and HTTP status",
             )
         try:
@@ -196,7 +196,7 @@ class Settler:
                 source,
                 item.key,
                 item.outcome,
-                _first_line(exc),
+                logs.first_line(exc),
             )
             return None
 
@@ -211,12 +211,8 @@ def _structural(exc: psycopg.Error) -> bool:
     return (exc.sqlstate or "")[:2] in _STRUCTURAL
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _log_failed(source: str, items: list[Settlement], exc: BaseException) -> None:
-    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), _first_line(exc))
+    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), logs.first_line(exc))
 
 
 @dataclass(slots=True)
@@ -274,8 +270,7 @@ def excerpt(body: bytes, limit: int) -> str:
     if limit <= 0:
         return ""
     text = body[: limit * 4].decode("utf-8", "replace").replace("\x00", "").strip()
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-    return shown[:limit]
+    return logs.escape(text)[:limit]
 
 
 def _header_text(text: str) -> str:

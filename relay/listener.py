@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from relay import connections
+from relay import connections, logs
 
 log = logging.getLogger("relay.listener")
 
@@ -36,7 +36,7 @@ def _log_retry(state: RetryCallState) -> None:
         "listener.reconnecting attempt=%d retry_in=%.2fs error=%s",
         state.attempt_number,
         wait,
-        str(exc).strip().splitlines()[0] if exc else "",
+        logs.first_line(exc) if exc else "",
     )
 
 
@@ -121,7 +121,7 @@ class Listener:
                 # Any failure of this connection (terminated, server restarted, network gone,
                 # heartbeat unanswered) means the same thing: reconnect, LISTEN, sweep.
                 if not stop.is_set():
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "?"
+                    reason = logs.first_line(exc)
                     if self.watchdog.severed != severed:
                         reason = f"no answer within {self.watchdog.bound:g}s (connection silent)"
                     log.warning("listener.lost error=%s", reason)

@@ -44,6 +44,12 @@ def field(text: str) -> str:
     return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message on one line (PostgreSQL's details and hints follow on others)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _safe(arg: Any) -> Any:
     if isinstance(arg, str):
         return field(arg)

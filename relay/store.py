@@ -30,7 +30,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from relay import connections
+from relay import connections, logs
 from relay.config import EXECUTE_WEBHOOK, Config, ConfigError, RetryPolicy, Source, SourceKind
 
 log = logging.getLogger("relay.store")
@@ -661,7 +661,7 @@ async def _check_status_type(
                 row = await cur.fetchone()
         except psycopg.errors.DataError as exc:
             row = None
-            reason = str(exc).strip().splitlines()[0]
+            reason = logs.first_line(exc)
         else:
             reason = f"it would be stored as {row[0]!r}" if row else ""
         if row is None or row[0] != value:
@@ -757,12 +757,12 @@ async def _check_status_constraints(
                     )
                 )
         except psycopg.errors.InsufficientPrivilege:
+            on = sql.SQL("DATABASE {}").format(sql.Identifier(conn.info.dbname))
+            grant = _grant(conn, "TEMPORARY", None, on, await _role(conn))
             raise ConfigError(
                 f"sources.{source.name}.status: relay checks its status values against the "
                 f"CHECK constraints of {source.qualified_table} in a temporary table, and its "
-                f"role may not create one; run: GRANT TEMPORARY ON DATABASE "
-                f"{sql.Identifier(conn.info.dbname).as_string(conn)} TO "
-                f"{sql.Identifier(conn.info.user).as_string(conn)}"
+                f"role may not create one; run: {grant}"
             ) from None
         for name, definition in checks:
             # The definition comes from pg_get_constraintdef(), i.e. from the catalog itself.
@@ -1097,10 +1097,6 @@ class Store:
                 if problem is not None:
                     problems[name] = problem
         return problems
-
-    async def check_triggers(self) -> list[str]:
-        """Names of sources whose wake-up triggers are missing or stale."""
-        return list(await self.trigger_problems())
 
     async def install(self) -> None:
         """relay's schema and every source's trigger, in one transaction; idempotent."""

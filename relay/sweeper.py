@@ -17,7 +17,7 @@ from typing import Protocol
 
 import psycopg
 
-from relay.claimer import first_line
+from relay import logs
 from relay.config import ConfigError
 from relay.store import RETRYABLE
 
@@ -82,10 +82,10 @@ class Sweeper:
                     await self.store.prepare([source])
                 rescued = await self.store.rescue(source)
             except RETRYABLE as exc:
-                log.warning("sweep.failed source=%s error=%s", source, first_line(exc))
+                log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
                 continue
             except ConfigError as exc:
-                claimer.fail(first_line(exc))  # still failing, for this reason
+                claimer.fail(logs.first_line(exc))  # still failing, for this reason
                 continue
             except psycopg.Error as exc:
                 # The table changed under this source: it stops alone (see relay.claimer).

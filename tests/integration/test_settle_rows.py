@@ -26,6 +26,16 @@ def execute(url: str, statement: str, params: Any = None) -> None:
         conn.execute(statement, params)
 
 
+def queue(db: str, n: int) -> None:
+    """`n` pending rows to a target nothing listens on (these tests settle by hand)."""
+    execute(
+        db,
+        "INSERT INTO webhook_delivery_queue (url) "
+        "SELECT 'http://127.0.0.1:9/' FROM generate_series(1, %s)",
+        (n,),
+    )
+
+
 class CountingStore(Store):
     """The real store, counting the statements a settle takes."""
 
@@ -47,6 +57,10 @@ async def prepared(config: Config) -> AsyncIterator[CountingStore]:
         yield store
     finally:
         await store.close()
+
+
+def delivered(claimed: list[Any]) -> list[Settlement]:
+    return [Settlement(r.key, r.lease, Outcome.done, http_status=200) for r in claimed]
 
 
 async def settle(store: Store, source: str, batch: list[Settlement]) -> set[Any] | None:
@@ -163,16 +177,11 @@ async def test_a_row_whose_write_is_refused_is_settled_alone_with_what_can_be_wr
 
 
 async def test_a_batch_that_nothing_refuses_is_one_statement(db: str) -> None:
-    execute(
-        db,
-        "INSERT INTO webhook_delivery_queue (url) "
-        "SELECT 'http://127.0.0.1:9/' FROM generate_series(1, 20)",
-    )
+    queue(db, 20)
     config = config_mod.from_mapping(raw_config(db), {})
     async with prepared(config) as store:
         claimed = await store.claim("deliveries", 50, 30.0)
-        batch = [Settlement(r.key, r.lease, Outcome.done, http_status=200) for r in claimed]
-        settled = await settle(store, "deliveries", batch)
+        settled = await settle(store, "deliveries", delivered(claimed))
     assert settled == {r.key for r in claimed} and len(settled) == 20
     assert store.settles == 1
 
@@ -182,17 +191,12 @@ async def test_a_batch_refused_because_the_table_changed_is_not_retried_row_by_r
 ) -> None:
     # A renamed column fails every row alike: writing them one by one took two failing
     # statements and two ERROR lines per row, for every batch.
-    execute(
-        db,
-        "INSERT INTO webhook_delivery_queue (url) "
-        "SELECT 'http://127.0.0.1:9/' FROM generate_series(1, 5)",
-    )
+    queue(db, 5)
     config = config_mod.from_mapping(raw_config(db), {})
     async with prepared(config) as store:
         claimed = await store.claim("deliveries", 10, 30.0)
         execute(db, "ALTER TABLE webhook_delivery_queue RENAME COLUMN last_error TO error_text")
-        batch = [Settlement(r.key, r.lease, Outcome.done, http_status=200) for r in claimed]
-        settled = await settle(store, "deliveries", batch)
+        settled = await settle(store, "deliveries", delivered(claimed))
     assert settled is None  # left to the claims' expiry
     assert store.settles == 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settle.")]

@@ -160,3 +160,8 @@ def test_a_documenso_secret_that_is_not_text_is_not_quoted() -> None:
     msg = error(sources={"docs": source})
     assert msg.startswith("sources.docs.secret: expected a non-empty string")
     assert "31337" not in msg
+
+
+def test_a_configs_repr_holds_no_database_password() -> None:
+    raw = {"database": {"url": "postgresql://app:hunter2@db/app"}, "sources": {"q": queue_source()}}
+    assert "hunter2" not in repr(config.from_mapping(raw, {}))

@@ -127,6 +127,9 @@ async def test_everything_silent_for_30s_then_back_delivers_every_row(
             rows = await fetch_rows(db)
             assert len(rows) >= len(stream.acked)
             await receiver.wait_ids(delivery_ids(rows), timeout=WAIT)
+            # The rows can all be in before the listener's backoff lets it reconnect (the
+            # sweeps and the pool find them without it): wait for it, then check it is a new one.
+            await asyncio.wait_for(relay.listener.up.wait(), WAIT)
             assert relay.listener.connections >= 2
 
 

@@ -7,7 +7,6 @@ what to do, and the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
@@ -21,11 +20,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
-from relay import guard, signing
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message names the key and the fix."""
+from relay import guard, readers
+from relay.readers import ConfigError as ConfigError
+from relay.readers import duration, http_url
 
 
 class SourceKind(StrEnum):
@@ -177,9 +174,6 @@ MIN_RETRY_BASE = 0.01
 MIN_STATEMENT_TIMEOUT = 0.1
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_IDENT = re.compile(r"^[^\x00]{1,63}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 # Query parameters Prisma adds to a DATABASE_URL (Documenso's among them) that libpq rejects.
 _PRISMA_PARAMS = {
@@ -283,224 +277,6 @@ _TABLE_KEYS = _COMMON_SOURCE_KEYS | {
 }
 
 
-# -- small typed readers; each names the key it reads ------------------------------------------
-
-
-def _unknown(section: str, data: Mapping[str, Any], allowed: set[str]) -> None:
-    for key in data:
-        if key not in allowed:
-            where = f"{section}.{key}" if section else key
-            raise ConfigError(f"{where}: unknown key; allowed here: {', '.join(sorted(allowed))}")
-
-
-def _str(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _ident(where: str, value: Any) -> str:
-    text = _str(where, value)
-    if not _IDENT.match(text):
-        raise ConfigError(f"{where}: {text!r} is not a valid column or table name")
-    return text
-
-
-def _opt_ident(where: str, value: Any) -> str | None:
-    return None if value is None else _ident(where, value)
-
-
-def _int(where: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value}")
-    return value
-
-
-def duration(where: str, value: Any, minimum: float = 0.0) -> float:
-    """Seconds from a number or a string like '250ms', '30s', '5m', '1h', at least `minimum`."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration like 30 or '30s', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(
-            f"{where}: expected a duration like 30, '250ms', '30s' or '5m', got {value!r}"
-        )
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{where}: expected a finite duration, got {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{where}: must not be negative, got {value!r}")
-    if seconds < minimum:
-        # Below these floors a loop spins (a 0 s sweep or heartbeat) or nothing can succeed (a
-        # 0 s request timeout): refuse rather than run.
-        raise ConfigError(f"{where}: must be at least {_show_seconds(minimum)}, got {value!r}")
-    return seconds
-
-
-def _show_seconds(seconds: float) -> str:
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
-
-
-def _number(where: str, value: Any, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected a number like 2 or 1.5, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _fraction(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(f"{where}: expected a number between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def http_url(where: str, value: Any) -> str:
-    text = _str(where, value)
-    try:
-        parts = urlsplit(text)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an unclosed "[" or an invalid address inside brackets
-        valid = False
-    if not valid:
-        # Shown without userinfo or query string: either may hold a credential.
-        raise ConfigError(
-            f"{where}: {guard.display_url(text)!r} is not an http:// or https:// URL with a host"
-        )
-    return text
-
-
-def _bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _secret_text(where: str, value: Any) -> str:
-    """A secret sent as it is (Documenso's X-Documenso-Secret): errors never quote it."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a non-empty string")
-    return value
-
-
-def _headers(where: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table of header names to values")
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        # Header values are often credentials: errors name the key, never the value.
-        if not isinstance(v, str) or not v:
-            raise ConfigError(f"{where}.{k}: expected a non-empty string")
-        if any(c in v for c in "\r\n\x00"):
-            raise ConfigError(f"{where}.{k}: a header value cannot hold a line break or NUL")
-        out[k] = v
-    return out
-
-
-def _signing_secrets(where: str, value: Any) -> tuple[str, ...]:
-    """One Standard Webhooks secret, or a list of them while rotating."""
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ConfigError(f"{where}: expected a secret 'whsec_...' or a list of them, got []")
-    out = []
-    for i, secret in enumerate(values):
-        key = f"{where}[{i}]" if isinstance(value, list) else where
-        if not isinstance(secret, str):
-            raise ConfigError(f"{key}: expected a string 'whsec_...'")
-        try:
-            signing.config_key(secret)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-        out.append(secret)
-    return tuple(out)
-
-
-def _fixed_credentials(
-    where: str, data: Mapping[str, Any], keys: tuple[str, ...], why: str
-) -> None:
-    """Refuse fixed credentials on a source whose rows choose the URL, unless opted in."""
-    opt_in = f"{where}.fixed_credentials_for_row_urls"
-    if _bool(opt_in, data.get("fixed_credentials_for_row_urls", False)):
-        return
-    for key in keys:
-        if data.get(key):
-            raise ConfigError(
-                f"{where}.{key}: {why}, so a fixed {key} would go to whatever URL a row names; "
-                f"set {opt_in} = true only if every URL those rows can hold belongs to the "
-                f"receiver it is meant for"
-            )
-
-
-# -- value references: any secret, header value or database URL may come from elsewhere ------
-
-_REFERENCE_KINDS = ("env", "file")
-
-
-def _value(where: str, value: Any, env: Mapping[str, str]) -> Any:
-    """A plain value as it is; `{ env = "NAME" }` or `{ file = "/path" }` replaced by the text
-    they name (a file's trailing line break dropped), so a config file can be committed without
-    its secrets. Errors name the key and the variable or file, never the value."""
-    if not isinstance(value, dict):
-        return value
-    if len(value) != 1 or next(iter(value)) not in _REFERENCE_KINDS:
-        raise ConfigError(
-            f'{where}: expected a string, {{ env = "NAME" }} or {{ file = "/path" }}, got a table '
-            f"with keys {sorted(value)}"
-        )
-    ((kind, name),) = value.items()
-    name = _str(f"{where}.{kind}", name)
-    if kind == "env":
-        text = env.get(name, "")
-        if not text:
-            raise ConfigError(
-                f"{where}: the environment variable {name} is not set or empty; set it, or give "
-                f"{where} another way"
-            )
-        return text
-    try:
-        text = Path(name).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {name}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: {name} is not UTF-8 text") from None
-    if not text:
-        raise ConfigError(f"{where}: {name} is empty")
-    return text
-
-
-def _source_values(where: str, data: Any, env: Mapping[str, str]) -> Any:
-    """A source's table with its secret and header values read from where they point."""
-    if not isinstance(data, dict):
-        return data
-    out = dict(data)
-    secret = out.get("secret")
-    if isinstance(secret, list):
-        out["secret"] = [_value(f"{where}.secret[{i}]", v, env) for i, v in enumerate(secret)]
-    elif secret is not None:
-        out["secret"] = _value(f"{where}.secret", secret, env)
-    headers = out.get("headers")
-    if isinstance(headers, dict):
-        out["headers"] = {k: _value(f"{where}.headers.{k}", v, env) for k, v in headers.items()}
-    return out
-
-
-def _status_list(where: str, value: Any) -> tuple[str, ...]:
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}: expected a status value or a list of them, got {value!r}")
-    return tuple(_str(f"{where}[{i}]", v) for i, v in enumerate(values))
-
-
-def _table_name(where: str, value: Any) -> tuple[str, str]:
-    text = _str(where, value)
-    schema, _, table = text.rpartition(".")
-    return _ident(where, schema or "public"), _ident(where, table)
-
-
 # -- sources -------------------------------------------------------------------------------
 
 
@@ -529,7 +305,9 @@ def _event_table(
         done="delivered",
         dead="dead",
         attempts="attempts",
-        max_attempts=_int(f"{where}.max_attempts", data.get("max_attempts", max_attempts)),
+        max_attempts=readers.integer(
+            f"{where}.max_attempts", data.get("max_attempts", max_attempts)
+        ),
         max_attempts_column="max_attempts",
         due="due_at",
         last_error="last_error",
@@ -538,14 +316,14 @@ def _event_table(
         payload_column="payload",
         topic_column="topic",
         topics=topics,
-        headers=_headers(f"{where}.headers", data.get("headers", {})),
+        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
         **extra,
     )
 
 
 def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     where = f"sources.{name}"
-    _unknown(where, data, _DOCUMENSO_DOCUMENTS_KEYS)
+    readers.unknown(where, data, _DOCUMENSO_DOCUMENTS_KEYS)
     if "url" not in data:
         raise ConfigError(f"{where}.url: required: the endpoint Documenso's webhooks should reach")
     url = http_url(f"{where}.url", data["url"])
@@ -559,18 +337,18 @@ def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) 
         body=BodyFormat.documenso,
         # Documenso's convention: the secret as it is, not a Standard Webhooks signature, so it
         # is not held to the whsec_ rule.
-        secret=_secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None,
+        secret=readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None,
         secret_header="X-Documenso-Secret",
-        app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
+        app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
     )
 
 
 def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
     where = f"sources.{name}"
-    _unknown(where, data, _DOCUMENSO_JOBS_KEYS)
-    webhooks = _bool(f"{where}.webhooks", data.get("webhooks", True))
+    readers.unknown(where, data, _DOCUMENSO_JOBS_KEYS)
+    webhooks = readers.boolean(f"{where}.webhooks", data.get("webhooks", True))
     if webhooks:
-        _fixed_credentials(
+        readers.fixed_credentials(
             where,
             data,
             ("headers",),
@@ -593,7 +371,7 @@ def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
     return Source(
         name=name,
         kind=SourceKind.documenso_jobs,
-        schema=_ident(f"{where}.schema", data.get("schema", "public")),
+        schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
         table="BackgroundJob",
         key="id",
         status="status",
@@ -609,10 +387,10 @@ def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
         payload_column="payload",
         topic_column="jobId",
         topics=forward,
-        headers=_headers(f"{where}.headers", data.get("headers", {})),
+        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
         body=BodyFormat.documenso_job,
         secret_header="X-Documenso-Secret",
-        app_schema=_ident(f"{where}.schema", data.get("schema", "public")),
+        app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
         job_ids=job_ids,
         pending_after=duration(f"{where}.pending_after", data.get("pending_after", 0)),
         stuck_after=duration(
@@ -623,7 +401,7 @@ def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
 
 def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     where = f"sources.{name}"
-    _unknown(where, data, _OUTBOX_KEYS)
+    readers.unknown(where, data, _OUTBOX_KEYS)
     topics_raw = data.get("topics", {})
     if not isinstance(topics_raw, dict):
         raise ConfigError(f"{where}.topics: expected a table of topic = URL")
@@ -636,7 +414,7 @@ def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
             f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
             f"[{where}.topics] table of topic = URL"
         )
-    secrets = _signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
+    secrets = readers.signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
     return _event_table(
         name,
         data,
@@ -650,12 +428,12 @@ def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
 
 def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     where = f"sources.{name}"
-    _unknown(where, data, _TABLE_KEYS)
+    readers.unknown(where, data, _TABLE_KEYS)
     for required in ("table", "key", "status", "attempts"):
         if required not in data:
             raise ConfigError(f"{where}.{required}: required for a table source")
-    schema, table = _table_name(f"{where}.table", data["table"])
-    pending = _status_list(f"{where}.pending", data.get("pending", "pending"))
+    schema, table = readers.table_name(f"{where}.table", data["table"])
+    pending = readers.status_list(f"{where}.pending", data.get("pending", "pending"))
     has_url = "url" in data
     has_url_column = "url_column" in data
     if has_url == has_url_column:
@@ -666,7 +444,7 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
     if "secret" in data and "secret_column" in data:
         raise ConfigError(f"{where}: set at most one of secret or secret_column")
     if has_url_column:
-        _fixed_credentials(
+        readers.fixed_credentials(
             where, data, ("secret", "headers"), "the rows choose where it sends (url_column)"
         )
     max_attempts_value = data.get("max_attempts", max_attempts)
@@ -676,28 +454,28 @@ def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
         kind=SourceKind.table,
         schema=schema,
         table=table,
-        key=_ident(f"{where}.key", data["key"]),
-        status=_ident(f"{where}.status", data["status"]),
+        key=readers.ident(f"{where}.key", data["key"]),
+        status=readers.ident(f"{where}.status", data["status"]),
         pending=pending,
-        retry=_str(f"{where}.retry", data.get("retry", pending[0])),
-        processing=_str(f"{where}.processing", data.get("processing", "processing")),
-        done=_str(f"{where}.done", data.get("done", "done")),
-        dead=_str(f"{where}.dead", data.get("dead", "dead")),
-        attempts=_ident(f"{where}.attempts", data["attempts"]),
-        max_attempts=_int(f"{where}.max_attempts", max_attempts_value),
-        max_attempts_column=_opt_ident(f"{where}.max_attempts_column", column),
-        due=_opt_ident(f"{where}.due", data.get("due")),
-        last_error=_opt_ident(f"{where}.last_error", data.get("last_error")),
-        last_status=_opt_ident(f"{where}.last_status", data.get("last_status")),
-        done_at=_opt_ident(f"{where}.done_at", data.get("done_at")),
-        payload_column=_opt_ident(f"{where}.payload", data.get("payload")),
+        retry=readers.string(f"{where}.retry", data.get("retry", pending[0])),
+        processing=readers.string(f"{where}.processing", data.get("processing", "processing")),
+        done=readers.string(f"{where}.done", data.get("done", "done")),
+        dead=readers.string(f"{where}.dead", data.get("dead", "dead")),
+        attempts=readers.ident(f"{where}.attempts", data["attempts"]),
+        max_attempts=readers.integer(f"{where}.max_attempts", max_attempts_value),
+        max_attempts_column=readers.opt_ident(f"{where}.max_attempts_column", column),
+        due=readers.opt_ident(f"{where}.due", data.get("due")),
+        last_error=readers.opt_ident(f"{where}.last_error", data.get("last_error")),
+        last_status=readers.opt_ident(f"{where}.last_status", data.get("last_status")),
+        done_at=readers.opt_ident(f"{where}.done_at", data.get("done_at")),
+        payload_column=readers.opt_ident(f"{where}.payload", data.get("payload")),
         url=http_url(f"{where}.url", data["url"]) if has_url else None,
-        url_column=_opt_ident(f"{where}.url_column", data.get("url_column")),
+        url_column=readers.opt_ident(f"{where}.url_column", data.get("url_column")),
         signing_secrets=(
-            _signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
+            readers.signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
         ),
-        secret_column=_opt_ident(f"{where}.secret_column", data.get("secret_column")),
-        headers=_headers(f"{where}.headers", data.get("headers", {})),
+        secret_column=readers.opt_ident(f"{where}.secret_column", data.get("secret_column")),
+        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
     )
     # A row's status alone says where it is: if two of these were the same value, a delivered
     # row would look claimed (and be "rescued" and sent again), or a dead one delivered.
@@ -753,7 +531,7 @@ def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: expected a table ([{name}])")
-    _unknown(name, value, _SECTION_KEYS[name])
+    readers.unknown(name, value, _SECTION_KEYS[name])
     return value
 
 
@@ -762,7 +540,7 @@ def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
     /status shows what relay is doing, which is not for every host on the network."""
     if value in ("", False):
         return None, 0
-    text = _str("health.listen", value)
+    text = readers.string("health.listen", value)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(
@@ -772,7 +550,7 @@ def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     ip = guard.parse_ip(host)
     loopback = host == "localhost" if ip is None else guard.classify(ip) == "loopback"
-    if not loopback and not _bool("health.allow_remote", allow_remote):
+    if not loopback and not readers.boolean("health.allow_remote", allow_remote):
         raise ConfigError(
             f"health.listen: {host!r} is not a loopback address, so the health endpoint would be "
             f"reachable from other hosts; set health.allow_remote = true to mean it, or listen "
@@ -788,7 +566,7 @@ def _allow(value: Any) -> guard.Allow:
             '["10.0.0.0/8", "192.168.1.20", "hooks.internal"]'
         )
     for i, entry in enumerate(value):
-        text = _str(f"http.allow[{i}]", entry)
+        text = readers.string(f"http.allow[{i}]", entry)
         try:
             guard.allow_entry(text)
         except ValueError as exc:
@@ -814,26 +592,28 @@ def _check_fixed_targets(source: Source, allowed: guard.Allow) -> None:
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     """Build a Config from parsed TOML and the environment (DATABASE_URL, RELAY_LISTEN_URL)."""
-    _unknown("", raw, _TOP_KEYS)
+    readers.unknown("", raw, _TOP_KEYS)
     database = _section(raw, "database")
     relay = _section(raw, "relay")
     http = _section(raw, "http")
     retry = _section(raw, "retry")
     health = _section(raw, "health")
 
-    url = env.get("DATABASE_URL") or _value("database.url", database.get("url"), env)
+    url = env.get("DATABASE_URL") or readers.value("database.url", database.get("url"), env)
     if not url:
         raise ConfigError(
             "database.url: no database to relay for; set DATABASE_URL or [database] url"
         )
-    url, url_pgbouncer = _database_url("database.url", _str("database.url", url))
+    url, url_pgbouncer = _database_url("database.url", readers.string("database.url", url))
     listen_url = (
         env.get("RELAY_LISTEN_URL")
-        or _value("database.listen_url", database.get("listen_url"), env)
+        or readers.value("database.listen_url", database.get("listen_url"), env)
         or url
     )
-    listen_url, _ = _database_url("database.listen_url", _str("database.listen_url", listen_url))
-    pgbouncer = _bool("database.pgbouncer", database.get("pgbouncer", url_pgbouncer))
+    listen_url, _ = _database_url(
+        "database.listen_url", readers.string("database.listen_url", listen_url)
+    )
+    pgbouncer = readers.boolean("database.pgbouncer", database.get("pgbouncer", url_pgbouncer))
 
     statement_timeout = duration(
         "database.statement_timeout",
@@ -841,7 +621,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         minimum=MIN_STATEMENT_TIMEOUT,
     )
 
-    max_attempts = _int("retry.max_attempts", retry.get("max_attempts", 5))
+    max_attempts = readers.integer("retry.max_attempts", retry.get("max_attempts", 5))
     sources_raw = raw.get("sources", {})
     if not isinstance(sources_raw, dict) or not sources_raw:
         raise ConfigError(
@@ -849,7 +629,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             "or kind = 'table'"
         )
     sources = tuple(
-        _source(n, _source_values(f"sources.{n}", d, env), max_attempts)
+        _source(n, readers.source_values(f"sources.{n}", d, env), max_attempts)
         for n, d in sources_raw.items()
     )
     for kind in (SourceKind.outbox, SourceKind.documenso_documents, SourceKind.documenso_jobs):
@@ -861,20 +641,20 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     for source in sources:
         _check_fixed_targets(source, allowed)
     host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
-    channel = _ident("relay.channel", relay.get("channel", "relay"))
+    channel = readers.ident("relay.channel", relay.get("channel", "relay"))
     policy = RetryPolicy(
         base=duration("retry.base", retry.get("base", 1.0), minimum=MIN_RETRY_BASE),
-        factor=_number("retry.factor", retry.get("factor", 2.0), minimum=1),
+        factor=readers.number("retry.factor", retry.get("factor", 2.0), minimum=1),
         max_delay=duration("retry.max_delay", retry.get("max_delay", 3600.0)),
-        jitter=_fraction("retry.jitter", retry.get("jitter", 0.2)),
+        jitter=readers.fraction("retry.jitter", retry.get("jitter", 0.2)),
     )
     if policy.max_delay < policy.base:
         raise ConfigError(
             f"retry.max_delay ({policy.max_delay:g}s) must be at least retry.base "
             f"({policy.base:g}s): raise retry.max_delay or lower retry.base"
         )
-    max_in_flight = _int("relay.max_in_flight", relay.get("max_in_flight", 20))
-    batch_size = _int("relay.batch_size", relay.get("batch_size", 50))
+    max_in_flight = readers.integer("relay.max_in_flight", relay.get("max_in_flight", 20))
+    batch_size = readers.integer("relay.batch_size", relay.get("batch_size", 50))
     claim_timeout = duration(
         "relay.claim_timeout", relay.get("claim_timeout", 60.0), minimum=MIN_CLAIM_TIMEOUT
     )
@@ -897,7 +677,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     # hung receiver does not make relay claim rows only to hand them back.
     within = _start_within(min(lifetimes.values()), http_timeout)
     safe_ahead = int(max_in_flight * within / http_timeout)
-    claim_ahead = _int(
+    claim_ahead = readers.integer(
         "relay.claim_ahead", relay.get("claim_ahead", min(batch_size, safe_ahead)), minimum=0
     )
     if claim_ahead > safe_ahead:
@@ -914,7 +694,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     return Config(
         database_url=url,
         listen_url=listen_url,
-        worker_id=_str(
+        worker_id=readers.string(
             "relay.worker_id", relay.get("worker_id", f"{socket.gethostname()}:{os.getpid()}")
         ),
         sources=sources,
@@ -933,21 +713,21 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         ),
         statement_timeout=statement_timeout,
         http_timeout=http_timeout,
-        max_response_bytes=_int(
+        max_response_bytes=readers.integer(
             "http.max_response_bytes", http.get("max_response_bytes", 64 * 1024), minimum=0
         ),
-        max_payload_bytes=_int(
+        max_payload_bytes=readers.integer(
             "relay.max_payload_bytes", relay.get("max_payload_bytes", 1048576), minimum=1024
         ),
-        user_agent=_str("http.user_agent", http.get("user_agent", "relay/0.1")),
+        user_agent=readers.string("http.user_agent", http.get("user_agent", "relay/0.1")),
         http_allow=allowed,
-        error_body_chars=_int(
+        error_body_chars=readers.integer(
             "http.error_body_chars", http.get("error_body_chars", 200), minimum=0
         ),
         retry=policy,
         health_host=host,
         health_port=port,
-        health_remote=_bool("health.allow_remote", health.get("allow_remote", False)),
+        health_remote=readers.boolean("health.allow_remote", health.get("allow_remote", False)),
         notify_channel=channel,
         pgbouncer=pgbouncer,
     )

@@ -23,6 +23,7 @@ import psycopg
 from relay import guard, readers
 from relay.readers import ConfigError as ConfigError
 from relay.readers import duration, http_url
+from relay.retry import RetryPolicy as RetryPolicy
 
 
 class SourceKind(StrEnum):
@@ -36,14 +37,6 @@ class BodyFormat(StrEnum):
     raw = "raw"  # the payload as it is
     documenso = "documenso"  # {"event", "payload", "createdAt", "webhookEndpoint"}
     documenso_job = "documenso_job"  # execute-webhook jobs as webhooks; other jobs as jobs
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    base: float = 1.0  # seconds before the second attempt
-    factor: float = 2.0
-    max_delay: float = 3600.0
-    jitter: float = 0.2  # +/- this fraction of the delay
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,16 @@ so the policy is a pure function and tests can pin it.
 from __future__ import annotations
 
 import email.utils
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from relay.config import RetryPolicy
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    base: float = 1.0  # seconds before the second attempt
+    factor: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.2  # +/- this fraction of the delay
 
 
 def delay(

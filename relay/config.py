@@ -126,7 +126,7 @@ class Config:
     http_allow: guard.Allow = field(default_factory=guard.Allow)
     # How much of a failing response's body last_error keeps (0: none).
     error_body_chars: int = 200
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     health_host: str | None = "127.0.0.1"
     health_port: int = 8081
     health_remote: bool = False  # health.allow_remote: listening off loopback is meant

@@ -47,7 +47,7 @@ from psycopg import sql
 
 from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
-from relay.store import sql_dir
+from relay.db.sqltext import sql_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"

@@ -22,10 +22,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from relay import guard, logs
 from relay.claimer import Claimer, Slots
 from relay.config import Config, ConfigError
-from relay.deliverer import Deliverer, Settler
+from relay.db.store import RETRYABLE, Store
+from relay.deliverer import Deliverer
 from relay.listener import Listener
 from relay.server import serve
-from relay.store import RETRYABLE, Outcome, Settlement, Store
+from relay.settler import Settler
+from relay.sources.base import Outcome, Settlement
 from relay.sweeper import Sweeper
 
 log = logging.getLogger("relay.app")
@@ -57,13 +59,17 @@ class Relay:
             channel=config.notify_channel,
             max_size=4 + len(config.sources),
             retry_for=max(config.claim_timeout / 2, 5.0),
-            retry=config.retry,
+            worker=config.worker_id,
             pgbouncer=config.pgbouncer,
             statement_timeout=config.statement_timeout,
         )
         self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
-        self.settler = Settler(self.store, on_settled=self._on_settled)
-        self.deliverer = Deliverer(config, self.settler, self.slots, network=network)
+        self.settler = Settler(
+            self.store, on_settled=self._on_settled, sources={s.name: s for s in config.sources}
+        )
+        self.deliverer = Deliverer(
+            config, self.settler, self.slots, store=self.store, network=network
+        )
         self.claimers = {
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources
@@ -144,6 +150,8 @@ class Relay:
         """Open the pool and check every source against the database (ConfigError if wrong)."""
         await self.store.open()
         await self.store.prepare()
+        for name, compiled in self.store.compiled.items():
+            self.deliverer.wants_detail(name, compiled.needs_detail)
         problems = await self.store.trigger_problems()
         for name, problem in problems.items():
             log.warning(

@@ -23,8 +23,9 @@ from typing import Protocol
 import psycopg
 
 from relay import logs
-from relay.config import Config, ConfigError, Source
-from relay.store import RETRYABLE, Claimed
+from relay.config import Config, ConfigError
+from relay.db.store import RETRYABLE
+from relay.sources.base import Claimed, Source
 
 log = logging.getLogger("relay.claimer")
 

@@ -16,7 +16,7 @@ from relay import config as config_mod
 from relay import connections, logs
 from relay.app import Service
 from relay.config import Config, ConfigError
-from relay.store import Store
+from relay.db.store import Store
 
 log = logging.getLogger("relay.cli")
 
@@ -64,7 +64,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
         max_payload_bytes=config.max_payload_bytes,
         channel=config.notify_channel,
         max_size=2,
-        retry=config.retry,
+        worker=config.worker_id,
         pgbouncer=config.pgbouncer,
         # Installing waits for locks on the application's tables; reports read whole tables.
         statement_timeout=(

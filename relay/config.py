@@ -7,94 +7,24 @@ what to do, and the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
-from relay import guard, readers
+from relay import guard, readers, sources
 from relay.readers import ConfigError as ConfigError
-from relay.readers import duration, http_url
+from relay.readers import duration
 from relay.retry import RetryPolicy as RetryPolicy
-
-
-class SourceKind(StrEnum):
-    outbox = "outbox"
-    table = "table"
-    documenso_documents = "documenso_documents"
-    documenso_jobs = "documenso_jobs"
-
-
-class BodyFormat(StrEnum):
-    raw = "raw"  # the payload as it is
-    documenso = "documenso"  # {"event", "payload", "createdAt", "webhookEndpoint"}
-    documenso_job = "documenso_job"  # execute-webhook jobs as webhooks; other jobs as jobs
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One watched table, and how relay claims, settles and delivers its rows."""
-
-    name: str
-    kind: SourceKind
-    schema: str
-    table: str
-    key: str
-    status: str
-    pending: tuple[str, ...]  # statuses a row can be claimed from
-    retry: str  # status a row waits in for its next attempt
-    processing: str
-    done: str
-    dead: str
-    attempts: str
-    max_attempts: int  # used when the column is absent or NULL
-    max_attempts_column: str | None
-    due: str | None  # None: relay keeps claims and retry times in relay.leases
-    last_error: str | None = None
-    last_status: str | None = None
-    done_at: str | None = None
-    payload_column: str | None = None  # None: the whole row as JSON
-    url: str | None = None
-    url_column: str | None = None
-    topic_column: str | None = None
-    topics: Mapping[str, str] = field(default_factory=dict)
-    # Sent as it is in `secret_header` (documenso_documents); never shown (repr=False).
-    secret: str | None = field(default=None, repr=False)
-    # Standard Webhooks secrets (`whsec_...`) to sign with, one signature each (rotation).
-    signing_secrets: tuple[str, ...] = field(default=(), repr=False)
-    secret_column: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    body: BodyFormat = BodyFormat.raw
-    # Send the secret as it is in this header instead of signing (Documenso's X-Documenso-Secret).
-    secret_header: str | None = None
-    app_schema: str = "public"  # where a preset's application tables live
-    # documenso_jobs: which "jobId"s to run, and when to step in for Documenso's own runner.
-    job_ids: tuple[str, ...] = ()
-    pending_after: float = 0.0
-    stuck_after: float = 300.0
-
-    @property
-    def qualified_table(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-    def target_for_topic(self, topic: str) -> str | None:
-        """Exact topic first, then the longest `prefix.*` pattern, then `*`."""
-        if topic in self.topics:
-            return self.topics[topic]
-        best: tuple[int, str] | None = None
-        for pattern, url in self.topics.items():
-            matches = pattern.endswith("*") and topic.startswith(pattern[:-1])
-            if matches and (best is None or len(pattern) > best[0]):
-                best = (len(pattern), url)
-        return best[1] if best else None
+from relay.sources.base import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,14 +65,16 @@ class Config:
     pgbouncer: bool = False
 
     def claim_lifetime(self, source: Source) -> float:
-        """How long a claim on this source's rows lasts before another worker may take it."""
-        if source.kind is SourceKind.documenso_jobs:
-            return source.stuck_after  # Documenso's own rule for a stuck job
-        return self.claim_timeout
+        """How long a claim on this source's rows lasts before another worker may take it
+        (while a heartbeat does not extend it)."""
+        return source.lifetime if source.lifetime is not None else self.claim_timeout
 
     def start_within(self, source: Source) -> float:
         """How long after its claim a row may still start its request: the request must end
-        (http.timeout) with time to spare for its settle (5 s, or half the slack if less)."""
+        (http.timeout) with time to spare for its settle (5 s, or half the slack if less). A
+        claim that heartbeats is extended while the row waits and runs, so it starts anyway."""
+        if source.heartbeat:
+            return math.inf
         return _start_within(self.claim_lifetime(source), self.http_timeout)
 
 
@@ -150,11 +82,6 @@ def _start_within(lifetime: float, http_timeout: float) -> float:
     slack = lifetime - http_timeout
     return slack - min(5.0, slack / 2)
 
-
-# The outbox is relay's own table; as a source it is a fixed mapping onto relay.outbox.
-OUTBOX_TABLE = ("relay", "outbox")
-# Documenso document events are captured into a table of the same shape.
-DOCUMENSO_EVENTS_TABLE = ("relay", "documenso_events")
 
 log = logging.getLogger("relay.config")
 
@@ -228,274 +155,10 @@ _SECTION_KEYS = {
     "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
     "health": {"listen", "allow_remote"},
 }
-_COMMON_SOURCE_KEYS = {
-    "kind",
-    "url",
-    "secret",
-    "headers",
-    "max_attempts",
-}
-_OUTBOX_KEYS = _COMMON_SOURCE_KEYS | {"topics"}
-_DOCUMENSO_DOCUMENTS_KEYS = _COMMON_SOURCE_KEYS | {"schema"}
-_DOCUMENSO_JOBS_KEYS = {
-    "kind",
-    "schema",
-    "webhooks",
-    "forward",
-    "pending_after",
-    "stuck_after",
-    "headers",
-    "fixed_credentials_for_row_urls",
-}
-EXECUTE_WEBHOOK = "internal.execute-webhook"
-_TABLE_KEYS = _COMMON_SOURCE_KEYS | {
-    "table",
-    "key",
-    "status",
-    "pending",
-    "retry",
-    "processing",
-    "done",
-    "dead",
-    "attempts",
-    "max_attempts_column",
-    "due",
-    "last_error",
-    "last_status",
-    "done_at",
-    "payload",
-    "url_column",
-    "secret_column",
-    "fixed_credentials_for_row_urls",
-}
+# -- sources ---------------------------------------------------------------------------------
 
 
-# -- sources -------------------------------------------------------------------------------
-
-
-def _event_table(
-    name: str,
-    data: Mapping[str, Any],
-    max_attempts: int,
-    *,
-    kind: SourceKind,
-    table: tuple[str, str],
-    topics: dict[str, str],
-    **extra: Any,
-) -> Source:
-    """A source on one of relay's own event tables (the outbox's shape)."""
-    where = f"sources.{name}"
-    return Source(
-        name=name,
-        kind=kind,
-        schema=table[0],
-        table=table[1],
-        key="id",
-        status="status",
-        pending=("pending",),
-        retry="pending",
-        processing="processing",
-        done="delivered",
-        dead="dead",
-        attempts="attempts",
-        max_attempts=readers.integer(
-            f"{where}.max_attempts", data.get("max_attempts", max_attempts)
-        ),
-        max_attempts_column="max_attempts",
-        due="due_at",
-        last_error="last_error",
-        last_status="last_status",
-        done_at="delivered_at",
-        payload_column="payload",
-        topic_column="topic",
-        topics=topics,
-        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
-        **extra,
-    )
-
-
-def _documenso_documents(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
-    where = f"sources.{name}"
-    readers.unknown(where, data, _DOCUMENSO_DOCUMENTS_KEYS)
-    if "url" not in data:
-        raise ConfigError(f"{where}.url: required: the endpoint Documenso's webhooks should reach")
-    url = http_url(f"{where}.url", data["url"])
-    return _event_table(
-        name,
-        data,
-        max_attempts,
-        kind=SourceKind.documenso_documents,
-        table=DOCUMENSO_EVENTS_TABLE,
-        topics={"*": url},
-        body=BodyFormat.documenso,
-        # Documenso's convention: the secret as it is, not a Standard Webhooks signature, so it
-        # is not held to the whsec_ rule.
-        secret=readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None,
-        secret_header="X-Documenso-Secret",
-        app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
-    )
-
-
-def _documenso_jobs(name: str, data: Mapping[str, Any]) -> Source:
-    where = f"sources.{name}"
-    readers.unknown(where, data, _DOCUMENSO_JOBS_KEYS)
-    webhooks = readers.boolean(f"{where}.webhooks", data.get("webhooks", True))
-    if webhooks:
-        readers.fixed_credentials(
-            where,
-            data,
-            ("headers",),
-            "with webhooks = true, jobs go to the URL each Webhook row names",
-        )
-    forward_raw = data.get("forward", {})
-    if not isinstance(forward_raw, dict):
-        raise ConfigError(f"{where}.forward: expected a table of jobId = URL")
-    forward = {j: http_url(f"{where}.forward.{j!r}", u) for j, u in forward_raw.items()}
-    if EXECUTE_WEBHOOK in forward:
-        raise ConfigError(
-            f"{where}.forward: {EXECUTE_WEBHOOK!r} jobs go to the Webhook they name; "
-            f"use webhooks = true instead of forwarding them"
-        )
-    job_ids = ((EXECUTE_WEBHOOK,) if webhooks else ()) + tuple(sorted(forward))
-    if not job_ids:
-        raise ConfigError(
-            f"{where}: nothing to run: set webhooks = true or list jobs under [{where}.forward]"
-        )
-    return Source(
-        name=name,
-        kind=SourceKind.documenso_jobs,
-        schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
-        table="BackgroundJob",
-        key="id",
-        status="status",
-        pending=("PENDING",),
-        retry="PENDING",
-        processing="PROCESSING",
-        done="COMPLETED",
-        dead="FAILED",
-        attempts="retried",
-        max_attempts=4,  # Documenso's default maxRetries (3) + 1; the column decides
-        max_attempts_column="maxRetries",
-        due="updatedAt",
-        payload_column="payload",
-        topic_column="jobId",
-        topics=forward,
-        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
-        body=BodyFormat.documenso_job,
-        secret_header="X-Documenso-Secret",
-        app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
-        job_ids=job_ids,
-        pending_after=duration(f"{where}.pending_after", data.get("pending_after", 0)),
-        stuck_after=duration(
-            f"{where}.stuck_after", data.get("stuck_after", 300), minimum=MIN_CLAIM_TIMEOUT
-        ),
-    )
-
-
-def _outbox(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
-    where = f"sources.{name}"
-    readers.unknown(where, data, _OUTBOX_KEYS)
-    topics_raw = data.get("topics", {})
-    if not isinstance(topics_raw, dict):
-        raise ConfigError(f"{where}.topics: expected a table of topic = URL")
-    topics = {t: http_url(f"{where}.topics.{t!r}", u) for t, u in topics_raw.items()}
-    url = http_url(f"{where}.url", data["url"]) if "url" in data else None
-    if url is not None:
-        topics.setdefault("*", url)
-    if not topics:
-        raise ConfigError(
-            f"{where}: an outbox needs somewhere to deliver: set url = '...' or a "
-            f"[{where}.topics] table of topic = URL"
-        )
-    secrets = readers.signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
-    return _event_table(
-        name,
-        data,
-        max_attempts,
-        kind=SourceKind.outbox,
-        table=OUTBOX_TABLE,
-        topics=topics,
-        signing_secrets=secrets,
-    )
-
-
-def _table(name: str, data: Mapping[str, Any], max_attempts: int) -> Source:
-    where = f"sources.{name}"
-    readers.unknown(where, data, _TABLE_KEYS)
-    for required in ("table", "key", "status", "attempts"):
-        if required not in data:
-            raise ConfigError(f"{where}.{required}: required for a table source")
-    schema, table = readers.table_name(f"{where}.table", data["table"])
-    pending = readers.status_list(f"{where}.pending", data.get("pending", "pending"))
-    has_url = "url" in data
-    has_url_column = "url_column" in data
-    if has_url == has_url_column:
-        raise ConfigError(
-            f"{where}: set exactly one of url (a fixed target) or url_column (the row's column "
-            f"that holds the target URL)"
-        )
-    if "secret" in data and "secret_column" in data:
-        raise ConfigError(f"{where}: set at most one of secret or secret_column")
-    if has_url_column:
-        readers.fixed_credentials(
-            where, data, ("secret", "headers"), "the rows choose where it sends (url_column)"
-        )
-    max_attempts_value = data.get("max_attempts", max_attempts)
-    column = data.get("max_attempts_column")
-    source = Source(
-        name=name,
-        kind=SourceKind.table,
-        schema=schema,
-        table=table,
-        key=readers.ident(f"{where}.key", data["key"]),
-        status=readers.ident(f"{where}.status", data["status"]),
-        pending=pending,
-        retry=readers.string(f"{where}.retry", data.get("retry", pending[0])),
-        processing=readers.string(f"{where}.processing", data.get("processing", "processing")),
-        done=readers.string(f"{where}.done", data.get("done", "done")),
-        dead=readers.string(f"{where}.dead", data.get("dead", "dead")),
-        attempts=readers.ident(f"{where}.attempts", data["attempts"]),
-        max_attempts=readers.integer(f"{where}.max_attempts", max_attempts_value),
-        max_attempts_column=readers.opt_ident(f"{where}.max_attempts_column", column),
-        due=readers.opt_ident(f"{where}.due", data.get("due")),
-        last_error=readers.opt_ident(f"{where}.last_error", data.get("last_error")),
-        last_status=readers.opt_ident(f"{where}.last_status", data.get("last_status")),
-        done_at=readers.opt_ident(f"{where}.done_at", data.get("done_at")),
-        payload_column=readers.opt_ident(f"{where}.payload", data.get("payload")),
-        url=http_url(f"{where}.url", data["url"]) if has_url else None,
-        url_column=readers.opt_ident(f"{where}.url_column", data.get("url_column")),
-        signing_secrets=(
-            readers.signing_secrets(f"{where}.secret", data["secret"]) if "secret" in data else ()
-        ),
-        secret_column=readers.opt_ident(f"{where}.secret_column", data.get("secret_column")),
-        headers=readers.headers(f"{where}.headers", data.get("headers", {})),
-    )
-    # A row's status alone says where it is: if two of these were the same value, a delivered
-    # row would look claimed (and be "rescued" and sent again), or a dead one delivered.
-    states = {
-        "processing": source.processing,
-        "done": source.done,
-        "dead": source.dead,
-    }
-    for label, value in states.items():
-        if value in source.pending:
-            raise ConfigError(f"{where}.{label}: {value!r} is also listed in {where}.pending")
-    for i, (label, value) in enumerate(states.items()):
-        for other, other_value in list(states.items())[i + 1 :]:
-            if value == other_value:
-                raise ConfigError(
-                    f"{where}.{other}: {value!r} is also {where}.{label}; each state needs a "
-                    f"status value of its own"
-                )
-    if source.retry not in source.pending:
-        raise ConfigError(
-            f"{where}.retry: {source.retry!r} must be one of {where}.pending {list(pending)}, "
-            f"or a retried row would never be claimed again"
-        )
-    return source
-
-
-def _source(name: str, data: Any, max_attempts: int) -> Source:
+def _source(name: str, data: Any, ctx: sources.ParseContext) -> Source:
     where = f"sources.{name}"
     if not _NAME.match(name):
         raise ConfigError(
@@ -504,17 +167,11 @@ def _source(name: str, data: Any, max_attempts: int) -> Source:
         )
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table")
-    kind = data.get("kind")
-    if kind == SourceKind.outbox:
-        return _outbox(name, data, max_attempts)
-    if kind == SourceKind.table:
-        return _table(name, data, max_attempts)
-    if kind == SourceKind.documenso_documents:
-        return _documenso_documents(name, data, max_attempts)
-    if kind == SourceKind.documenso_jobs:
-        return _documenso_jobs(name, data)
-    kinds = ", ".join(repr(k.value) for k in SourceKind)
-    raise ConfigError(f"{where}.kind: expected one of {kinds}, got {kind!r}")
+    kind = sources.KINDS.get(data.get("kind"))  # type: ignore[arg-type]
+    if kind is None:
+        kinds = ", ".join(repr(k) for k in sources.KINDS)
+        raise ConfigError(f"{where}.kind: expected one of {kinds}, got {data.get('kind')!r}")
+    return kind.parse(name, readers.source_values(where, data, ctx.env), ctx)
 
 
 # -- the whole file ------------------------------------------------------------------------
@@ -570,13 +227,7 @@ def _allow(value: Any) -> guard.Allow:
 def _check_fixed_targets(source: Source, allowed: guard.Allow) -> None:
     """A fixed target the outbound guard would refuse whatever DNS says (an address, localhost)
     stops start-up here rather than killing every row it gets."""
-    where = f"sources.{source.name}"
-    targets = {f"{where}.url": source.url} if source.url is not None else {}
-    prefix = "forward" if source.kind is SourceKind.documenso_jobs else "topics"
-    for topic, url in source.topics.items():
-        fixed = topic == "*" and source.kind is not SourceKind.documenso_jobs
-        targets[f"{where}.url" if fixed else f"{where}.{prefix}.{topic!r}"] = url
-    for key, url in targets.items():
+    for key, url in source.targets.items():
         host = urlsplit(url).hostname or ""
         reason = guard.host_refusal(host, allowed)
         if reason is not None:
@@ -614,27 +265,6 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         minimum=MIN_STATEMENT_TIMEOUT,
     )
 
-    max_attempts = readers.integer("retry.max_attempts", retry.get("max_attempts", 5))
-    sources_raw = raw.get("sources", {})
-    if not isinstance(sources_raw, dict) or not sources_raw:
-        raise ConfigError(
-            "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
-            "or kind = 'table'"
-        )
-    sources = tuple(
-        _source(n, readers.source_values(f"sources.{n}", d, env), max_attempts)
-        for n, d in sources_raw.items()
-    )
-    for kind in (SourceKind.outbox, SourceKind.documenso_documents, SourceKind.documenso_jobs):
-        same = [s.name for s in sources if s.kind is kind]
-        if len(same) > 1:
-            raise ConfigError(f"sources: only one {kind} source is allowed, got {same}")
-
-    allowed = _allow(http.get("allow", []))
-    for source in sources:
-        _check_fixed_targets(source, allowed)
-    host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
-    channel = readers.ident("relay.channel", relay.get("channel", "relay"))
     policy = RetryPolicy(
         base=duration("retry.base", retry.get("base", 1.0), minimum=MIN_RETRY_BASE),
         factor=readers.number("retry.factor", retry.get("factor", 2.0), minimum=1),
@@ -646,6 +276,25 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             f"retry.max_delay ({policy.max_delay:g}s) must be at least retry.base "
             f"({policy.base:g}s): raise retry.max_delay or lower retry.base"
         )
+    max_attempts = readers.integer("retry.max_attempts", retry.get("max_attempts", 5))
+    sources_raw = raw.get("sources", {})
+    if not isinstance(sources_raw, dict) or not sources_raw:
+        raise ConfigError(
+            "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
+            "or kind = 'table'"
+        )
+    ctx = sources.ParseContext(env=env, max_attempts=max_attempts, retry=policy)
+    configured = tuple(_source(n, d, ctx) for n, d in sources_raw.items())
+    for kind in sources.KINDS.values():
+        same = [s.name for s in configured if s.kind is kind]
+        if kind.single and len(same) > 1:
+            raise ConfigError(f"sources: only one {kind.name} source is allowed, got {same}")
+
+    allowed = _allow(http.get("allow", []))
+    for source in configured:
+        _check_fixed_targets(source, allowed)
+    host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
+    channel = readers.ident("relay.channel", relay.get("channel", "relay"))
     max_in_flight = readers.integer("relay.max_in_flight", relay.get("max_in_flight", 20))
     batch_size = readers.integer("relay.batch_size", relay.get("batch_size", 50))
     claim_timeout = duration(
@@ -653,11 +302,15 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     http_timeout = duration("http.timeout", http.get("timeout", 10.0), minimum=MIN_HTTP_TIMEOUT)
     # A claim must outlive the request it covers, or another relay (or Documenso's runner)
-    # could take the row over while it is still being delivered.
+    # could take the row over while it is still being delivered; unless relay extends the
+    # claim while the request runs (a heartbeat), as it does for the kinds that can.
     lifetimes = {"relay.claim_timeout": claim_timeout}
-    for source in sources:
-        if source.kind is SourceKind.documenso_jobs:
-            lifetimes[f"sources.{source.name}.stuck_after"] = source.stuck_after
+    for source in configured:
+        if source.lifetime is not None:
+            lifetimes[f"sources.{source.name}.stuck_after"] = source.lifetime
+    if all(s.heartbeat for s in configured if s.lifetime is None):
+        lifetimes.pop("relay.claim_timeout")
+    lifetimes = lifetimes or {"relay.claim_timeout": max(claim_timeout, http_timeout * 2)}
     for key, lifetime in lifetimes.items():
         if lifetime <= http_timeout:
             raise ConfigError(
@@ -690,7 +343,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         worker_id=readers.string(
             "relay.worker_id", relay.get("worker_id", f"{socket.gethostname()}:{os.getpid()}")
         ),
-        sources=sources,
+        sources=configured,
         max_in_flight=max_in_flight,
         batch_size=batch_size,
         claim_ahead=claim_ahead,

@@ -12,9 +12,8 @@ import contextlib
 import logging
 import random
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -23,196 +22,26 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, logs, retry, signing, store
+from relay import guard, logs, retry
 from relay.claimer import Slots
-from relay.config import EXECUTE_WEBHOOK, BodyFormat, Config, Source
-from relay.store import RETRYABLE, Claimed, Outcome, Settlement, WebhookCall
+from relay.config import Config
+from relay.db.store import RETRYABLE, oversize_reason
+from relay.settler import Settler
+from relay.sources.base import (
+    Claimed,
+    Dead,
+    Detail,
+    Outcome,
+    Request,
+    Settlement,
+    Skip,
+    Source,
+)
 
 log = logging.getLogger("relay.deliverer")
 
-SETTLE_BATCH = 500
-
-
-class SettleStore(Protocol):
-    async def settle(self, source: str, settlements: list[Settlement]) -> set[Any]: ...
-    async def record_calls(self, source: str, calls: list[WebhookCall]) -> None: ...
-
-
-# Told, after each write, which settlements it covered and which keys were still ours (None when
-# the write failed and the rows are left to their claim expiry).
-OnSettled = Callable[[str, list[Settlement], set[Any] | None], None]
-
-
-class Settler:
-    """Collects settlements and writes each source's pending ones in one statement.
-
-    Nothing waits on a single row's settle: deliveries hand their outcome over and move on, and
-    `on_settled` hears about whole batches once they are written (that is where their claim
-    budget is given back, so the rows held stay bounded however slow the writes are).
-    """
-
-    def __init__(self, store: SettleStore, on_settled: OnSettled) -> None:
-        self.store = store
-        self.on_settled = on_settled
-        self._queue: dict[str, list[Settlement]] = defaultdict(list)
-        self._ready = asyncio.Event()
-        self._closing = False
-        self.lost = 0  # settles that found the row no longer ours
-
-    def add(self, source: str, settlement: Settlement) -> None:
-        self._queue[source].append(settlement)
-        self._ready.set()
-
-    def close(self) -> None:
-        self._closing = True
-        self._ready.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            batch, self._queue = self._queue, defaultdict(list)
-            for source, items in batch.items():
-                for start in range(0, len(items), SETTLE_BATCH):
-                    chunk = items[start : start + SETTLE_BATCH]
-                    self.on_settled(source, chunk, await self._write(source, chunk))
-            if self._closing and not self._queue:
-                return
-
-    async def _write(self, source: str, items: list[Settlement]) -> set[Any] | None:
-        calls_written = False
-        try:
-            calls = [s.call for s in items if s.call is not None]
-            if calls:
-                await self.store.record_calls(source, calls)
-            calls_written = True
-            settled = await self.store.settle(source, items)
-        except RETRYABLE as exc:
-            # The database stayed away longer than the store retries for. These rows keep
-            # their claim until it expires; then a sweep returns them and they are delivered
-            # again (at-least-once), with the same id.
-            _log_failed(source, items, exc)
-            return None
-        except psycopg.Error as exc:
-            if _structural(exc):
-                # The table itself changed (a column renamed, the table dropped, a privilege
-                # revoked): no row would do better alone. The rows keep their claims until
-                # these expire; the claimer finds the source failing and the sweeps re-check it.
-                log.error(
-                    "settle.rejected source=%s rows=%d error=%s next=%s",
-                    source,
-                    len(items),
-                    logs.first_line(exc),
-                    "the rows keep their claims until these expire",
-                )
-                return None
-            # Not a lost connection: the database refused a write of one row or more (a
-            # "WebhookCall" whose webhook was deleted, a value a column or a trigger of the
-            # user's refuses). One statement is all or nothing, so each row is written alone,
-            # and the others settle as they would have.
-            log.warning(
-                "settle.batch_rejected source=%s rows=%d error=%s next=%s",
-                source,
-                len(items),
-                logs.first_line(exc),
-                "settling the rows one by one",
-            )
-            written = await self._write_each(source, items, with_calls=not calls_written)
-            if written is None:
-                return None
-            settled, rejected = written
-            items = [s for s in items if s.key not in rejected]
-        if len(settled) < len(items):
-            for settlement in items:
-                if settlement.key not in settled:
-                    self.lost += 1
-                    log.warning(
-                        "settle.lost source=%s key=%s outcome=%s reason=%s",
-                        source,
-                        settlement.key,
-                        settlement.outcome,
-                        "claim no longer held (expired and taken over, or the row was deleted "
-                        "or changed)",
-                    )
-        return settled
-
-    async def _write_each(
-        self, source: str, items: list[Settlement], with_calls: bool
-    ) -> tuple[set[Any], set[Any]] | None:
-        """Each row on its own: the keys settled and the keys the database refused outright;
-        None if the database went away meanwhile."""
-        settled: set[Any] = set()
-        rejected: set[Any] = set()
-        for item in items:
-            try:
-                one = await self._write_one(source, item, with_calls)
-            except RETRYABLE as exc:
-                _log_failed(source, items, exc)
-                return None
-            if one is None:
-                rejected.add(item.key)
-            else:
-                settled |= one
-        return settled, rejected
-
-    async def _write_one(self, source: str, item: Settlement, with_call: bool) -> set[Any] | None:
-        """One row's settle, with less of it each time the database refuses: its attempt record,
-        then its error text and HTTP status; what is left is the outcome itself. None if even
-        that is refused."""
-        if with_call and item.call is not None:
-            try:
-                await self.store.record_calls(source, [item.call])
-            except RETRYABLE:
-                raise
-            except psycopg.Error as exc:
-                log.error(
-                    "settle.call_not_recorded source=%s key=%s error=%s",
-                    source,
-                    item.key,
-                    logs.first_line(exc),
-                )
-        try:
-            return await self.store.settle(source, [item])
-        except RETRYABLE:
-            raise
-        except psycopg.Error as exc:
-            log.error(
-                "settle.details_refused source=%s key=%s outcome=%s error=%s next=%s",
-                source,
-                item.key,
-                item.outcome,
-                logs.first_line(exc),
-                "settling without the error text and HTTP status",
-            )
-        try:
-            return await self.store.settle(source, [replace(item, error=None, http_status=None)])
-        except RETRYABLE:
-            raise
-        except psycopg.Error as exc:
-            # Nothing of it can be written (a trigger of the user's refuses the row, say): it
-            # keeps its claim until that expires, and is then delivered again.
-            log.error(
-                "settle.rejected source=%s key=%s outcome=%s error=%s",
-                source,
-                item.key,
-                item.outcome,
-                logs.first_line(exc),
-            )
-            return None
-
-
-# SQLSTATE classes that say the statement no longer fits the table (undefined column or table,
-# insufficient privilege: 42; invalid schema: 3F; feature not supported: 0A), as opposed to a
-# value of one row that was refused.
-_STRUCTURAL = ("42", "3F", "0A")
-
-
-def _structural(exc: psycopg.Error) -> bool:
-    return (exc.sqlstate or "")[:2] in _STRUCTURAL
-
-
-def _log_failed(source: str, items: list[Settlement], exc: BaseException) -> None:
-    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), logs.first_line(exc))
+# Request headers never written to an attempt log or a write-back.
+_SECRET_HEADERS = {"authorization", "x-documenso-secret", "webhook-signature", "cookie"}
 
 
 @dataclass(slots=True)
@@ -228,38 +57,6 @@ class Attempt:
     ms: float = 0.0  # how long it took
     # No request was or will be made (a refused or invalid target): dead at once, no retries.
     final: bool = False
-
-
-def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
-    """Documenso's webhook envelope, keys in Documenso's order; createdAt is the send time."""
-    created = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-    return b"".join(
-        (
-            b'{"event":',
-            orjson.dumps(event),
-            b',"payload":',
-            payload,
-            b',"createdAt":',
-            orjson.dumps(created),
-            b',"webhookEndpoint":',
-            orjson.dumps(url),
-            b"}",
-        )
-    )
-
-
-def _json_text(body: bytes) -> str:
-    """A response body as Documenso stores it: parsed JSON, or the raw text as a JSON string.
-
-    PostgreSQL's jsonb refuses the NUL character (`\\u0000`); a body that has one is stored as
-    its raw text without NULs instead, so one odd response cannot fail the settle it rides in."""
-    try:
-        text = orjson.dumps(orjson.loads(body)).decode()
-        if "\\u0000" not in text:
-            return text
-    except orjson.JSONDecodeError:
-        pass
-    return orjson.dumps(body.decode("utf-8", "replace").replace("\x00", "")).decode()
 
 
 def excerpt(body: bytes, limit: int) -> str:
@@ -286,6 +83,12 @@ def _client_error(exc: aiohttp.ClientError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class HeartbeatStore(Protocol):
+    async def heartbeat(
+        self, source: str, rows: Sequence[tuple[Any, datetime]], lease_seconds: float
+    ) -> set[Any]: ...
+
+
 class Deliverer:
     """`max_in_flight` workers that take claimed rows in order, deliver each and hand its
     settlement to the Settler. Rows claimed ahead of a free worker wait in `_queue` (the claim
@@ -297,10 +100,12 @@ class Deliverer:
         settler: Settler,
         slots: Slots,
         *,
+        store: HeartbeatStore | None = None,
         rand: Callable[[], float] = random.random,
         network: guard.Network | None = None,
     ) -> None:
         self.config = config
+        self.store = store
         self.settler = settler
         self.slots = slots
         self.rand = rand
@@ -310,23 +115,23 @@ class Deliverer:
         self._idle = asyncio.Event()
         self._finish = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
-        # Validated at config load, so decoding cannot fail here.
-        self._keys = {
-            s.name: tuple(signing.config_key(secret) for secret in s.signing_secrets)
-            for s in config.sources
-            if s.signing_secrets and s.secret_header is None
-        }
         # A claimed row starts its request only if its claim outlives the request's timeout
         # and its settle, so no delivery is still running when another worker may take the row.
         self._start_within = {s.name: config.start_within(s) for s in config.sources}
-        # Where a source's targets come from, for the error of an invalid one (built once).
-        self._origins = {
-            s.name: f" in column {s.url_column!r}" if s.url_column else f" of sources.{s.name}"
-            for s in config.sources
+        # The sources whose write-backs or attempt logs read what was sent and answered; set
+        # from their compiled statements once the store has prepared them (`wants_detail`).
+        self._wants: dict[str, bool] = {s.name: False for s in config.sources}
+        # Rows held (queued or in flight) of the sources whose claims heartbeat: key -> lease.
+        self._held: dict[str, dict[Any, datetime]] = {
+            s.name: {} for s in config.sources if s.heartbeat
         }
+        self.heartbeats = 0  # heartbeat statements run (for status and tests)
         self.busy = 0
         self.delivered = 0
         self.failed = 0
+
+    def wants_detail(self, source: str, wanted: bool) -> None:
+        self._wants[source] = wanted
 
     async def open(self) -> None:
         allowed = self.config.http_allow
@@ -381,6 +186,8 @@ class Deliverer:
                 tg.create_task(self._work(), name=f"deliver:{n}")
                 for n in range(self.config.max_in_flight)
             ]
+            if self._held and self.store is not None:
+                workers.append(tg.create_task(self._heartbeat(), name="deliver:heartbeat"))
             await self._finish.wait()
             # Cancelled mid-request, a worker hands its row back (see `_work`).
             for worker in workers:
@@ -388,7 +195,34 @@ class Deliverer:
 
     def start(self, source: Source, row: Claimed, claimed_at: float) -> None:
         """Queue a claimed row; `claimed_at` (loop time) is when its claim's clock started."""
+        held = self._held.get(source.name)
+        if held is not None:
+            held[row.key] = row.lease
         self._queue.put_nowait((source, row, claimed_at))
+
+    async def _heartbeat(self) -> None:
+        """Extend the claims of the rows held, a third of a claim's lifetime apart: a claim can
+        be short (a crashed relay's rows return in seconds) while a request runs for its whole
+        http.timeout. A row whose claim was lost meanwhile is left to its settle, which finds
+        it no longer ours and changes nothing."""
+        assert self.store is not None
+        lifetime = self.config.claim_timeout
+        while True:
+            await asyncio.sleep(lifetime / 3)
+            for name, held in self._held.items():
+                if not held:
+                    continue
+                rows = list(held.items())
+                try:
+                    await self.store.heartbeat(name, rows, lifetime)
+                    self.heartbeats += 1
+                except (psycopg.Error, *RETRYABLE) as exc:
+                    log.warning(
+                        "heartbeat.failed source=%s rows=%d error=%s",
+                        name,
+                        len(rows),
+                        logs.first_line(exc),
+                    )
 
     async def drain(self, grace: float) -> None:
         """Hand back the rows no request has started for, let the requests in flight finish
@@ -422,6 +256,9 @@ class Deliverer:
         return n
 
     def _hand_over(self, source: Source, settlement: Settlement) -> None:
+        held = self._held.get(source.name)
+        if held is not None:
+            held.pop(settlement.key, None)
         self.settler.add(source.name, settlement)
         self.slots.delivered(1)
 
@@ -449,7 +286,8 @@ class Deliverer:
                 raise
             except Exception as exc:  # a bug here must not lose the row or kill the relay
                 log.exception("delivery.crashed source=%s key=%s", source.name, row.key)
-                settlement = self._failure(source, row, f"relay error: {exc!r}", None, None)
+                crashed = Attempt(False, None, f"relay error: {exc!r}")
+                settlement = self._settle_attempt(source, row, crashed, None, None)
             finally:
                 self.busy -= 1
                 if not self.busy:
@@ -458,57 +296,15 @@ class Deliverer:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _failure(
-        self,
-        source: Source,
-        row: Claimed,
-        error: str,
-        http_status: int | None,
-        retry_after: float | None,
-        final: bool = False,
-    ) -> Settlement:
-        self.failed += 1
-        if final or row.attempt >= row.max_attempts:
-            log.error(
-                "delivery.dead source=%s key=%s attempt=%d status=%s error=%s",
-                source.name,
-                row.key,
-                row.attempt,
-                http_status,
-                error,
-            )
-            return Settlement(row.key, row.lease, Outcome.dead, 0.0, error, http_status)
-        wait = retry.delay(self.config.retry, row.attempt, self.rand(), retry_after)
-        log.warning(
-            "delivery.failed source=%s key=%s attempt=%d status=%s retry_in=%.1fs error=%s",
-            source.name,
-            row.key,
-            row.attempt,
-            http_status,
-            wait,
-            error,
-        )
-        return Settlement(row.key, row.lease, Outcome.retry, wait, error, http_status)
-
     def _dead(self, source: Source, row: Claimed, reason: str) -> Settlement:
         self.failed += 1
         log.error("delivery.dead source=%s key=%s reason=%s", source.name, row.key, reason)
-        return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None)
-
-    def _target(self, source: Source, row: Claimed) -> str | None:
-        if source.url_column is not None:
-            return row.url
-        if source.topic_column is not None:
-            return source.target_for_topic(row.topic or "")
-        return source.url
+        return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None, row.attempt)
 
     async def _deliver(self, source: Source, row: Claimed) -> Settlement:
         if row.oversize is not None:
-            return self._dead(
-                source, row, store.oversize_reason(source.name, row.oversize, self.config)
-            )
-        if source.body is BodyFormat.documenso_job and row.attempt <= row.max_attempts:
-            return await self._deliver_job(source, row)
+            reason = oversize_reason(source.name, row.oversize, self.config.max_payload_bytes)
+            return self._dead(source, row, reason)
         if row.attempt > row.max_attempts:
             return self._dead(
                 source,
@@ -517,104 +313,128 @@ class Deliverer:
                 f"earlier claims expired without a settle (the relay crashed or lost the "
                 f"database while delivering this row)",
             )
-        url = self._target(source, row)
-        if url is None and source.topic_column is not None:
-            return self._dead(
-                source,
-                row,
-                f"no target for topic {row.topic!r}: add it (or '*') under "
-                f"[sources.{source.name}.topics], then `relay retry-dead {source.name}`",
-            )
-        target = self._checked(url, self._origins[source.name])
-        if isinstance(target, Attempt):
-            return self._settle_attempt(source, row, target, None)
-        assert url is not None
-        body = (row.payload if row.payload is not None else "null").encode()
-        try:
-            orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return self._dead(
-                source,
-                row,
-                f"payload in column {source.payload_column!r} is not valid JSON ({exc}); "
-                f"store JSON text there",
-            )
-        if source.body is BodyFormat.documenso:
-            body = documenso_body(row.topic or "", body, url, datetime.now(UTC))
-        try:
-            headers = self._headers(source, row, body)
-        except ValueError as exc:
-            return self._dead(source, row, f"cannot sign: {exc}")
-        result = await self._post(target, body, headers)
-        return self._settle_attempt(source, row, result, None)
-
-    async def _deliver_job(self, source: Source, row: Claimed) -> Settlement:
-        """A Documenso "BackgroundJob": a webhook job goes to the Webhook it names, in
-        Documenso's shape, with a "WebhookCall" row per attempt; other jobs are forwarded."""
-        try:
-            job = orjson.loads(row.payload or "null")
-        except orjson.JSONDecodeError as exc:
-            return self._dead(source, row, f'job "payload" is not JSON: {exc}')
-        headers = {
-            "Content-Type": "application/json",
-            # relay's stable id, the same on every attempt, as on every source.
-            "webhook-id": f"{source.name}_{row.key}",
-            "relay-attempt": str(row.attempt),
-            **source.headers,
-        }
-        if row.topic != EXECUTE_WEBHOOK:
-            url = source.target_for_topic(row.topic or "")
-            if url is None:
-                return self._dead(source, row, f"no target for job {row.topic!r}")
-            body = orjson.dumps({"name": row.topic, "payload": job})
-            headers["X-Job-Id"] = str(row.key)
-            if row.attempt > 1:
-                headers["X-Job-Retry"] = "1"
-            forward = self._checked(url, f" for job {row.topic!r}")
-            result = (
-                forward
-                if isinstance(forward, Attempt)
-                else await self._post(forward, body, headers)
-            )
-            return self._settle_attempt(source, row, result, None)
-        if not isinstance(job, dict) or "event" not in job or "webhookId" not in job:
-            return self._dead(source, row, 'webhook job "payload" lacks "event" or "webhookId"')
-        if row.url is None:
-            # Documenso does not call a disabled or deleted Webhook: nothing to deliver.
+        now = datetime.now(UTC)
+        request = source.kind.request(source, row, now)
+        if isinstance(request, Dead):
+            return self._dead(source, row, request.reason)
+        if isinstance(request, Skip):
             log.info(
-                "delivery.skipped source=%s key=%s webhook=%s reason=%s",
-                source.name,
-                row.key,
-                job["webhookId"],
-                "the Webhook is disabled or deleted",
+                "delivery.skipped source=%s key=%s reason=%s", source.name, row.key, request.reason
             )
-            return Settlement(row.key, row.lease, Outcome.done)
-        event = str(job["event"])
-        body = documenso_body(event, orjson.dumps(job.get("data")), row.url, datetime.now(UTC))
-        headers["X-Documenso-Secret"] = row.secret or ""
-        target = self._checked(row.url, f' in "Webhook" {job["webhookId"]}')
+            return Settlement(row.key, row.lease, Outcome.done, attempt=row.attempt)
+        target = self._checked(request.url, request.origin)
         if isinstance(target, Attempt):
             result = target
         else:
-            result = await self._post(target, body, headers, keep_headers=True)
-        if result.final:
-            # As Documenso records a call its own guard refused: code 0 and the reason.
-            stored: str | None = orjson.dumps(result.error).decode()
-        elif result.http_status is not None and not _redirect(result.http_status):
-            stored = _json_text(result.body)
-        else:
-            stored = None  # no answer, or a redirect: nothing of it is kept
-        call = WebhookCall(
-            status="SUCCESS" if result.ok else "FAILED",
-            url=row.url,
-            request=body.decode(),
-            code=result.http_status or 0,
-            headers=orjson.dumps(result.headers).decode() if result.headers is not None else None,
-            body=stored,
-            webhook_id=str(job["webhookId"]),
-            event=event,
+            result = await self._post(target, request)
+        record = source.kind.record(source, row, request, result)
+        detail = self._detail(source, request, result, now) if self._wants[source.name] else None
+        return self._settle_attempt(source, row, result, record, detail)
+
+    def _detail(self, source: Source, request: Request, result: Attempt, now: datetime) -> Detail:
+        cap = self.config.max_response_bytes
+        body = result.body[:cap]
+        text = body.decode("utf-8", "replace").replace("\x00", "") if body else None
+        parsed: str | None = None
+        if body:
+            try:
+                parsed = orjson.dumps(orjson.loads(body)).decode()
+                if "\\u0000" in parsed:
+                    parsed = None
+            except orjson.JSONDecodeError:
+                parsed = None
+        return Detail(
+            method=request.method,
+            url=guard.display_url(request.url),
+            request_headers={
+                k: v for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS
+            },
+            request_body=request.body.decode("utf-8", "replace").replace("\x00", ""),
+            response_headers=result.headers,
+            response_body=text,
+            response_json=parsed,
+            started_at=now,
+            finished_at=datetime.now(UTC),
+            ms=result.ms,
+            worker=self.config.worker_id,
         )
-        return self._settle_attempt(source, row, result, call)
+
+    def _settle_attempt(
+        self,
+        source: Source,
+        row: Claimed,
+        result: Attempt,
+        record: Any,
+        detail: Detail | None,
+    ) -> Settlement:
+        if result.ok:
+            self.delivered += 1
+            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
+            # INFO gets the `delivery.progress` summary instead (failures are always logged).
+            log.debug(
+                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
+                source.name,
+                row.key,
+                row.attempt,
+                result.http_status,
+                result.ms,
+            )
+            return Settlement(
+                row.key,
+                row.lease,
+                Outcome.done,
+                http_status=result.http_status,
+                attempt=row.attempt,
+                detail=detail,
+                record=record,
+            )
+        self.failed += 1
+        error = result.error or "failed"
+        if result.final:
+            decision: retry.Retry | retry.Dead = retry.Dead("no request can reach this target")
+        else:
+            decision = retry.decide(
+                source.retry,
+                row.attempt,
+                row.max_attempts,
+                result.http_status,
+                result.retry_after,
+                self.rand(),
+            )
+        if isinstance(decision, retry.Dead):
+            log.error(
+                "delivery.dead source=%s key=%s attempt=%d status=%s error=%s why=%s",
+                source.name,
+                row.key,
+                row.attempt,
+                result.http_status,
+                error,
+                decision.reason,
+            )
+            outcome, wait = Outcome.dead, 0.0
+        else:
+            wait = decision.delay
+            log.warning(
+                "delivery.failed source=%s key=%s attempt=%d status=%s retry_in=%.1fs error=%s",
+                source.name,
+                row.key,
+                row.attempt,
+                result.http_status,
+                wait,
+                error,
+            )
+            outcome = Outcome.retry
+        return Settlement(
+            row.key,
+            row.lease,
+            outcome,
+            wait,
+            error,
+            result.http_status,
+            row.attempt,
+            detail,
+            record,
+        )
 
     def _checked(self, url: str | None, origin: str) -> URL | Attempt:
         """The URL to request, or, for a target the guard refuses or that is no http(s) URL,
@@ -634,72 +454,22 @@ class Deliverer:
                 final=True,
             )
 
-    def _settle_attempt(
-        self, source: Source, row: Claimed, result: Attempt, call: WebhookCall | None
-    ) -> Settlement:
-        if result.ok:
-            self.delivered += 1
-            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
-            # INFO gets the `delivery.progress` summary instead (failures are always logged).
-            log.debug(
-                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
-                source.name,
-                row.key,
-                row.attempt,
-                result.http_status,
-                result.ms,
-            )
-            return Settlement(
-                row.key, row.lease, Outcome.done, http_status=result.http_status, call=call
-            )
-        failure = self._failure(
-            source,
-            row,
-            result.error or "failed",
-            result.http_status,
-            result.retry_after,
-            result.final,
-        )
-        return failure if call is None else replace(failure, call=call)
-
-    def _headers(self, source: Source, row: Claimed, body: bytes) -> dict[str, str]:
-        # The id is the same on every attempt of this row, so receivers can drop duplicates.
-        msg_id = f"{source.name}_{row.key}"
-        timestamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(timestamp),
-            "relay-attempt": str(row.attempt),
-            **source.headers,
-        }
-        if row.topic is not None:
-            headers["relay-topic"] = row.topic
-        if source.secret_header is not None:
-            # The receiver's own convention: the shared secret as it is, no signature.
-            headers[source.secret_header] = row.secret or source.secret or ""
-            return headers
-        keys = (signing.secret_key(row.secret),) if row.secret else self._keys.get(source.name)
-        if keys:
-            headers["webhook-signature"] = signing.signatures(keys, msg_id, timestamp, body)
-        return headers
-
-    async def _post(
-        self, url: URL, body: bytes, headers: dict[str, str], keep_headers: bool = False
-    ) -> Attempt:
+    async def _post(self, url: URL, request: Request) -> Attempt:
         started = time.perf_counter()
-        attempt = await self._request(url, body, headers, keep_headers)
+        attempt = await self._request(
+            url, request.method, request.body, request.headers, request.keep_headers
+        )
         attempt.ms = (time.perf_counter() - started) * 1000
         return attempt
 
     async def _request(
-        self, url: URL, body: bytes, headers: dict[str, str], keep_headers: bool
+        self, url: URL, method: str, body: bytes, headers: dict[str, str], keep_headers: bool
     ) -> Attempt:
         assert self._session is not None, "Deliverer.open() was not called"
         cap = self.config.max_response_bytes
         try:
-            async with self._session.post(
-                url, data=body, headers=headers, allow_redirects=False
+            async with self._session.request(
+                method, url, data=body or None, headers=headers, allow_redirects=False
             ) as resp:
                 # Read at most `cap` bytes: a huge or endless response cannot grow memory.
                 # (A body left unread past the cap closes the connection instead of reusing it.)

@@ -26,8 +26,9 @@ from relay import cli, logs
 from relay import config as config_mod
 from relay.app import Service
 from relay.config import Config, ConfigError
+from relay.db.sqltext import sql_dir
+from relay.db.store import Store
 from relay.embedded import EmbeddedError, EmbeddedPostgres
-from relay.store import Store, sql_dir
 
 DEMO_DB = "relay_demo"
 DEMO_ALLOW = ("127.0.0.0/8", "::1", "localhost")
@@ -48,7 +49,10 @@ QUEUE_SOURCE: dict[str, Any] = {
     "dead": "dead_letter",
     "attempts": "attempt_count",
     "max_attempts_column": "max_attempts",
+    # Only read: a row is not claimed before it. relay's own claims and retry times live in
+    # relay.leases; the write-back below keeps the column telling when the next attempt is due.
     "due": "next_retry_at",
+    "on_failure": {"next_retry_at": "attempt.next_at"},
     "last_error": "last_error",
     "last_status": "last_response_status",
     "done_at": "delivered_at",

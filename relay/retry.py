@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +50,31 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    reason: str
+
+
+def decide(
+    policy: RetryPolicy,
+    attempt: int,
+    max_attempts: int,
+    status: int | None,
+    retry_after: float | None,
+    rand: float,
+) -> Retry | Dead:
+    if attempt >= max_attempts:
+        return Dead(f"attempt {attempt} of {max_attempts}")
+    return Retry(delay(policy, attempt, rand, retry_after))
+
+
+def parse(where: str, data: Any, default: RetryPolicy) -> RetryPolicy:
+    """Placeholder until the per-source policy reader lands."""
+    return default

@@ -7,6 +7,9 @@ secret, space-separated, so a receiver holding either secret verifies the reques
 A configured secret must be what the spec says, `whsec_` and the base64 of 24 to 64 bytes
 (`config_key`). A row's secret (`secret_column`) keeps the older, looser rule for compatibility
 (`secret_key`): `whsec_<base64>` is decoded, any other text is used as raw bytes.
+
+A receiver with its own convention may instead get one HMAC-SHA256 of the body alone
+(`body_hmac`), in a header, prefix and encoding of its choosing (relay.request).
 """
 
 from __future__ import annotations
@@ -63,6 +66,18 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 def signatures(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: one signature per key, space-separated."""
     return " ".join(sign(key, msg_id, timestamp, body) for key in keys)
+
+
+def body_hmac(key: bytes, body: bytes, encoding: str) -> str:
+    """HMAC-SHA256 of the body alone, as "hex" or "base64": the scheme of receivers that check
+    one signature header over the raw body (GitHub's `X-Hub-Signature-256: sha256=<hex>`,
+    Shopify's base64 `X-Shopify-Hmac-Sha256`, ...)."""
+    digest = hmac.new(key, body, hashlib.sha256).digest()
+    if encoding == "hex":
+        return digest.hex()
+    if encoding == "base64":
+        return base64.b64encode(digest).decode()
+    raise ValueError(f"unknown signature encoding {encoding!r}; use 'hex' or 'base64'")
 
 
 def verify(key: bytes, msg_id: str, timestamp: int, body: bytes, header: str) -> bool:

@@ -19,7 +19,7 @@ import psycopg
 
 from relay import logs
 from relay.config import ConfigError
-from relay.store import RETRYABLE
+from relay.db.store import RETRYABLE
 
 log = logging.getLogger("relay.sweeper")
 

@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from relay.embedded import EmbeddedPostgres
-from relay.store import sql_dir
+from relay.db.sqltext import sql_dir
 from tests.support import Receiver
 
 TEMPLATE = "relay_test_template"

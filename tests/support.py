@@ -23,7 +23,7 @@ from relay import guard
 from relay.app import Relay, Service
 from relay.config import Config
 from relay.demo import QUEUE_SOURCE
-from relay.store import Store
+from relay.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # the longest any test waits for an event before failing

@@ -31,7 +31,8 @@ WITH claimed AS (
           WHERE t."jobId" = 'internal.execute-webhook'
             AND w."id" = t."payload"->>'webhookId') AS secret,
         t."jobId" AS topic,
-        t."payload"::text AS payload
+        t."payload"::text AS payload,
+        NULL::text AS values
 )
 SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 

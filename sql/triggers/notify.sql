@@ -18,8 +18,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     BEGIN
-        IF EXISTS (SELECT 1 FROM relay_changed
-                   WHERE {status} IN ({pending}) AND {due_check}) THEN
+        IF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {ready}) THEN
             PERFORM pg_catalog.pg_notify({channel}, {source});
         END IF;
     EXCEPTION WHEN OTHERS THEN

@@ -71,3 +71,51 @@ CREATE TABLE IF NOT EXISTS relay.leases (
     due     timestamptz,
     PRIMARY KEY (source, key)
 );
+
+-- From relay 0.2 (sources take users' tables as they are): a lease also holds its claim's token
+-- (when it was taken; heartbeats extend `due`, never the token) and relay's attempt count, so
+-- the user's table needs neither a processing status nor an attempts column.
+ALTER TABLE relay.leases ADD COLUMN IF NOT EXISTS token timestamptz;
+ALTER TABLE relay.leases ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0;
+-- Retries falling due, for the claimer's timer.
+CREATE INDEX IF NOT EXISTS leases_due_idx ON relay.leases (source, due) WHERE token IS NULL;
+
+-- What write-back expressions (on_success, on_failure, on_dead, on_claim) and attempt logs can
+-- read besides the row: `response.json`, `attempt.error`, `request.url`. Composite types, so
+-- that these names never clash with the user's own columns.
+DO $$
+BEGIN
+    IF to_regtype('relay.response') IS NULL THEN
+        CREATE TYPE relay.response AS (status integer, headers jsonb, json jsonb, body text);
+    END IF;
+    IF to_regtype('relay.attempt') IS NULL THEN
+        CREATE TYPE relay.attempt AS (number integer, error text, worker text,
+                                      started_at timestamptz, finished_at timestamptz,
+                                      next_at timestamptz, outcome text, ms float8);
+    END IF;
+    IF to_regtype('relay.request') IS NULL THEN
+        CREATE TYPE relay.request AS (method text, url text, headers jsonb, body text);
+    END IF;
+END
+$$;
+
+-- relay's own attempt log, for a table source with `attempt_log.table = "relay"`: one row per
+-- attempt, bodies cut to attempt_log.max_body_chars, old rows deleted by the retention settings.
+CREATE TABLE IF NOT EXISTS relay.attempts (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source            text        NOT NULL,
+    key               text        NOT NULL,
+    attempt           integer,
+    outcome           text,       -- done | retry | dead
+    status            integer,    -- the HTTP status; NULL: no answer
+    error             text,
+    url               text,       -- shown without userinfo or query string
+    request_body      text,
+    response_headers  jsonb,
+    response_body     text,
+    ms                float8,
+    worker            text,
+    at                timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS attempts_at_idx ON relay.attempts (at);
+CREATE INDEX IF NOT EXISTS attempts_row_idx ON relay.attempts (source, key);

@@ -10,7 +10,8 @@ from typing import Any
 import psycopg
 
 from relay import config as config_mod
-from relay.store import MAX_FIELD_BYTES, Claimed, Store
+from relay.db.store import Store
+from relay.sources.base import MAX_FIELD_BYTES, Claimed
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
 from tests.support import Receiver, fetch_rows, install, raw_config, running
 

@@ -11,7 +11,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from relay.store import sql_dir
+from relay.db.sqltext import sql_dir
 from tests.support import (
     WAIT,
     Receiver,

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
-from relay.store import Store
+from relay.db.store import Store
 from tests.conftest import Server
 from tests.integration.documenso_schema import ENVELOPE
 from tests.support import (

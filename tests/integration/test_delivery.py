@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from relay import signing
-from relay.store import Claimed
+from relay.sources.base import Claimed
 from tests.support import (
     WAIT,
     Behaviour,

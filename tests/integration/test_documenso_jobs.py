@@ -11,7 +11,7 @@ from aiohttp import web
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
-from relay.store import Store
+from relay.db.store import Store
 from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
 from tests.support import Receiver, install, raw_config, running
 

@@ -8,7 +8,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay.store import Outcome, Settlement, Store, settle_batch_json
+from relay.db.store import Store, settle_batch_json
+from relay.sources.base import Outcome, Settlement
 from tests.support import install, make_config, queue_source
 
 TRIGGERS = """

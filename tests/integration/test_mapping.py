@@ -11,7 +11,7 @@ from aiohttp import web
 
 from relay import config as config_mod
 from relay.config import ConfigError
-from relay.store import Store
+from relay.db.store import Store
 from tests.support import Receiver, fetch_rows, insert_rows, install, raw_config, running
 
 SCHEMA = """

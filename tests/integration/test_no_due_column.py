@@ -12,7 +12,8 @@ from aiohttp import web
 
 from relay import config as config_mod
 from relay.config import Config
-from relay.store import Outcome, Settlement, Store
+from relay.db.store import Store
+from relay.sources.base import Outcome, Settlement
 from tests.support import Receiver, install, raw_config, running
 
 TABLE = """

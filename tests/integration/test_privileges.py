@@ -16,7 +16,7 @@ from psycopg import sql
 
 from relay import config as config_mod
 from relay.config import ConfigError
-from relay.store import Store
+from relay.db.store import Store
 from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
 from tests.support import Receiver, install, queue_source, raw_config, running
 

@@ -15,8 +15,10 @@ import pytest
 
 from relay import config as config_mod
 from relay.config import Config
-from relay.deliverer import Settler
-from relay.store import Outcome, Settlement, Store, WebhookCall
+from relay.settler import Settler
+from relay.db.store import Store
+from relay.sources.base import Outcome, Settlement
+from relay.sources.documenso_jobs import WebhookCall
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
 from tests.support import install, raw_config
 

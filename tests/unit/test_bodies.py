@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from relay.deliverer import _json_text
+from relay.sources.documenso_jobs import _json_text
 
 
 def test_a_json_response_is_kept_as_json() -> None:

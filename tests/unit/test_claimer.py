@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from relay.claimer import Claimer, Slots
 from relay.config import Config, Source
-from relay.store import Claimed
+from relay.sources.base import Claimed
 from tests.support import make_config
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from relay import config
-from relay.config import ConfigError, SourceKind
+from relay.config import ConfigError
 from tests.support import queue_source
 
 DB = "postgresql://localhost/app"
@@ -34,9 +34,9 @@ def test_defaults_are_sane() -> None:
     assert cfg.listen_url == DB
     assert cfg.health_port == 8081
     (source,) = cfg.sources
-    assert source.kind is SourceKind.table
-    assert (source.schema, source.table) == ("public", "webhook_delivery_queue")
-    assert source.pending == ("pending", "failed")
+    assert source.kind_name == "table"
+    assert (source.spec.schema, source.spec.table) == ("public", "webhook_delivery_queue")
+    assert source.spec.pending == ("pending", "failed")
 
 
 def test_environment_overrides_the_file() -> None:
@@ -112,17 +112,16 @@ def test_bad_duration_is_named() -> None:
     assert msg.startswith("relay.claim_timeout: expected a duration")
 
 
-def test_a_claim_must_outlive_the_request_it_covers() -> None:
-    msg = error(
-        {
-            "database": {"url": DB},
-            "relay": {"claim_timeout": "10s"},
-            "http": {"timeout": "10s"},
-            "sources": {"q": queue_source()},
-        }
-    )
-    assert msg.startswith("relay.claim_timeout (10s) must be longer than http.timeout (10s)")
+def test_a_claim_must_outlive_the_request_it_covers_unless_heartbeats_extend_it() -> None:
+    short = {"database": {"url": DB}, "relay": {"claim_timeout": "10s"}, "http": {"timeout": "10m"}}
+    msg = error({**short, "sources": {"e": {"kind": "outbox", "url": "https://a.example/"}}})
+    assert msg.startswith("relay.claim_timeout (10s) must be longer than http.timeout (600s)")
     assert "raise relay.claim_timeout or lower http.timeout" in msg
+    # A table source's claims are extended while its request runs: a crashed relay's rows come
+    # back within seconds, while a request may take minutes.
+    cfg = config.from_mapping({**short, "sources": {"q": queue_source()}}, {})
+    assert cfg.claim_timeout == 10.0 and cfg.http_timeout == 600.0
+    assert cfg.sources[0].heartbeat
 
 
 def test_claim_ahead_defaults_to_the_batch_and_may_be_zero() -> None:
@@ -136,12 +135,17 @@ def test_claim_ahead_defaults_to_what_a_hung_receiver_leaves_time_for(
     # 60 s claims, 10 s requests: a row may still start 45 s after its claim (10 s for the
     # request, 5 s for the settle). With 5 requests at once all hanging, that is 4.5 rounds of
     # timeouts: 22 rows may wait, not the 50 of a batch.
-    cfg = build(relay={"max_in_flight": 5})
+    events = {"e": {"kind": "outbox", "url": "https://a.example/"}}
+    cfg = build(relay={"max_in_flight": 5}, sources=events)
     assert cfg.start_within(cfg.sources[0]) == 45.0
     assert cfg.claim_ahead == 22
     assert not caplog.records
+    # A table source's claims heartbeat while its rows wait: a whole batch may wait.
+    table = build(relay={"max_in_flight": 5})
+    assert table.start_within(table.sources[0]) == float("inf")
+    assert table.claim_ahead == 50
     # Asking for more is allowed, with a warning that names the safe figure.
-    assert build(relay={"max_in_flight": 5, "claim_ahead": 50}).claim_ahead == 50
+    assert build(relay={"max_in_flight": 5, "claim_ahead": 50}, sources=events).claim_ahead == 50
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("config.claim_ahead claim_ahead=50")
     assert "safe=22" in warning
@@ -168,17 +172,24 @@ def test_done_status_cannot_also_be_pending() -> None:
 
 def test_required_mapping_keys_are_named() -> None:
     source = queue_source()
-    del source["attempts"]
+    del source["status"]
     assert error({"database": {"url": DB}, "sources": {"q": source}}).startswith(
-        "sources.q.attempts: required"
+        "sources.q.status: required"
     )
+
+
+def test_attempts_and_processing_columns_are_optional() -> None:
+    source = queue_source()
+    del source["attempts"], source["processing"]
+    (mapped,) = config.from_mapping({"database": {"url": DB}, "sources": {"q": source}}, {}).sources
+    assert mapped.spec.attempts is None and mapped.spec.processing is None
 
 
 def test_the_due_column_is_optional() -> None:
     source = queue_source()
     del source["due"]
     (mapped,) = config.from_mapping({"database": {"url": DB}, "sources": {"q": source}}, {}).sources
-    assert mapped.due is None
+    assert mapped.spec.due is None
 
 
 def test_source_names_are_identifiers() -> None:
@@ -205,9 +216,9 @@ def test_outbox_topics_match_exact_then_longest_prefix_then_star() -> None:
         }
     )
     (outbox,) = cfg.sources
-    assert outbox.target_for_topic("order.created") == "http://a.test/"
-    assert outbox.target_for_topic("order.paid") == "http://b.test/"
-    assert outbox.target_for_topic("user.created") == "http://c.test/"
+    assert outbox.spec.target_for_topic("order.created") == "http://a.test/"
+    assert outbox.spec.target_for_topic("order.paid") == "http://b.test/"
+    assert outbox.spec.target_for_topic("user.created") == "http://c.test/"
 
 
 def test_outbox_without_targets_is_an_error() -> None:
@@ -268,9 +279,8 @@ def test_the_documented_example_config_loads() -> None:
 def test_documenso_documents_preset_needs_only_a_url() -> None:
     cfg = build(sources={"doc": {"kind": "documenso_documents", "url": "https://b.test/hook"}})
     (source,) = cfg.sources
-    assert (source.schema, source.table) == ("relay", "documenso_events")
-    assert source.secret_header == "X-Documenso-Secret"
-    assert source.target_for_topic("DOCUMENT_SENT") == "https://b.test/hook"
+    assert source.spec.table == ("relay", "documenso_events")
+    assert source.spec.target_for_topic("DOCUMENT_SENT") == "https://b.test/hook"
     assert error(
         {"database": {"url": DB}, "sources": {"doc": {"kind": "documenso_documents"}}}
     ).startswith("sources.doc.url: required")
@@ -302,12 +312,12 @@ def test_a_prisma_database_url_works_as_it_is() -> None:
 def test_documenso_jobs_preset() -> None:
     cfg = build(sources={"jobs": {"kind": "documenso_jobs", "stuck_after": "10m"}})
     (source,) = cfg.sources
-    assert source.job_ids == ("internal.execute-webhook",)
-    assert (source.table, source.stuck_after) == ("BackgroundJob", 600.0)
+    assert source.spec.job_ids == ("internal.execute-webhook",)
+    assert (source.spec.stuck_after, source.lifetime) == (600.0, 600.0)
     both = build(
         sources={"jobs": {"kind": "documenso_jobs", "forward": {"a.job": "https://b.test/j"}}}
     )
-    assert both.sources[0].job_ids == ("internal.execute-webhook", "a.job")
+    assert both.sources[0].spec.job_ids == ("internal.execute-webhook", "a.job")
     nothing = {"kind": "documenso_jobs", "webhooks": False}
     assert "nothing to run" in error({"database": {"url": DB}, "sources": {"jobs": nothing}})
     webhook_forward = {

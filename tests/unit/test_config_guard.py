@@ -115,7 +115,7 @@ def queue_source_fixed(**extra: Any) -> dict[str, Any]:
 
 def test_a_list_of_secrets_is_a_rotation_and_each_is_checked() -> None:
     cfg = build(raw(e=outbox(secret=[SECRET, OTHER])))
-    assert cfg.sources[0].signing_secrets == (SECRET, OTHER)
+    assert cfg.sources[0].spec.signing_secrets == (SECRET, OTHER)
     message = error(raw(e=outbox(secret=[SECRET, "whsec_bad!"])))
     assert message.startswith("sources.e.secret[1]: ")
     assert "[]" in error(raw(e=outbox(secret=[])))
@@ -128,7 +128,7 @@ def test_secrets_and_headers_never_show_in_a_source_repr() -> None:
 
 def test_documenso_documents_sends_its_secret_as_is_so_whsec_is_not_required() -> None:
     source = {"kind": "documenso_documents", "url": "https://b.example/", "secret": "plain"}
-    assert build(raw(d=source)).sources[0].secret == "plain"
+    assert build(raw(d=source)).sources[0].spec.secret == "plain"
 
 
 def test_the_spec_example_secret_and_signatures_verify_with_the_official_library() -> None:
@@ -168,22 +168,23 @@ def test_fixed_credentials_for_row_urls_is_an_explicit_opt_in() -> None:
     )
     del source["secret_column"]
     (built,) = build(raw(q=source)).sources
-    assert built.headers == {"X-Api-Key": "k3y"} and built.signing_secrets == (SECRET,)
+    shape = built.spec.shape
+    assert shape.headers == {"X-Api-Key": "k3y"} and shape.keys == (signing.config_key(SECRET),)
     flag = error(raw(q={**source, "fixed_credentials_for_row_urls": "yes"}))
     assert flag.startswith("sources.q.fixed_credentials_for_row_urls: expected true or false")
 
 
 def test_fixed_credentials_with_a_fixed_url_need_no_opt_in() -> None:
     (built,) = build(raw(q=queue_source_fixed(secret=SECRET, headers={"A": "b"}))).sources
-    assert built.signing_secrets == (SECRET,)
+    assert built.spec.shape.keys == (signing.config_key(SECRET),)
 
 
 def test_documenso_jobs_headers_go_to_row_urls_and_need_the_opt_in() -> None:
     jobs: dict[str, Any] = {"kind": "documenso_jobs", "headers": {"X-Key": "k"}}
     assert error(raw(j=jobs)).startswith("sources.j.headers: with webhooks = true")
-    assert build(raw(j={**jobs, "fixed_credentials_for_row_urls": True})).sources[0].headers
+    assert build(raw(j={**jobs, "fixed_credentials_for_row_urls": True})).sources[0].spec.headers
     forwarded = {**jobs, "webhooks": False, "forward": {"x": "https://b.example/"}}
-    assert build(raw(j=forwarded)).sources[0].headers == {"X-Key": "k"}
+    assert build(raw(j=forwarded)).sources[0].spec.headers == {"X-Key": "k"}
 
 
 def test_the_opt_in_is_unknown_where_urls_are_fixed() -> None:
@@ -208,8 +209,8 @@ def test_secrets_headers_and_database_urls_can_come_from_the_environment() -> No
         {"HOOK_SECRET": SECRET, "AUTH": "Bearer t", "DB": DB, "DB_DIRECT": DB + "2"},
     )
     assert cfg.database_url == DB and cfg.listen_url == DB + "2"
-    assert cfg.sources[0].signing_secrets == (SECRET,)
-    assert cfg.sources[0].headers == {"Authorization": "Bearer t"}
+    assert cfg.sources[0].spec.signing_secrets == (SECRET,)
+    assert cfg.sources[0].spec.headers == {"Authorization": "Bearer t"}
 
 
 def test_a_missing_variable_exits_naming_key_and_variable() -> None:
@@ -223,7 +224,7 @@ def test_a_secret_read_from_a_file_loses_its_trailing_newline(tmp_path: Path) ->
     path = tmp_path / "secret"
     path.write_text(SECRET + "\n")
     cfg = build(raw(e=outbox(secret={"file": str(path)})))
-    assert cfg.sources[0].signing_secrets == (SECRET,)
+    assert cfg.sources[0].spec.signing_secrets == (SECRET,)
 
 
 def test_an_unreadable_or_empty_file_exits_naming_key_and_file(tmp_path: Path) -> None:

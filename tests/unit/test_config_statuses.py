@@ -43,7 +43,8 @@ def test_statuses_that_must_differ_are_refused_naming_both_keys(
 def test_a_table_source_with_distinct_statuses_loads() -> None:
     raw = {"database": {"url": DB}, "sources": {"q": queue_source()}}
     (source,) = config.from_mapping(raw, {}).sources
-    assert len({source.processing, source.done, source.dead, *source.pending}) == 5
+    spec = source.spec
+    assert len({spec.processing, spec.done, spec.dead, *spec.pending}) == 5
 
 
 def test_max_payload_bytes_defaults_to_a_mebibyte_and_has_a_floor() -> None:

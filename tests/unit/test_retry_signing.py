@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay import retry, signing
-from relay.config import RetryPolicy
+from relay.retry import RetryPolicy
 
 POLICY = RetryPolicy(base=1.0, factor=2.0, max_delay=60.0, jitter=0.2)
 

@@ -1,6 +1,6 @@
--- Named queries for one source's table. `relay.store` loads them once and fills the braces with
--- quoted identifiers, literals and types from the source's mapping (psycopg.sql); %(name)s are
--- parameters. {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
+-- Named queries for relay's own event tables (relay.outbox, relay.documenso_events), claimed in
+-- place: relay owns every column there. relay.sources.events fills the braces with quoted
+-- identifiers, literals and types (psycopg.sql); %(name)s are parameters. {now} is now() for timestamptz columns and now() AT TIME ZONE 'UTC' for
 -- timestamp columns, which by convention hold UTC.
 
 -- name: claim

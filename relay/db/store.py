@@ -1,0 +1,421 @@
+"""The only module that runs SQL: the connection pool, and check, install, claim, settle,
+heartbeat, sweep and report for every configured source through its kind's compiled statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+import psycopg_pool
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from relay import connections
+from relay.db import catalog, sqltext
+from relay.db.batch import settle_batch_json
+from relay.sources.base import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    Claimed,
+    Compiled,
+    DbContext,
+    Settlement,
+    Source,
+    json_default,
+)
+
+log = logging.getLogger("relay.store")
+T = TypeVar("T")
+
+_SCHEMA_SQL = (sqltext.sql_dir() / "triggers" / "relay_schema.sql").read_text()
+_UNINSTALL_SQL = (sqltext.sql_dir() / "triggers" / "uninstall.sql").read_text()
+
+RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+# How long a connection may stay silent while one source is checked or installed (a few dozen
+# statements, each bounded by the server's statement_timeout as well).
+SETUP_BOUND = 30.0
+DEFAULT_STATEMENT_TIMEOUT = 5.0
+
+
+def oversize_reason(source: str, oversize: str, max_payload_bytes: int) -> str:
+    """Why a row the claim did not load is dead, and what to do about it."""
+    from relay.sources.base import MAX_FIELD_BYTES
+
+    return (
+        f"too large to deliver ({oversize} bytes): a payload may have at most "
+        f"relay.max_payload_bytes = {max_payload_bytes} bytes, a URL, secret or topic "
+        f"{MAX_FIELD_BYTES}; shrink the row or raise relay.max_payload_bytes, then run "
+        f"`relay retry-dead {source}`"
+    )
+
+
+class Store:
+    """A connection pool and the compiled queries of every configured source.
+
+    Every use of a pooled connection is bounded: the server cancels a statement that runs
+    longer than `statement_timeout`, and a connection that has not answered shortly after that
+    is severed (see relay.connections) and replaced, as are the pool's idle connections then.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        sources: Sequence[Source],
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        channel: str = "relay",
+        max_size: int = 8,
+        retry_for: float = 30.0,
+        worker: str = "relay",
+        pgbouncer: bool = False,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> None:
+        self.sources = {s.name: s for s in sources}
+        self.ctx = DbContext(channel=channel, max_payload_bytes=max_payload_bytes)
+        self.max_payload_bytes = max_payload_bytes
+        self.worker = worker
+        self.channel = channel
+        self.retry_for = retry_for
+        self.pgbouncer = pgbouncer
+        self.watchdog = connections.Watchdog(
+            statement_timeout + connections.SLACK, on_silent=self.sever_idle
+        )
+        # Every connection the pool opened, to sever the idle ones when one went silent.
+        self._conns: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+        self._stopping = False
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            # Every query here is one statement, so autocommit makes each its own short
+            # transaction without a BEGIN/COMMIT round trip. A PgBouncer in transaction mode
+            # would refuse the startup `options` that carry statement_timeout: there the
+            # client-side bound alone applies.
+            kwargs={
+                "autocommit": True,
+                **connections.options(url, None if pgbouncer else statement_timeout),
+            },
+            configure=self._configure,
+            name="relay",
+            timeout=10.0,
+        )
+        self.compiled: dict[str, Compiled] = {}
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conns.add(conn)
+        if self.pgbouncer:
+            # PgBouncer in transaction mode may hand each statement to another server
+            # connection, where a prepared statement does not exist.
+            conn.prepare_threshold = None
+
+    async def open(self) -> None:
+        if self.pool.closed:
+            await self.pool.open()
+        await self.pool.wait(timeout=15.0)
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stopping
+
+    async def close(self) -> None:
+        # Interrupted, the database is not answering: the pool's attempts to connect are not
+        # worth waiting for (each would take up to connect_timeout).
+        await self.pool.close(timeout=1.0 if self._stopping else 5.0)
+
+    @contextlib.asynccontextmanager
+    async def _connection(
+        self, bound: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one bounded use: one statement on the hot path (the
+        watchdog's own bound), or at least `bound` seconds for a use of many statements."""
+        async with self.pool.connection() as conn:
+            with self.watchdog.watching(conn, max(bound or 0.0, self.watchdog.bound)):
+                yield conn
+
+    def sever_idle(self) -> None:
+        """A connection went silent: the pool's idle ones probably share its fate (same path to
+        the same server), so cut them now rather than let each be found out by a timeout."""
+        for conn in list(self._conns):
+            if conn not in self.watchdog.busy:
+                connections.sever(conn)
+
+    def interrupt(self) -> None:
+        """Stopping: no more retries, and the statements still waiting on the database fail
+        now (their rows keep their claims until expiry, as after a crash)."""
+        self._stopping = True
+        cut = self.watchdog.sever_busy()
+        if cut:
+            log.warning(
+                "store.interrupted connections=%d next=%s", cut, "stopping without their answer"
+            )
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, RETRYABLE) and not self._stopping
+
+    async def _with_retries(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run `action`, retrying on a lost connection (the pool replaces broken ones)."""
+        try:
+            # The common case costs one call, not a retry controller per query.
+            return await action()
+        except RETRYABLE:
+            if self._stopping:
+                raise
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(self._retryable),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                return await action()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    async def prepare(self, names: Iterable[str] | None = None) -> None:
+        """Check every source (or those named) against the database and compile its queries."""
+        chosen = self.sources.values() if names is None else [self.sources[n] for n in names]
+        # One connection per source: checking one takes a few dozen round trips, and the
+        # watchdog bounds each use of a connection, not each statement.
+        for source in chosen:
+            async with self._connection(SETUP_BOUND) as conn:
+                _check_encoding(conn)
+                compiled = await source.kind.prepare(conn, source, self.ctx)
+                self.compiled[source.name] = compiled.render(conn)
+
+    async def trigger_problems(self) -> dict[str, str]:
+        """Sources whose triggers are missing or stale (not what `relay install` would install
+        now), and why."""
+        problems: dict[str, str] = {}
+        for name, compiled in self.compiled.items():
+            async with self._connection(SETUP_BOUND) as conn:
+                problem = None
+                triggers = list(compiled.extra_triggers)
+                if compiled.notify is not None:
+                    n = compiled.notify
+                    triggers.insert(
+                        0,
+                        (
+                            n.schema,
+                            n.table,
+                            n.function,
+                            (n.insert_trigger, n.update_trigger),
+                            n.fingerprint,
+                        ),
+                    )
+                for schema, table, function, pair, expected in triggers:
+                    problem = await catalog.trigger_problem(
+                        conn, schema, table, function, pair, expected
+                    )
+                    if problem is not None:
+                        problems[name] = problem
+                        break
+        return problems
+
+    async def install(self) -> None:
+        """relay's schema and every source's trigger, in one transaction; idempotent."""
+        # One transaction for every source (all or nothing), so one bound for all of them.
+        bound = SETUP_BOUND * max(1, len(self.sources))
+        async with self._connection(bound) as conn, conn.transaction():
+            _check_encoding(conn)
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
+            await conn.execute(_SCHEMA_SQL)
+            for source in self.sources.values():
+                await source.kind.install(conn, source, self.ctx)
+                compiled = await source.kind.prepare(conn, source, self.ctx)
+                self.compiled[source.name] = compiled.render(conn)
+                if compiled.notify is not None:
+                    await conn.execute(compiled.notify.install)
+
+    async def uninstall(self) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
+            await conn.execute(_UNINSTALL_SQL)
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
+        compiled = self.compiled[source]
+        query = compiled.queries["claim"]
+        params = {"limit": limit, "lease_seconds": lease_seconds, "worker": self.worker}
+
+        async def run() -> list[Claimed]:
+            async with self._connection() as conn:
+                cur = await conn.execute(query, params)
+                rows = [Claimed(*row) for row in await cur.fetchall()]
+                while compiled.repeat_claim and rows and len(rows) < limit:
+                    params["limit"] = limit - len(rows)
+                    cur = await conn.execute(query, params)
+                    more = [Claimed(*row) for row in await cur.fetchall()]
+                    if not more:
+                        break
+                    rows += more
+                return rows
+
+        return await self._with_retries(run)
+
+    async def settle(self, source: str, settlements: Iterable[Settlement]) -> set[Any]:
+        """Apply a batch of settlements; returns the keys that were still ours and were settled."""
+        batch = list(settlements)
+        compiled = self.compiled[source]
+        if compiled.settle_each is not None:
+            return await self._settle_each(compiled, batch)
+        keys = [s.key for s in batch]
+        params = {
+            "batch": settle_batch_json(batch, compiled.needs_detail),
+            "keys": keys,
+            "text_keys": [str(k) for k in keys],
+        }
+        query = compiled.queries["settle"]
+
+        async def run() -> set[Any]:
+            async with self._connection() as conn:
+                cur = await conn.execute(query, params)
+                return {row[0] for row in await cur.fetchall()}
+
+        return await self._with_retries(run)
+
+    async def _settle_each(self, compiled: Compiled, batch: list[Settlement]) -> set[Any]:
+        """One statement per row (a functions source's own complete and fail statements),
+        all on one connection."""
+        assert compiled.settle_each is not None
+        statements = compiled.settle_each
+
+        async def run() -> set[Any]:
+            settled: set[Any] = set()
+            async with self._connection(SETUP_BOUND) as conn:
+                for s in batch:
+                    query = statements.get(s.outcome)
+                    if query is None:
+                        settled.add(s.key)
+                        continue
+                    await conn.execute(query, settle_params(s, self.worker))
+                    settled.add(s.key)
+            return settled
+
+        return await self._with_retries(run)
+
+    async def heartbeat(
+        self, source: str, rows: Sequence[tuple[Any, datetime]], lease_seconds: float
+    ) -> set[Any]:
+        """Extend the claims of rows in flight; returns the keys still ours."""
+        compiled = self.compiled[source]
+        keys = [k for k, _ in rows]
+        params = {
+            "batch": orjson.dumps(
+                [{"key": k, "lease": lease} for k, lease in rows], default=json_default
+            ).decode(),
+            "keys": keys,
+            "text_keys": [str(k) for k in keys],
+            "lease_seconds": lease_seconds,
+            "worker": self.worker,
+        }
+        if "heartbeat" not in compiled.queries:
+            return set(keys)  # the kind keeps no claims of its own to extend
+        query = compiled.queries["heartbeat"]
+        column = compiled.queries.get("heartbeat_column")
+
+        async def run() -> set[Any]:
+            async with self._connection() as conn:
+                if compiled.settle_each is not None:
+                    # A functions source's own statement, once per row.
+                    for key in keys:
+                        await conn.execute(query, {"key": key, "worker": self.worker})
+                    return set(keys)
+                cur = await conn.execute(query, params)
+                ours = {row[0] for row in await cur.fetchall()}
+                if column is not None:
+                    await conn.execute(column, params)
+                return ours
+
+        return await self._with_retries(run)
+
+    async def log(self, source: str, params: dict[str, Any]) -> None:
+        query = self.compiled[source].queries["log"]
+
+        async def run() -> None:
+            async with self._connection() as conn:
+                await conn.execute(query, params)
+
+        await self._with_retries(run)
+
+    async def _scalar(self, query: sqltext.Query) -> Any:
+        async def run() -> Any:
+            async with self._connection() as conn:
+                cur = await conn.execute(query)
+                row = await cur.fetchone()
+                return None if row is None else row[0]
+
+        return await self._with_retries(run)
+
+    async def _rowcount(self, query: sqltext.Query) -> int:
+        async def run() -> int:
+            async with self._connection() as conn:
+                cur = await conn.execute(query)
+                return cur.rowcount
+
+        return await self._with_retries(run)
+
+    async def rescue(self, source: str) -> int:
+        rescued = await self._rowcount(self.compiled[source].queries["rescue"])
+        cleanup = self.compiled[source].queries.get("cleanup")
+        if cleanup is not None:
+            # The attempt log's retention rides on the sweep: a batch at a time.
+            await self._rowcount(cleanup)
+        return rescued
+
+    async def next_due(self, source: str) -> float | None:
+        value = await self._scalar(self.compiled[source].queries["next_due"])
+        return None if value is None else float(value)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def counts(self, source: str) -> dict[str, int]:
+        async with self._connection() as conn:
+            cur = await conn.execute(self.compiled[source].queries["counts"])
+            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+    async def oldest_due(self, source: str) -> float | None:
+        value = await self._scalar(self.compiled[source].queries["oldest_due"])
+        return None if value is None else float(value)
+
+    async def retry_dead(self, source: str) -> int:
+        return await self._rowcount(self.compiled[source].queries["retry_dead"])
+
+
+def settle_params(s: Settlement, worker: str) -> dict[str, Any]:
+    """The named parameters a functions source's own statements may use."""
+    d = s.detail
+    return {
+        "key": s.key,
+        "worker": worker,
+        "attempt": s.attempt,
+        "status": s.http_status,
+        "response_json": None if d is None else d.response_json,
+        "response_body": None if d is None else d.response_body,
+        "response_headers": None
+        if d is None or d.response_headers is None
+        else orjson.dumps(d.response_headers).decode(),
+        "error": s.error,
+        "error_json": orjson.dumps(
+            {"error": s.error, "status": s.http_status, "attempt": s.attempt}
+        ).decode(),
+        "final": s.outcome == "dead",
+        "retry_in": s.delay,
+        "outcome": str(s.outcome),
+    }
+
+
+def _check_encoding(conn: psycopg.AsyncConnection[Any]) -> None:
+    catalog.check_encoding(conn)

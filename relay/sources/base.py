@@ -1,0 +1,389 @@
+"""What every kind of source is to the pipeline: the interface a kind implements (`Kind`), the
+values the pipeline passes around (`Source`, `Claimed`, `Settlement`, `Compiled`), and the pieces
+several kinds share (the wake-up trigger, the claim's bounded values).
+
+The listener, claimer, deliverer, settler and sweeper see only these; what a kind's rows look
+like, how they are claimed and settled, how a row becomes a request and what an attempt writes
+are the kind's own (one module each in relay.sources).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+from psycopg import sql
+
+from relay import request
+from relay.db import sqltext
+from relay.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from relay.db.catalog import Column, Table
+
+# URLs, secrets and topics read by a claim are bounded too: a longer one is not loaded, and its
+# row is settled dead with the reason.
+MAX_FIELD_BYTES = 8192
+FIELD_LIMITS = {"url": MAX_FIELD_BYTES, "secret": MAX_FIELD_BYTES, "topic": MAX_FIELD_BYTES}
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ParseContext:
+    """What a kind's config parser may use besides its own table."""
+
+    env: Mapping[str, str]
+    max_attempts: int  # [retry] max_attempts
+    retry: RetryPolicy  # [retry]
+
+
+@dataclass(frozen=True, slots=True)
+class DbContext:
+    """What a kind's statements are compiled with."""
+
+    channel: str = "relay"
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One configured source: what the pipeline needs of it, and the kind's own keys (`spec`)."""
+
+    name: str
+    kind: Kind = field(repr=False)
+    spec: Any  # the kind's parsed keys (a frozen dataclass of its own)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Its own claim lifetime (Documenso's stuck-job rule); None: relay.claim_timeout.
+    lifetime: float | None = None
+    # Claims are extended while their request runs, so a claim may be shorter than http.timeout.
+    heartbeat: bool = False
+    # Fixed targets by the key that sets them, for the outbound guard's check at load.
+    targets: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def kind_name(self) -> str:
+        return self.kind.name
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A row this worker holds; `lease` is the token its settle (and heartbeat) must match."""
+
+    key: Any
+    lease: datetime
+    attempt: int
+    max_attempts: int
+    url: str | None
+    secret: str | None
+    topic: str | None
+    payload: str | None  # JSON text (the body, for most kinds)
+    values: str | None = None  # JSON text of the kind's other values (headers from columns, ...)
+    # Set when a value was too large to load (see MAX_FIELD_BYTES and relay.max_payload_bytes):
+    # which and how large, e.g. "payload 20971520". The claim returns NULL in its place.
+    oversize: str | None = None
+
+
+class Outcome(StrEnum):
+    done = "done"
+    retry = "retry"
+    dead = "dead"
+    release = "release"  # not attempted (shutdown): back to claimable, attempt not counted
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """What one attempt sent and got, for write-backs and attempt logs (bounded already)."""
+
+    method: str
+    url: str
+    request_headers: Mapping[str, str]
+    request_body: str | None
+    response_headers: Mapping[str, str] | None
+    response_body: str | None
+    response_json: str | None  # JSON text, or None if the answer was not JSON
+    started_at: datetime
+    finished_at: datetime
+    ms: float
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    key: Any
+    lease: datetime
+    outcome: Outcome
+    delay: float = 0.0
+    error: str | None = None
+    http_status: int | None = None
+    attempt: int = 0
+    detail: Detail | None = None  # when the kind's write-backs or attempt log need it
+    record: Any = None  # a kind's own per-attempt record (Documenso's "WebhookCall")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    origin: str  # where the URL came from, for the error of an invalid one
+    keep_headers: bool = False  # the response's headers are recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """No request can be made for this row: settled dead with the reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Nothing to deliver (Documenso does not call a disabled Webhook): settled done."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """A source's wake-up trigger."""
+
+    install: sql.Composed
+    schema: str
+    table: str
+    insert_trigger: str
+    update_trigger: str
+    function: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A source's statements, checked against the database and rendered once.
+
+    Every kind provides claim, rescue, next_due, counts, oldest_due and retry_dead. `settle`
+    takes a batch of settlements as JSON; `settle_each`, instead, one statement per row (the
+    functions kind: the user's own SQL). `heartbeat` extends the claims of rows in flight;
+    `log` records attempts (an attempt log, Documenso's "WebhookCall")."""
+
+    queries: Mapping[str, sqltext.Query]
+    notify: Notify | None = None
+    # Statements the settle batch's JSON must carry response and request details for.
+    needs_detail: bool = False
+    settle_each: Mapping[str, sqltext.Query] | None = None  # outcome -> statement
+    extra_triggers: tuple[tuple[str, str, str, tuple[str, str], str], ...] = ()
+    # The claim may return fewer rows than asked while more are there (a user's function that
+    # claims one job per call): it is run again until it returns none or the batch is full.
+    repeat_claim: bool = False
+
+    def render(self, conn: psycopg.AsyncConnection[Any]) -> Compiled:
+        def each(queries: Mapping[str, sqltext.Query]) -> dict[str, sqltext.Query]:
+            return {name: sqltext.rendered(q, conn) for name, q in queries.items()}
+
+        return Compiled(
+            queries=each(self.queries),
+            notify=self.notify,
+            needs_detail=self.needs_detail,
+            settle_each=None if self.settle_each is None else each(self.settle_each),
+            extra_triggers=self.extra_triggers,
+            repeat_claim=self.repeat_claim,
+        )
+
+
+class Kind(Protocol):
+    """One kind of source. Implementations are module-level objects registered in
+    relay.sources.KINDS."""
+
+    name: str
+    single: bool  # at most one source of this kind per configuration
+
+    def parse(self, name: str, data: Mapping[str, Any], ctx: ParseContext) -> Source: ...
+
+    async def prepare(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> Compiled:
+        """Check the source against the database (ConfigError naming the key) and compile."""
+        ...
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        """Install what the kind needs besides relay's schema and its wake-up trigger."""
+        ...
+
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+        """The request for a claimed row."""
+        ...
+
+    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
+        """The kind's own record of one attempt (written by its `log` statement), or None."""
+        ...
+
+    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
+        """The parameters of the `log` statement for settlements that carry a record."""
+        ...
+
+
+# -- pieces several kinds share ------------------------------------------------------------------
+
+_NOTIFY_SQL = (sqltext.sql_dir() / "triggers" / "notify.sql").read_text()
+
+
+def notify_trigger(
+    source: str,
+    table: Table,
+    ready: sql.Composable,
+    channel: str,
+    made_from: tuple[object, ...],
+) -> Notify:
+    """The statement-level trigger that sends `NOTIFY channel, 'source'` when a write left a
+    row claimable (`ready`, over the transition table's rows as `t`)."""
+    insert_trigger = f"relay_notify_{source}_insert"
+    update_trigger = f"relay_notify_{source}_update"
+    fingerprint = sqltext.fingerprint(_NOTIFY_SQL, source, table.schema, table.name, *made_from)
+    function = f"notify_{source}"
+    install = sql.SQL(_NOTIFY_SQL).format(
+        fingerprint=sql.Literal(fingerprint),
+        function=sql.Identifier("relay", function),
+        table=table.ident,
+        ready=ready,
+        channel=sql.Literal(channel),
+        source=sql.Literal(source),
+        insert_trigger=sql.Identifier(insert_trigger),
+        update_trigger=sql.Identifier(update_trigger),
+    )
+    return Notify(
+        install, table.schema, table.name, insert_trigger, update_trigger, function, fingerprint
+    )
+
+
+def bounded_values(max_payload_bytes: int) -> sql.Composable:
+    """The claim's url, secret, topic, payload and values, each bounded (see sqltext.bounded)."""
+    return sqltext.bounded({**FIELD_LIMITS, "payload": max_payload_bytes, "values": 65536})
+
+
+def json_default(value: Any) -> Any:
+    """Keys orjson does not write itself, in PostgreSQL's text input form."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()  # bytea hex format
+    return str(value)  # Decimal (numeric), and whatever else prints as its own input
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value, default=json_default).decode()
+
+
+def column_type(columns: Mapping[str, Column], name: str) -> sql.SQL:
+    return columns[name].sql_type
+
+
+# -- request shaping for the kinds whose rows are shaped by relay.request ------------------------
+
+
+def shaped(
+    shape: request.Shape, source: Source, row: Claimed, now: datetime
+) -> request.Request | Dead:
+    """The request relay.request builds from a claimed row's values: its url, route, body and
+    secret come in the claim's own columns, the rest in its JSON `values`."""
+    values: dict[str, Any] = orjson.loads(row.values) if row.values else {}
+    values[request.URL] = row.url
+    values[request.ROUTE] = row.topic
+    values[request.BODY] = row.payload
+    values[request.SECRET] = row.secret
+    built = request.build(
+        shape,
+        source=source.name,
+        key=str(row.key),
+        attempt=row.attempt,
+        values=values,
+        now=int(now.timestamp()),
+    )
+    if isinstance(built, request.Refused):
+        return Dead(built.reason)
+    return built
+
+
+def origin(shape: request.Shape) -> str:
+    """Where a shaped request's URL came from, for the error of an invalid one."""
+    if shape.url_column is not None:
+        return f" in column {shape.url_column!r}"
+    if shape.route is not None:
+        return f" for column {shape.route.column!r} in {shape.where}.route"
+    return f" of {shape.where}"
+
+
+def fixed_targets(shape: request.Shape) -> dict[str, str]:
+    targets = {f"{shape.where}.url": shape.url} if shape.url is not None else {}
+    if shape.route is not None:
+        for value, url in shape.route.targets.items():
+            targets[f"{shape.where}.route.targets.{value!r}"] = url
+    return targets
+
+
+def shape_columns(shape: request.Shape) -> dict[str, str]:
+    """The row's columns the request reads, by the key that names each."""
+    out: dict[str, str] = {}
+    if shape.url_column is not None:
+        out["url_column"] = shape.url_column
+    if shape.route is not None:
+        out["route.column"] = shape.route.column
+    if shape.payload is not None:
+        out["payload"] = shape.payload
+    if shape.secret_column is not None:
+        out["secret_column"] = shape.secret_column
+    for name, column in shape.header_columns.items():
+        out[f"header_columns.{name}"] = column
+    return out
+
+
+def shape_expressions(shape: request.Shape) -> dict[str, str]:
+    """The SQL expressions the claim evaluates, by the key that names each."""
+    out: dict[str, str] = {}
+    if shape.payload_sql is not None:
+        out["payload_sql"] = shape.payload_sql
+    for name, expression in shape.header_sql.items():
+        out[f"header_sql.{name}"] = expression
+    return out
+
+
+def value_text(value: request.Value | None) -> sql.Composable:
+    """A value the request needs, as text, over the row `t` (a column, a SQL expression of the
+    user's, or the whole row as JSON)."""
+    if value is None:
+        return sql.SQL("NULL::text")
+    if value.kind is request.ValueKind.column:
+        return sql.SQL("t.{}::text").format(sql.Identifier(value.text))
+    if value.kind is request.ValueKind.sql:
+        return sql.SQL("((") + sqltext.Catalog(value.text) + sql.SQL("))::text")
+    return sql.SQL("to_jsonb(t)::text")
+
+
+def claim_values(shape: request.Shape) -> dict[str, sql.Composable]:
+    """The claim's url, secret, topic (the route's value), payload (the body) and values (the
+    other values as one JSON object of text, NULL if none), over the row `t`."""
+    fetched = shape.values()
+    others = {
+        name: value
+        for name, value in fetched.items()
+        if name not in (request.URL, request.ROUTE, request.SECRET, request.BODY)
+    }
+    values: sql.Composable = sql.SQL("NULL::text")
+    if others:
+        pairs = sql.SQL(", ").join(
+            sql.SQL("{}, {}").format(sql.Literal(name), value_text(value))
+            for name, value in others.items()
+        )
+        values = sql.SQL("json_build_object({})::text").format(pairs)
+    return {
+        "url": value_text(fetched.get(request.URL)),
+        "secret": value_text(fetched.get(request.SECRET)),
+        "topic": value_text(fetched.get(request.ROUTE)),
+        "payload": value_text(fetched.get(request.BODY)),
+        "values": values,
+    }

@@ -1,0 +1,202 @@
+"""kind = "documenso_documents": Documenso's document status events. A trigger on Documenso's
+document table ("Envelope" from v1.13, "Document" before) captures each status change into
+relay.documenso_events with the payload Documenso's own webhook carries; relay delivers it in
+Documenso's webhook shape with the X-Documenso-Secret header."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from relay import readers
+from relay.db import catalog, sqltext
+from relay.readers import ConfigError
+from relay.sources import events, outbox
+from relay.sources.base import (
+    Claimed,
+    Compiled,
+    DbContext,
+    Dead,
+    ParseContext,
+    Request,
+    Settlement,
+    Skip,
+    Source,
+)
+
+log = logging.getLogger("relay.sources.documenso_documents")
+
+KEYS = events.COMMON_KEYS | {"schema"}
+_SQL = sqltext.load_queries(sqltext.sql_dir() / "triggers" / "documenso_documents.sql")
+SECRET_HEADER = "X-Documenso-Secret"
+
+
+def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes:
+    """Documenso's webhook envelope, keys in Documenso's order; createdAt is the send time."""
+    created = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return b"".join(
+        (
+            b'{"event":',
+            orjson.dumps(event),
+            b',"payload":',
+            payload,
+            b',"createdAt":',
+            orjson.dumps(created),
+            b',"webhookEndpoint":',
+            orjson.dumps(url),
+            b"}",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DocumensoTrigger:
+    """The document-event trigger that fits this Documenso schema version."""
+
+    table: str  # "Envelope" or "Document"
+    function: str  # its function in schema relay
+    install: sql.Composed
+    fingerprint: str
+
+
+async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) -> DocumensoTrigger:
+    """Detect Documenso's schema version and compose the matching document-event trigger."""
+    spec: events.EventSpec = source.spec
+    schema = spec.app_schema
+    cur = await conn.execute(catalog.CATALOG["documenso_probe"], {"schema": schema})
+    row = await cur.fetchone()
+    assert row is not None
+    envelope, document, recipient, meta, envelope_meta, document_meta = row
+    where = f"sources.{source.name}"
+    if not envelope and not document:
+        raise ConfigError(
+            f'{where}: no Documenso document table in schema {schema!r}: neither "Envelope" '
+            f'(Documenso v1.13 and later) nor "Document" (v1.12 and earlier) exists. Is '
+            f"database.url Documenso's database (set {where}.schema if its tables live "
+            f"elsewhere)?"
+        )
+    if not recipient:
+        raise ConfigError(
+            f'{where}: Documenso\'s "Recipient" table is missing from schema {schema!r}; '
+            f"the document events need it for their recipients"
+        )
+    table = "Envelope" if envelope else "Document"
+    meta_expr: sql.Composable = sql.SQL("NULL::jsonb")
+    if meta and envelope and envelope_meta:
+        meta_expr = sql.SQL(
+            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."id" = NEW."documentMetaId")'
+        ).format(sql.Identifier(schema, "DocumentMeta"))
+    elif meta and not envelope and document_meta:
+        meta_expr = sql.SQL(
+            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."documentId" = NEW."id")'
+        ).format(sql.Identifier(schema, "DocumentMeta"))
+    section = "envelope" if envelope else "document"
+    made_from = sqltext.fingerprint(_SQL["common"], _SQL[section], schema, row)
+    # Sections lose their last `;` when loaded: one goes back between the two.
+    install = sql.SQL(_SQL["common"] + ";\n").format() + sql.SQL(_SQL[section]).format(
+        table=sql.Identifier(schema, table),
+        recipient=sql.Identifier(schema, "Recipient"),
+        meta=meta_expr,
+        fingerprint=sql.Literal(made_from),
+    )
+    return DocumensoTrigger(table, f"documenso_{section}_event", install, made_from)
+
+
+class DocumensoDocuments:
+    name = "documenso_documents"
+    single = True
+
+    def parse(self, name: str, data: Mapping[str, Any], ctx: ParseContext) -> Source:
+        where = f"sources.{name}"
+        readers.unknown(where, data, set(KEYS))
+        if "url" not in data:
+            raise ConfigError(
+                f"{where}.url: required: the endpoint Documenso's webhooks should reach"
+            )
+        url = readers.http_url(f"{where}.url", data["url"])
+        spec = events.EventSpec(
+            table=("relay", "documenso_events"),
+            max_attempts=events.max_attempts(where, data, ctx.max_attempts),
+            topics={"*": url},
+            headers=readers.headers(f"{where}.headers", data.get("headers", {})),
+            # Documenso's convention: the secret as it is, not a Standard Webhooks signature,
+            # so it is not held to the whsec_ rule.
+            secret=(
+                readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None
+            ),
+            app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
+        )
+        return Source(
+            name=name, kind=self, spec=spec, retry=ctx.retry, targets={f"{where}.url": url}
+        )
+
+    async def prepare(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> Compiled:
+        compiled = await events.prepare(conn, source, ctx)
+        trigger = await documenso_trigger(conn, source)
+        spec: events.EventSpec = source.spec
+        extra = (
+            (
+                spec.app_schema,
+                trigger.table,
+                trigger.function,
+                ("relay_documenso_created", "relay_documenso_status"),
+                trigger.fingerprint,
+            ),
+        )
+        return Compiled(
+            queries=compiled.queries,
+            notify=compiled.notify,
+            extra_triggers=extra,
+        )
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        trigger = await documenso_trigger(conn, source)
+        await conn.execute(trigger.install)
+        spec: events.EventSpec = source.spec
+        log.info(
+            "install.documenso source=%s schema=%s table=%s",
+            source.name,
+            spec.app_schema,
+            trigger.table,
+        )
+
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+        spec: events.EventSpec = source.spec
+        url = spec.topics["*"]
+        body = outbox.json_body(source, row)
+        if isinstance(body, Dead):
+            return body
+        body = documenso_body(row.topic or "", body, url, now)
+        headers = {
+            "Content-Type": "application/json",
+            # relay's stable id, the same on every attempt, as on every source.
+            "webhook-id": f"{source.name}_{row.key}",
+            "webhook-timestamp": str(int(time.time())),
+            "relay-attempt": str(row.attempt),
+            **spec.headers,
+            SECRET_HEADER: spec.secret or "",
+        }
+        if row.topic is not None:
+            headers["relay-topic"] = row.topic
+        return Request("POST", url, headers, body, f" of sources.{source.name}")
+
+    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
+        return None
+
+    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
+        raise AssertionError("this kind records no attempts")
+
+
+KIND = DocumensoDocuments()

@@ -1,0 +1,114 @@
+"""relay's own event tables (relay.outbox, relay.documenso_events): the same shape, claimed in
+place because relay owns every column there. Shared by the outbox and the Documenso document
+kinds; `sql/queries/events.sql` holds the statements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from relay import readers
+from relay.db import catalog, sqltext
+from relay.readers import ConfigError
+from relay.sources.base import Compiled, DbContext, Source, bounded_values, notify_trigger
+
+QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
+QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+
+COMMON_KEYS = frozenset({"kind", "url", "secret", "headers", "max_attempts"})
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    table: tuple[str, str]
+    max_attempts: int
+    # topic -> URL: exact topic first, then the longest `prefix.*` pattern, then `*`.
+    topics: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    signing_secrets: tuple[str, ...] = field(default=(), repr=False)
+    keys: tuple[bytes, ...] = field(default=(), repr=False)  # the secrets decoded, once
+    secret: str | None = field(default=None, repr=False)  # sent as it is (Documenso)
+    app_schema: str = "public"
+
+    def target_for_topic(self, topic: str) -> str | None:
+        if topic in self.topics:
+            return self.topics[topic]
+        best: tuple[int, str] | None = None
+        for pattern, url in self.topics.items():
+            matches = pattern.endswith("*") and topic.startswith(pattern[:-1])
+            if matches and (best is None or len(pattern) > best[0]):
+                best = (len(pattern), url)
+        return best[1] if best else None
+
+
+def max_attempts(where: str, data: Mapping[str, Any], default: int) -> int:
+    return readers.integer(f"{where}.max_attempts", data.get("max_attempts", default))
+
+
+def table(source: Source) -> catalog.Table:
+    spec: EventSpec = source.spec
+    where = f"sources.{source.name} (relay's table {'.'.join(spec.table)})"
+    return catalog.Table(where, *spec.table)
+
+
+async def prepare(conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext) -> Compiled:
+    spec: EventSpec = source.spec
+    events = table(source)
+    columns = await catalog.columns(conn, events)
+    if not columns:
+        raise ConfigError(
+            f"sources.{source.name}: relay's table {events.qualified} does not exist; "
+            f"run `relay install` first"
+        )
+    written = ["status", "attempts", "due_at", "last_error", "last_status", "delivered_at"]
+    await catalog.check_privileges(
+        conn,
+        f"sources.{source.name}",
+        [catalog.Need(spec.table[0], spec.table[1], list(columns), written)],
+    )
+    names: dict[str, sql.Composable] = {
+        "table": events.ident,
+        "key": sql.Identifier("id"),
+        "status": sql.Identifier("status"),
+        "due": sql.Identifier("due_at"),
+        "attempts": sql.Identifier("attempts"),
+        "now": sql.SQL("now()"),
+        "pending": sql.Literal("pending"),
+        "processing": sql.Literal("processing"),
+        "retry": sql.Literal("pending"),
+        "release": sql.Literal("pending"),
+        "done": sql.Literal("delivered"),
+        "dead": sql.Literal("dead"),
+        "status_type": sql.SQL("text"),
+        "key_type": sql.SQL("bigint"),
+        "due_type": sql.SQL("timestamptz"),
+        "returning_named": sql.SQL(
+            "t.id AS key, t.due_at AS lease, t.attempts::int AS attempt, "
+            "COALESCE(t.max_attempts, {})::int AS max_attempts, NULL::text AS url, "
+            "NULL::text AS secret, t.topic::text AS topic, t.payload::text AS payload, "
+            "NULL::text AS values"
+        ).format(sql.Literal(spec.max_attempts)),
+        "bounded": bounded_values(ctx.max_payload_bytes),
+        "extra_sets": sql.SQL(
+            ", last_error = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.last_error "
+            "ELSE s.error END, "
+            "last_status = CASE s.outcome WHEN 'release' THEN t.last_status "
+            "ELSE s.http_status END, "
+            "delivered_at = CASE s.outcome WHEN 'done' THEN now() ELSE t.delivered_at END"
+        ),
+    }
+    notify = notify_trigger(
+        source.name,
+        events,
+        sql.SQL("t.status = 'pending' AND (t.due_at IS NULL OR t.due_at <= now())"),
+        ctx.channel,
+        ("events", ctx.channel),
+    )
+    return Compiled(
+        queries={name: sqltext.fill(QUERIES[name], names) for name in QUERY_NAMES},
+        notify=notify,
+    )

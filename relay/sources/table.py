@@ -1,0 +1,666 @@
+"""kind = "table": a user's table taken as it is (a webhook queue, a job queue, an email queue).
+
+relay keeps its claims, their expiry and its attempt count in relay.leases, so every column of
+the user's table keeps what the application meant: the due column is only read, a processing
+status and an attempts column are written only where the mapping names them. A filter splits a
+table between sources; the request is shaped from columns and SQL expressions evaluated in the
+claim (relay.request); write-backs and an attempt log record what each attempt came to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from relay import readers, request, retry
+from relay.db import catalog, sqltext
+from relay.db.batch import settle_batch_json
+from relay.readers import ConfigError
+from relay.sources import attempt_log
+from relay.sources.base import (
+    Claimed,
+    Compiled,
+    DbContext,
+    Dead,
+    ParseContext,
+    Request,
+    Settlement,
+    Skip,
+    Source,
+    bounded_values,
+    claim_values,
+    fixed_targets,
+    notify_trigger,
+    origin,
+    shape_columns,
+    shape_expressions,
+    shaped,
+)
+
+QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "table.sql")
+QUERY_NAMES = ("settle", "heartbeat", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+WRITE_BACKS = ("on_claim", "on_success", "on_failure", "on_dead")
+
+KEYS = (
+    frozenset(
+        {
+            "kind",
+            "table",
+            "key",
+            "status",
+            "pending",
+            "retry",
+            "processing",
+            "done",
+            "dead",
+            "attempts",
+            "max_attempts",
+            "max_attempts_column",
+            "due",
+            "filter",
+            "heartbeat",
+            "last_error",
+            "last_status",
+            "done_at",
+            "fixed_credentials_for_row_urls",
+            "retry_policy",
+            "attempt_log",
+            *WRITE_BACKS,
+        }
+    )
+    | request.KEYS
+)
+
+# The context a write-back expression reads besides the row, in the settle (`r`) and the
+# claim (`l`): composite values, so their names never clash with the user's columns.
+_SETTLE_CONTEXT = sql.SQL(
+    ", o.error AS relay_error, o.http_status AS relay_status, "
+    "ROW(o.http_status, o.response_headers, o.response_json, o.response_body)::relay.response "
+    "AS response, "
+    "ROW(o.attempt, o.error, o.worker, o.started_at, o.finished_at, "
+    "CASE o.outcome WHEN 'retry' THEN now() + make_interval(secs => o.delay) END, "
+    "o.outcome, o.ms)::relay.attempt AS attempt, "
+    "ROW(o.method, o.url, o.request_headers, o.request_body)::relay.request AS request"
+)
+_SETTLE_CONTEXT_COLUMNS = sql.SQL(
+    ", attempt int4, method text, url text, request_headers jsonb, request_body text, "
+    "response_headers jsonb, response_body text, response_json jsonb, started_at timestamptz, "
+    "finished_at timestamptz, ms float8, worker text"
+)
+_SETTLE_BASIC = sql.SQL(", o.error AS relay_error, o.http_status AS relay_status")
+# For `relay check`: the same names, NULL, to plan a write-back expression against.
+_CHECK_CONTEXT = sql.SQL(
+    "(SELECT NULL::text AS relay_outcome, NULL::text AS relay_error, NULL::int AS relay_status, "
+    "NULL::relay.response AS response, NULL::relay.attempt AS attempt, "
+    "NULL::relay.request AS request)"
+)
+_CLAIM_CHECK_CONTEXT = sql.SQL(
+    "(SELECT NULL::text AS relay_key, now() AS relay_token, 1 AS relay_attempts, "
+    "NULL::relay.attempt AS attempt)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    schema: str
+    table: str
+    key: str
+    status: str
+    pending: tuple[str, ...]
+    retry: str
+    processing: str | None
+    done: str
+    dead: str
+    max_attempts: int
+    max_attempts_column: str | None = None
+    attempts: str | None = None
+    due: str | None = None
+    filter: str | None = None
+    heartbeat: str | None = None
+    last_error: str | None = None
+    last_status: str | None = None
+    done_at: str | None = None
+    # column -> SQL expression, per moment
+    write_backs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    log: attempt_log.LogSpec | None = None
+    shape: request.Shape = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+def _assignments(where: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{where}: expected a table of column = SQL expression, like "
+            f'{{ job_result = "response.json" }}'
+        )
+    return {
+        readers.ident(f"{where}.{column}", column): readers.string(f"{where}.{column}", expr)
+        for column, expr in value.items()
+    }
+
+
+def _states(where: str, spec: TableSpec) -> None:
+    """A row's status alone says where it is: two states with one value would make a delivered
+    row look claimable (and be sent again), or a dead one delivered."""
+    states = {"done": spec.done, "dead": spec.dead}
+    if spec.processing is not None:
+        states = {"processing": spec.processing, **states}
+    for label, value in states.items():
+        if value in spec.pending:
+            raise ConfigError(f"{where}.{label}: {value!r} is also listed in {where}.pending")
+    labels = list(states.items())
+    for i, (label, value) in enumerate(labels):
+        for other, other_value in labels[i + 1 :]:
+            if value == other_value:
+                raise ConfigError(
+                    f"{where}.{other}: {value!r} is also {where}.{label}; each state needs a "
+                    f"status value of its own"
+                )
+    if spec.retry not in spec.pending:
+        raise ConfigError(
+            f"{where}.retry: {spec.retry!r} must be one of {where}.pending {list(spec.pending)}, "
+            f"or a retried row would never be claimed again"
+        )
+
+
+class Table:
+    name = "table"
+    single = False
+
+    def parse(self, name: str, data: Mapping[str, Any], ctx: ParseContext) -> Source:
+        where = f"sources.{name}"
+        readers.unknown(where, data, set(KEYS))
+        for required in ("table", "key", "status"):
+            if required not in data:
+                raise ConfigError(f"{where}.{required}: required for a table source")
+        schema, table = readers.table_name(f"{where}.table", data["table"])
+        pending = readers.status_list(f"{where}.pending", data.get("pending", "pending"))
+        shape = request.parse(where, data, ctx.env)
+        write_backs = {
+            moment: _assignments(f"{where}.{moment}", data[moment])
+            for moment in WRITE_BACKS
+            if moment in data
+        }
+
+        def column(key: str) -> str | None:
+            return readers.opt_ident(f"{where}.{key}", data.get(key))
+
+        processing = data.get("processing")
+        spec = TableSpec(
+            schema=schema,
+            table=table,
+            key=readers.ident(f"{where}.key", data["key"]),
+            status=readers.ident(f"{where}.status", data["status"]),
+            pending=pending,
+            retry=readers.string(f"{where}.retry", data.get("retry", pending[0])),
+            processing=None
+            if processing is None
+            else readers.string(f"{where}.processing", processing),
+            done=readers.string(f"{where}.done", data.get("done", "done")),
+            dead=readers.string(f"{where}.dead", data.get("dead", "dead")),
+            max_attempts=readers.integer(
+                f"{where}.max_attempts", data.get("max_attempts", ctx.max_attempts)
+            ),
+            max_attempts_column=column("max_attempts_column"),
+            attempts=column("attempts"),
+            due=column("due"),
+            filter=None
+            if data.get("filter") is None
+            else readers.string(f"{where}.filter", data["filter"]),
+            heartbeat=column("heartbeat"),
+            last_error=column("last_error"),
+            last_status=column("last_status"),
+            done_at=column("done_at"),
+            write_backs=write_backs,
+            log=attempt_log.parse(f"{where}.attempt_log", data.get("attempt_log"))
+            if "attempt_log" in data
+            else None,
+            shape=shape,
+        )
+        _states(where, spec)
+        policy = ctx.retry
+        if "retry_policy" in data:
+            policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
+        return Source(
+            name=name,
+            kind=self,
+            spec=spec,
+            retry=policy,
+            heartbeat=True,
+            targets=fixed_targets(shape),
+        )
+
+    # -- the database side ----------------------------------------------------------------
+
+    async def prepare(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> Compiled:
+        spec: TableSpec = source.spec
+        where = f"sources.{source.name}"
+        table = catalog.Table(where, spec.schema, spec.table)
+        columns = await catalog.columns(conn, table)
+        if not columns:
+            raise ConfigError(
+                f"{where}.table: table {spec.qualified} does not exist in the database; create "
+                f"it or correct the name"
+            )
+        _check_columns(table, spec, columns)
+        status = columns[spec.status]
+        values = [(f"pending[{i}]", v) for i, v in enumerate(spec.pending)]
+        values += [("done", spec.done), ("dead", spec.dead), ("retry", spec.retry)]
+        if spec.processing is not None:
+            values.append(("processing", spec.processing))
+        await catalog.check_status_values(conn, table, status, values)
+        compiled = _compile(source, spec, columns, ctx)
+        await _check_expressions(conn, source, spec, columns, compiled)
+        await catalog.check_privileges(conn, where, _needs(spec, columns))
+        if spec.log is not None:
+            log_compiled = await attempt_log.prepare(
+                conn, where, spec.log, table, spec.key, source.name
+            )
+            compiled = Compiled(
+                queries={**compiled.queries, **log_compiled},
+                notify=compiled.notify,
+                needs_detail=True,
+            )
+        return compiled
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        return None
+
+    # -- the request --------------------------------------------------------------------------
+
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+        spec: TableSpec = source.spec
+        built = shaped(spec.shape, source, row, now)
+        if isinstance(built, Dead):
+            return built
+        return Request(
+            built.method,
+            built.url,
+            built.headers,
+            built.body,
+            origin(spec.shape),
+            keep_headers=spec.log is not None or bool(spec.write_backs),
+        )
+
+    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
+        spec: TableSpec = source.spec
+        return True if spec.log is not None else None
+
+    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
+        return {"batch": settle_batch_json(records, detail=True)}
+
+
+KIND = Table()
+
+
+# -- compiling -----------------------------------------------------------------------------------
+
+
+def _check_columns(
+    table: catalog.Table, spec: TableSpec, columns: dict[str, catalog.Column]
+) -> None:
+    mapped = {
+        "key": spec.key,
+        "status": spec.status,
+        "attempts": spec.attempts,
+        "due": spec.due,
+        "max_attempts_column": spec.max_attempts_column,
+        "heartbeat": spec.heartbeat,
+        "last_error": spec.last_error,
+        "last_status": spec.last_status,
+        "done_at": spec.done_at,
+        **shape_columns(spec.shape),
+    }
+    for moment, assignments in spec.write_backs.items():
+        mapped.update({f"{moment}.{c}": c for c in assignments})
+    catalog.check_mapped(table, columns, mapped)
+
+    def refuse(key: str, column: str, needs: str) -> ConfigError:
+        return ConfigError(
+            f"{table.where}.{key}: column {column!r} of {table.qualified} is "
+            f"{columns[column].type}; {needs}"
+        )
+
+    for key, column in (
+        ("due", spec.due),
+        ("heartbeat", spec.heartbeat),
+        ("done_at", spec.done_at),
+    ):
+        if column is not None and not catalog.TIMESTAMP_TYPES.match(columns[column].type):
+            raise refuse(key, column, "it must be a timestamp (with or without time zone)")
+    for key, column in (
+        ("attempts", spec.attempts),
+        ("max_attempts_column", spec.max_attempts_column),
+    ):
+        if column is not None and columns[column].type not in catalog.INTEGER_TYPES:
+            raise refuse(key, column, "it must be an integer")
+    if spec.last_error is not None:
+        ty = columns[spec.last_error].type
+        if not (catalog.TEXT_TYPES.match(ty) or ty in catalog.JSON_TYPES):
+            raise refuse(
+                "last_error",
+                spec.last_error,
+                "relay writes the error there: use text, varchar or char (cut to fit), or json "
+                "or jsonb (an object {error, status, attempt})",
+            )
+    if spec.last_status is not None:
+        ty = columns[spec.last_status].type
+        if not (catalog.NUMBER_TYPES.match(ty) or catalog.TEXT_TYPES.match(ty)):
+            raise refuse(
+                "last_status",
+                spec.last_status,
+                "relay writes the HTTP status there: use an integer, numeric or text column",
+            )
+
+
+def _now_for(column: catalog.Column) -> sql.Composable:
+    return sqltext.now(column.type)
+
+
+def _expr(text: str) -> sql.Composable:
+    """A user's SQL expression, in parentheses; a `%` in it is a `%` (no parameters)."""
+    return sql.SQL("(") + sqltext.Catalog(text) + sql.SQL(")")
+
+
+def _cast(expr: sql.Composable, column: catalog.Column) -> sql.Composable:
+    return sql.SQL("CAST({} AS {})").format(expr, column.sql_type)
+
+
+def _compile(
+    source: Source, spec: TableSpec, columns: dict[str, catalog.Column], ctx: DbContext
+) -> Compiled:
+    ident = sql.Identifier
+    status = columns[spec.status]
+    filter_sql: sql.Composable = sql.SQL("TRUE") if spec.filter is None else _expr(spec.filter)
+    waiting = sql.SQL("t.{} IN ({}) AND {}").format(
+        ident(spec.status), sqltext.literal_list(spec.pending), filter_sql
+    )
+    ready: sql.Composable = waiting
+    next_scheduled: sql.Composable = sql.SQL("NULL::timestamptz")
+    oldest: sql.Composable = sql.SQL("NULL::float8")
+    if spec.due is not None:
+        due = columns[spec.due]
+        now = _now_for(due)
+        ready = sql.SQL("{} AND (t.{d} IS NULL OR t.{d} <= {now})").format(
+            waiting, d=ident(spec.due), now=now
+        )
+        as_tz = sql.SQL(" AT TIME ZONE 'UTC'") if "without" in due.type else sql.SQL("")
+        next_scheduled = sql.SQL(
+            "(SELECT min(t.{d}){tz} FROM {table} AS t WHERE {waiting} AND t.{d} > {now})"
+        ).format(
+            d=ident(spec.due),
+            tz=as_tz,
+            table=ident(spec.schema, spec.table),
+            waiting=waiting,
+            now=now,
+        )
+        oldest = sql.SQL(
+            "EXTRACT(EPOCH FROM ({now} - min(COALESCE(t.{d}, {now}))))::float8 "
+            "FROM {table} AS t WHERE {ready}"
+        ).format(now=now, d=ident(spec.due), table=ident(spec.schema, spec.table), ready=ready)
+    max_attempts: sql.Composable = sql.Literal(spec.max_attempts)
+    if spec.max_attempts_column is not None:
+        max_attempts = sql.SQL("COALESCE(t.{}, {})::int").format(
+            ident(spec.max_attempts_column), sql.Literal(spec.max_attempts)
+        )
+
+    fetched = claim_values(spec.shape)
+    returning = sql.SQL(
+        "t.{key} AS key, l.relay_token AS lease, l.relay_attempts AS attempt, "
+        "{max} AS max_attempts, {url} AS url, {secret} AS secret, {route} AS topic, "
+        "{payload} AS payload, {values} AS values"
+    ).format(
+        key=ident(spec.key),
+        max=max_attempts,
+        url=fetched["url"],
+        secret=fetched["secret"],
+        route=fetched["topic"],
+        payload=fetched["payload"],
+        values=fetched["values"],
+    )
+
+    # The claim's writes to the user's row.
+    claim_sets: list[sql.Composable] = []
+    if spec.processing is not None:
+        claim_sets.append(
+            sql.SQL("{} = CAST({} AS {})").format(
+                ident(spec.status), sql.Literal(spec.processing), status.sql_type
+            )
+        )
+    if spec.attempts is not None:
+        claim_sets.append(sql.SQL("{} = l.relay_attempts").format(ident(spec.attempts)))
+    if spec.heartbeat is not None:
+        claim_sets.append(
+            sql.SQL("{} = {}").format(ident(spec.heartbeat), _now_for(columns[spec.heartbeat]))
+        )
+    for column, assigned in spec.write_backs.get("on_claim", {}).items():
+        claim_sets.append(
+            sql.SQL("{} = {}").format(ident(column), _cast(_expr(assigned), columns[column]))
+        )
+
+    # The settle's writes to the user's row.
+    release: sql.Composable = sql.SQL("t.{}").format(ident(spec.status))
+    if spec.processing is not None:
+        release = sql.Literal(spec.pending[0])
+    settle_sets: list[sql.Composable] = [
+        sql.SQL(
+            "{s} = CAST(CASE r.relay_outcome WHEN 'done' THEN {done} WHEN 'retry' THEN {retry} "
+            "WHEN 'dead' THEN {dead} ELSE {release} END AS {ty})"
+        ).format(
+            s=ident(spec.status),
+            done=sql.Literal(spec.done),
+            retry=sql.Literal(spec.retry),
+            dead=sql.Literal(spec.dead),
+            release=release,
+            ty=status.sql_type,
+        )
+    ]
+    if spec.attempts is not None:
+        settle_sets.append(
+            sql.SQL(
+                "{a} = CASE r.relay_outcome WHEN 'release' THEN GREATEST(t.{a} - 1, 0) "
+                "ELSE t.{a} END"
+            ).format(a=ident(spec.attempts))
+        )
+    if spec.last_error is not None:
+        col = columns[spec.last_error]
+        error: sql.Composable = sql.SQL("r.relay_error")
+        if col.type in catalog.JSON_TYPES:
+            error = sql.SQL("jsonb_build_object('error', r.relay_error, 'status', r.relay_status)")
+        settle_sets.append(
+            sql.SQL(
+                "{c} = CASE r.relay_outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.{c} "
+                "ELSE CAST({error} AS {ty}) END"
+            ).format(c=ident(spec.last_error), error=error, ty=col.sql_type)
+        )
+    if spec.last_status is not None:
+        settle_sets.append(
+            sql.SQL(
+                "{c} = CASE r.relay_outcome WHEN 'release' THEN t.{c} "
+                "ELSE CAST(r.relay_status AS {ty}) END"
+            ).format(c=ident(spec.last_status), ty=columns[spec.last_status].sql_type)
+        )
+    if spec.done_at is not None:
+        settle_sets.append(
+            sql.SQL("{c} = CASE r.relay_outcome WHEN 'done' THEN {now} ELSE t.{c} END").format(
+                c=ident(spec.done_at), now=_now_for(columns[spec.done_at])
+            )
+        )
+    settle_sets.extend(_settle_write_backs(spec, columns))
+
+    needs_detail = bool(spec.write_backs.keys() - {"on_claim"})
+    live = [*spec.pending] + ([spec.processing] if spec.processing is not None else [])
+    names: dict[str, sql.Composable] = {
+        "table": ident(spec.schema, spec.table),
+        "key": ident(spec.key),
+        "key_type": columns[spec.key].sql_type,
+        "status": ident(spec.status),
+        "status_type": status.sql_type,
+        "source": sql.Literal(source.name),
+        "pending": sqltext.literal_list(spec.pending),
+        "processing": sql.Literal(spec.processing) if spec.processing else sql.SQL("NULL"),
+        "retry": sql.Literal(spec.retry),
+        "dead": sql.Literal(spec.dead),
+        "ready": ready,
+        "filtered": filter_sql,
+        "returning": returning,
+        "claim_sets": sql.SQL(", ").join(claim_sets) if claim_sets else sql.SQL(""),
+        "bounded": bounded_values(ctx.max_payload_bytes),
+        "settle_sets": sql.SQL(", ").join(settle_sets),
+        "live": sql.SQL("t.{} IN ({})").format(ident(spec.status), sqltext.literal_list(live)),
+        "context": _SETTLE_CONTEXT if needs_detail else _SETTLE_BASIC,
+        "context_columns": _SETTLE_CONTEXT_COLUMNS if needs_detail else sql.SQL(""),
+        "next_scheduled": next_scheduled,
+        "oldest_due": oldest,
+        "retry_dead_sets": sql.SQL(", ").join(
+            [
+                sql.SQL("{} = CAST({} AS {})").format(
+                    ident(spec.status), sql.Literal(spec.pending[0]), status.sql_type
+                ),
+                *(
+                    [sql.SQL("{} = 0").format(ident(spec.attempts))]
+                    if spec.attempts is not None
+                    else []
+                ),
+            ]
+        ),
+    }
+    queries = {n: sqltext.fill(QUERIES[n], names) for n in QUERY_NAMES}
+    queries["claim"] = sqltext.fill(QUERIES["claim_update" if claim_sets else "claim"], names)
+    if spec.heartbeat is not None:
+        queries["heartbeat_column"] = sqltext.fill(
+            QUERIES["heartbeat_column"],
+            {
+                **names,
+                "heartbeat": ident(spec.heartbeat),
+                "heartbeat_now": _now_for(columns[spec.heartbeat]),
+            },
+        )
+    notify = notify_trigger(
+        source.name,
+        catalog.Table(f"sources.{source.name}", spec.schema, spec.table),
+        # A row its write left claimable (ready) and not waiting out a claim or a retry: so
+        # relay's own settles, which write the status, wake nobody.
+        sql.SQL(
+            "{ready} AND NOT EXISTS (SELECT 1 FROM relay.leases AS x WHERE x.source = {source} "
+            "AND x.key = t.{key}::text AND x.due > now())"
+        ).format(ready=ready, source=sql.Literal(source.name), key=ident(spec.key)),
+        ctx.channel,
+        ("table", spec.status, spec.pending, ctx.channel),
+    )
+    return Compiled(queries=queries, notify=notify, needs_detail=needs_detail)
+
+
+def _settle_write_backs(
+    spec: TableSpec, columns: dict[str, catalog.Column]
+) -> list[sql.Composable]:
+    """on_success applies when the attempt succeeded; on_failure to every failed attempt (a
+    retry or the last one); on_dead, after it, when the row is dead. One CASE per column."""
+    moments = {
+        "on_success": ("done",),
+        "on_failure": ("retry", "dead"),
+        "on_dead": ("dead",),
+    }
+    by_column: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+    for moment in ("on_dead", "on_failure", "on_success"):  # first WHEN wins: dead first
+        for column, expr in spec.write_backs.get(moment, {}).items():
+            by_column.setdefault(column, []).append((moments[moment], expr))
+    out: list[sql.Composable] = []
+    for column, cases in by_column.items():
+        whens = sql.SQL(" ").join(
+            sql.SQL("WHEN r.relay_outcome IN ({}) THEN {}").format(
+                sqltext.literal_list(outcomes), _cast(_expr(expr), columns[column])
+            )
+            for outcomes, expr in cases
+        )
+        out.append(
+            sql.SQL("{c} = CASE {whens} ELSE t.{c} END").format(
+                c=sql.Identifier(column), whens=whens
+            )
+        )
+    return out
+
+
+async def _check_expressions(
+    conn: psycopg.AsyncConnection[Any],
+    source: Source,
+    spec: TableSpec,
+    columns: dict[str, catalog.Column],
+    compiled: Compiled,
+) -> None:
+    """PostgreSQL plans each of the user's expressions where it will run: a filter, a value the
+    claim reads, a write-back cast to its column's type. One that does not fit stops start-up
+    naming its key (exit 2), instead of failing every claim or settle."""
+    where = f"sources.{source.name}"
+    table = sql.Identifier(spec.schema, spec.table)
+    if spec.filter is not None:
+        await catalog.check_statement(
+            conn,
+            f"{where}.filter",
+            sql.SQL("SELECT 1 FROM {} AS t WHERE {}").format(table, _cast_bool(spec.filter)),
+            "not a boolean SQL expression over the table's columns",
+        )
+    for key, value in shape_expressions(spec.shape).items():
+        await catalog.check_statement(
+            conn,
+            f"{where}.{key}",
+            sql.SQL("SELECT ({})::text FROM {} AS t").format(_expr(value), table),
+            "not a SQL expression over the table's columns",
+        )
+    for moment, assignments in spec.write_backs.items():
+        context = _CLAIM_CHECK_CONTEXT if moment == "on_claim" else _CHECK_CONTEXT
+        alias = sql.SQL("l" if moment == "on_claim" else "r")
+        for column, expr in assignments.items():
+            await catalog.check_statement(
+                conn,
+                f"{where}.{moment}.{column}",
+                sql.SQL("UPDATE {} AS t SET {} = {} FROM {} AS {} WHERE FALSE").format(
+                    table,
+                    sql.Identifier(column),
+                    _cast(_expr(expr), columns[column]),
+                    context,
+                    alias,
+                ),
+                f"cannot be written to column {column!r} ({columns[column].type})",
+            )
+    # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
+    for name in ("claim", "settle"):
+        await catalog.check_statement(
+            conn, where, compiled.queries[name], f"relay's {name} statement does not plan"
+        )
+
+
+def _cast_bool(text: str) -> sql.Composable:
+    return sql.SQL("CAST({} AS boolean)").format(_expr(text))
+
+
+def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.Need]:
+    written = [spec.status, spec.attempts, spec.heartbeat, spec.last_error, spec.last_status]
+    written += [spec.done_at, *(c for a in spec.write_backs.values() for c in a)]
+    return [
+        # Expressions (a body, a filter, write-backs) may read any column.
+        catalog.Need(spec.schema, spec.table, list(columns), _present(written)),
+        catalog.Need(
+            "relay",
+            "leases",
+            ["source", "key", "due", "token", "attempts"],
+            ["due", "token", "attempts"],
+            ["INSERT", "DELETE"],
+        ),
+    ]
+
+
+def _present(names: list[str | None]) -> list[str]:
+    return list(dict.fromkeys(n for n in names if n is not None))

@@ -1,0 +1,161 @@
+-- Named queries for a `table` source: a user's table taken as it is. relay's claims, their
+-- expiry and its attempt count live in relay.leases, keyed by (source, key::text); the user's
+-- columns keep what the application meant: `due` is only read, a processing status and an
+-- attempts column are written only where the mapping names them.
+--
+-- A lease row is one of: claimed (token set, due = the claim's expiry), waiting for a retry
+-- (token NULL, due = when the retry falls due). Settling done or dead deletes it, so a row the
+-- application puts back to pending is claimable at once, with fresh attempts.
+--
+-- Placeholders: {table} {key} {key_type} {status} {status_type} (quoted names and types),
+-- {source} {pending} {processing} (literals), {ready} (the row is claimable now, over alias t:
+-- its status, the due column if any, the filter if any), {waiting} (status and filter only),
+-- {claim_sets} (the claim's writes to the user's row, over alias t and the lease l),
+-- {returning} (the claim's values, over t and l), {bounded} (see relay.db.sqltext.bounded),
+-- {settle_sets}, {live} (the statuses a settle may still find the row in), {context} (the
+-- write-back context: response, attempt, request), {due_now} (now() in the due column's type).
+
+-- name: claim
+-- Lock up to %(limit)s claimable rows with SKIP LOCKED, lease them, read what their requests
+-- need. `= ANY(ARRAY(...))` keeps the index scan a join loses after ANALYZE (DESIGN.md).
+WITH picked AS (
+    SELECT t.{key} AS relay_key FROM {table} AS t
+    WHERE {ready}
+      AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
+                      WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now())
+    ORDER BY t.{key}
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), leased AS (
+    INSERT INTO relay.leases AS x (source, key, due, token, attempts)
+    SELECT {source}, p.relay_key::text, now() + make_interval(secs => %(lease_seconds)s::float8),
+           now(), 1
+    FROM picked AS p
+    ON CONFLICT (source, key) DO UPDATE
+        SET due = EXCLUDED.due, token = EXCLUDED.token, attempts = x.attempts + 1
+    RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
+), claimed AS (
+    SELECT {returning}
+    FROM {table} AS t
+    JOIN leased AS l ON l.relay_key = t.{key}::text
+    WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked))
+)
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
+
+-- name: claim_update
+-- The same, for a mapping that writes to the row at claim time (a processing status, the
+-- attempts column, a heartbeat column, on_claim assignments).
+WITH picked AS (
+    SELECT t.{key} AS relay_key FROM {table} AS t
+    WHERE {ready}
+      AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
+                      WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now())
+    ORDER BY t.{key}
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), leased AS (
+    INSERT INTO relay.leases AS x (source, key, due, token, attempts)
+    SELECT {source}, p.relay_key::text, now() + make_interval(secs => %(lease_seconds)s::float8),
+           now(), 1
+    FROM picked AS p
+    ON CONFLICT (source, key) DO UPDATE
+        SET due = EXCLUDED.due, token = EXCLUDED.token, attempts = x.attempts + 1
+    RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
+), claimed AS (
+    UPDATE {table} AS t
+    SET {claim_sets}
+    FROM (SELECT leased.*,
+                 ROW(leased.relay_attempts, NULL, %(worker)s::text, now(), NULL, NULL, NULL,
+                     NULL)::relay.attempt AS attempt
+          FROM leased) AS l
+    WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked)) AND l.relay_key = t.{key}::text
+    RETURNING {returning}
+)
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
+
+-- name: settle
+-- Only rows whose lease still holds this claim's token are ours: a late settle after the
+-- claim expired and another worker took the row over changes nothing. done and dead drop the
+-- lease; retry keeps it (with the attempt count) until the retry falls due; release hands the
+-- attempt back. Then the user's row gets its status and write-backs, if it is still in a status
+-- relay may settle (the application may have moved it on meanwhile: its choice stands).
+WITH s AS (
+    SELECT *
+    FROM json_to_recordset(%(batch)s::json)
+         AS s(key {key_type}, lease timestamptz, outcome text, delay float8, error text,
+              http_status int4{context_columns})
+), dropped AS (
+    DELETE FROM relay.leases AS x
+    USING s
+    WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+      AND x.key = s.key::text AND x.token = s.lease AND s.outcome IN ('done', 'dead')
+    RETURNING x.key
+), kept AS (
+    UPDATE relay.leases AS x
+    SET token = NULL,
+        due = now() + make_interval(secs => s.delay),
+        attempts = CASE s.outcome WHEN 'release' THEN x.attempts - 1 ELSE x.attempts END
+    FROM s
+    WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+      AND x.key = s.key::text AND x.token = s.lease AND s.outcome IN ('retry', 'release')
+    RETURNING x.key
+), owned AS (
+    SELECT s.* FROM s
+    WHERE s.key::text IN (SELECT key FROM dropped UNION ALL SELECT key FROM kept)
+), updated AS (
+    UPDATE {table} AS t
+    SET {settle_sets}
+    FROM (SELECT o.key AS relay_key, o.outcome AS relay_outcome{context}
+          FROM owned AS o) AS r
+    WHERE t.{key} = ANY(%(keys)b::{key_type}[]) AND t.{key} = r.relay_key AND {live}
+    RETURNING t.{key}
+)
+-- Ours even if the application had moved the row on: the lease was, and it is settled.
+SELECT key FROM owned;
+
+-- name: heartbeat
+-- Requests still in flight: their claims last another lease from now.
+UPDATE relay.leases AS x
+SET due = now() + make_interval(secs => %(lease_seconds)s::float8)
+FROM json_to_recordset(%(batch)s::json) AS s(key {key_type}, lease timestamptz)
+WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+  AND x.key = s.key::text AND x.token = s.lease
+RETURNING x.key;
+
+-- name: heartbeat_column
+UPDATE {table} AS t
+SET {heartbeat} = {heartbeat_now}
+WHERE t.{key} = ANY(%(keys)b::{key_type}[]);
+
+-- name: rescue
+-- Claims whose worker died: their lease no longer blocks a claim once expired; a row the claim
+-- had set to processing goes back to the retry status.
+WITH expired AS (
+    UPDATE relay.leases AS x
+    SET token = NULL
+    WHERE x.source = {source} AND x.token IS NOT NULL AND x.due < now()
+    RETURNING x.key
+)
+UPDATE {table} AS t
+SET {status} = CAST({retry} AS {status_type})
+WHERE t.{key}::text IN (SELECT key FROM expired) AND t.{status} = {processing};
+
+-- name: next_due
+-- Seconds until the earliest waiting row falls due: a retry in relay.leases, or a row whose
+-- due column is in the future (NULL if none).
+SELECT EXTRACT(EPOCH FROM (LEAST(
+    (SELECT min(x.due) FROM relay.leases AS x
+     WHERE x.source = {source} AND x.token IS NULL AND x.due IS NOT NULL),
+    {next_scheduled}) - now()))::float8;
+
+-- name: counts
+SELECT t.{status}::text, count(*)::bigint FROM {table} AS t WHERE {filtered} GROUP BY 1 ORDER BY 1;
+
+-- name: oldest_due
+SELECT {oldest_due};
+
+-- name: retry_dead
+-- Dead rows back to claimable now, with fresh attempts (their leases went at dead).
+UPDATE {table} AS t
+SET {retry_dead_sets}
+WHERE t.{status} = {dead} AND {filtered};

@@ -310,7 +310,6 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             lifetimes[f"sources.{source.name}.stuck_after"] = source.lifetime
     if all(s.heartbeat for s in configured if s.lifetime is None):
         lifetimes.pop("relay.claim_timeout")
-    lifetimes = lifetimes or {"relay.claim_timeout": max(claim_timeout, http_timeout * 2)}
     for key, lifetime in lifetimes.items():
         if lifetime <= http_timeout:
             raise ConfigError(
@@ -321,8 +320,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     # the last of them starts after claim_ahead / max_in_flight timeouts; the default keeps
     # that within the time a claimed row may still start (see Config.start_within), so a
     # hung receiver does not make relay claim rows only to hand them back.
-    within = _start_within(min(lifetimes.values()), http_timeout)
-    safe_ahead = int(max_in_flight * within / http_timeout)
+    # (Rows of sources whose claims heartbeat may wait as long as it takes.)
+    within = _start_within(min(lifetimes.values()), http_timeout) if lifetimes else math.inf
+    safe_ahead = int(min(max_in_flight * within / http_timeout, 1e9))
     claim_ahead = readers.integer(
         "relay.claim_ahead", relay.get("claim_ahead", min(batch_size, safe_ahead)), minimum=0
     )

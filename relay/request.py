@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -107,6 +107,9 @@ class Scheme(StrEnum):
 class Encoding(StrEnum):
     hex = "hex"
     base64 = "base64"
+
+
+_Choice = TypeVar("_Choice", Format, Encoding)
 
 
 class ValueKind(StrEnum):
@@ -338,15 +341,20 @@ def _body(
     payload_sql = None
     if "payload_sql" in data:
         payload_sql = _expression(f"{where}.payload_sql", data["payload_sql"])
-    raw = data.get("format", Format.json.value)
-    try:
-        fmt = Format(raw)
-    except ValueError:
-        raise ConfigError(
-            f"{where}.format: expected 'json' or 'form' (application/x-www-form-urlencoded), "
-            f"got {raw!r}"
-        ) from None
+    fmt = _choice(
+        f"{where}.format",
+        Format,
+        data.get("format", Format.json.value),
+        "'json' or 'form' (application/x-www-form-urlencoded)",
+    )
     return payload, payload_sql, fmt
+
+
+def _choice(where: str, kind: type[_Choice], raw: Any, expected: str) -> _Choice:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {expected}, got {raw!r}") from None
 
 
 def _expression(where: str, value: Any) -> str:
@@ -362,7 +370,7 @@ def _signing(where: str, raw: Any) -> Signing:
         if raw == Scheme.standard_webhooks.value:
             return Signing(Scheme.standard_webhooks)
         if raw == Scheme.none.value:
-            return Signing(Scheme.standard_webhooks)
+            return Signing(Scheme.none)
     if isinstance(raw, dict) and set(raw) == {Scheme.hmac_sha256.value}:
         options = raw[Scheme.hmac_sha256.value]
         inner = f"{key}.{Scheme.hmac_sha256.value}"
@@ -386,13 +394,9 @@ def _signing(where: str, raw: Any) -> Signing:
             raise ConfigError(
                 f'{inner}.prefix: expected text put before the signature, like "sha256="'
             )
-        encoding = options.get("encoding", Encoding.hex.value)
-        try:
-            enc = Encoding(encoding)
-        except ValueError:
-            raise ConfigError(
-                f"{inner}.encoding: expected 'hex' or 'base64', got {encoding!r}"
-            ) from None
+        enc = _choice(
+            f"{inner}.encoding", Encoding, options.get("encoding", "hex"), "'hex' or 'base64'"
+        )
         return Signing(Scheme.hmac_sha256, header, prefix, enc)
     raise ConfigError(
         f'{key}: expected "standard-webhooks" (the default), "none", or {{ hmac_sha256 = '
@@ -602,13 +606,7 @@ def _url(shape: Shape, values: Mapping[str, Any]) -> str | Refused:
     if shape.url is not None:
         return shape.url
     if shape.url_column is not None:
-        url = _text(values[URL])
-        if not url:
-            return Refused(
-                f"url column {shape.url_column!r} is NULL or empty for this row; store the "
-                f"target URL there"
-            )
-        return url
+        return _required(values, URL, shape.url_column, "the target URL")
     assert shape.route is not None
     route = shape.route
     value = _text(values[ROUTE])
@@ -624,6 +622,15 @@ def _url(shape: Shape, values: Mapping[str, Any]) -> str | Refused:
     )
 
 
+def _required(values: Mapping[str, Any], name: str, column: str, what: str) -> str | Refused:
+    text = _text(values[name])
+    if not text:
+        return Refused(
+            f"{name} column {column!r} is NULL or empty for this row; store {what} there"
+        )
+    return text
+
+
 def _body_bytes(shape: Shape, values: Mapping[str, Any]) -> bytes | Refused:
     if not shape.sends_body:
         return b""
@@ -634,7 +641,12 @@ def _body_bytes(shape: Shape, values: Mapping[str, Any]) -> bytes | Refused:
     if shape.format is Format.json:
         if not isinstance(raw, str):
             # A JSON value (the whole row as an object, a number, ...) or NULL as `null`.
-            return orjson.dumps(raw)
+            try:
+                return orjson.dumps(raw)
+            except orjson.JSONEncodeError as exc:
+                return Refused(
+                    f"{where} cannot be written as JSON ({exc}); select it as JSON text instead"
+                )
         if not _is_json(raw):
             return Refused(
                 f"{where} is not valid JSON; store JSON text there, or shape the body with "
@@ -757,13 +769,13 @@ def _sign(
     scheme = shape.signing
     if scheme.scheme is Scheme.none:
         return None
-    if shape.secret_column is not None:
-        secret = _text(values[SECRET])
-        if not secret:
-            return Refused(
-                f"secret column {shape.secret_column!r} is NULL or empty for this row; store "
-                f"the receiver's secret there"
-            )
+    secret = values[SECRET] if shape.secret_column is not None else None
+    if shape.secret_column is not None and scheme.scheme is Scheme.hmac_sha256:
+        # The receiver checks a signature, so a row without its secret cannot be sent.
+        secret = _required(values, SECRET, shape.secret_column, "the receiver's secret")
+        if isinstance(secret, Refused):
+            return secret
+    if secret:
         if scheme.scheme is Scheme.hmac_sha256:
             keys = (secret.encode(),)
         else:
@@ -774,6 +786,8 @@ def _sign(
                     f"cannot sign with the secret in column {shape.secret_column!r}: {exc}"
                 )
     elif keys is None:
+        # Standard Webhooks and a row without its own secret: the configured ones, if any
+        # (as relay always has: a NULL secret_column sends unsigned).
         keys = shape.keys
     if not keys:
         # Standard Webhooks without a secret: sent unsigned, as relay always has

@@ -49,7 +49,7 @@ def check_encoding(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def role(conn: psycopg.AsyncConnection[Any]) -> str:
-    cur = await conn.execute(CATALOG["currentrole"])
+    cur = await conn.execute(CATALOG["current_role"])
     row = await cur.fetchone()
     assert row is not None
     return str(row[0])
@@ -268,13 +268,17 @@ async def check_privileges(
 
 
 async def check_statement(
-    conn: psycopg.AsyncConnection[Any], key: str, statement: sqltext.Query, what: str
+    conn: psycopg.AsyncConnection[Any],
+    key: str,
+    statement: sqltext.Query,
+    what: str,
+    params: dict[str, Any] | None = None,
 ) -> None:
     """PostgreSQL parses and plans `statement` (EXPLAIN, nothing runs): a user's SQL that does
     not fit (an unknown column, a type that cannot be cast) stops start-up naming `key`."""
     try:
         async with conn.transaction(force_rollback=True):
-            await conn.execute(sql.SQL("EXPLAIN ") + statement)
+            await conn.execute(sql.SQL("EXPLAIN ") + statement, params)
     except psycopg.Error as exc:
         if isinstance(exc, psycopg.OperationalError):
             raise

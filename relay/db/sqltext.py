@@ -146,3 +146,23 @@ def named_params(text: str, allowed: frozenset[str]) -> tuple[str, frozenset[str
         return f"%({name})s"
 
     return _TOKENS.sub(swap, text), frozenset(used)
+
+
+_CONTEXT_REF = re.compile(
+    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)"
+    r"|(?<![\w.$])(?P<name>response|attempt|request)\.(?=[a-z_])",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+def context_refs(text: str) -> str:
+    """A write-back expression's `response.json`, `attempt.error`, `request.url` as field
+    selections from relay's composite values, `(response).json`: PostgreSQL reads `a.b` as a
+    table's column, and relay's context values are columns, named so as to clash with nothing."""
+
+    def swap(m: re.Match[str]) -> str:
+        if m.group("skip"):
+            return m.group("skip")
+        return f"({m.group('name').lower()})."
+
+    return _CONTEXT_REF.sub(swap, text)

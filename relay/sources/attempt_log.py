@@ -152,7 +152,7 @@ async def prepare(
     def expr(text: str) -> sql.Composable:
         if text == "{source}":
             return sql.Literal(source_name)
-        return sql.SQL("(") + sqltext.Catalog(text) + sql.SQL(")")
+        return sql.SQL("(") + sqltext.Catalog(sqltext.context_refs(text)) + sql.SQL(")")
 
     targets = sql.SQL(", ").join(sql.Identifier(c) for c in mapped)
     values = sql.SQL(", ").join(

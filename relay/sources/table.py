@@ -370,8 +370,9 @@ def _now_for(column: catalog.Column) -> sql.Composable:
 
 
 def _expr(text: str) -> sql.Composable:
-    """A user's SQL expression, in parentheses; a `%` in it is a `%` (no parameters)."""
-    return sql.SQL("(") + sqltext.Catalog(text) + sql.SQL(")")
+    """A user's SQL expression, in parentheses; a `%` in it is a `%` (no parameters), and its
+    `response.x`, `attempt.x`, `request.x` read relay's context values."""
+    return sql.SQL("(") + sqltext.Catalog(sqltext.context_refs(text)) + sql.SQL(")")
 
 
 def _cast(expr: sql.Composable, column: catalog.Column) -> sql.Composable:
@@ -636,9 +637,17 @@ async def _check_expressions(
                 f"cannot be written to column {column!r} ({columns[column].type})",
             )
     # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
-    for name in ("claim", "settle"):
+    params = {
+        "claim": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check"},
+        "settle": {"batch": "[]", "keys": [], "text_keys": []},
+    }
+    for name, values in params.items():
         await catalog.check_statement(
-            conn, where, compiled.queries[name], f"relay's {name} statement does not plan"
+            conn,
+            where,
+            sqltext.rendered(compiled.queries[name], conn),
+            f"relay's {name} statement does not plan",
+            values,
         )
 
 

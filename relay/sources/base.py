@@ -246,7 +246,11 @@ def notify_trigger(
     row claimable (`ready`, over the transition table's rows as `t`)."""
     insert_trigger = f"relay_notify_{source}_insert"
     update_trigger = f"relay_notify_{source}_update"
-    fingerprint = sqltext.fingerprint(_NOTIFY_SQL, source, table.schema, table.name, *made_from)
+    # What it was made from, the wake-up condition included (its repr names every identifier
+    # and literal in it).
+    fingerprint = sqltext.fingerprint(
+        _NOTIFY_SQL, source, table.schema, table.name, repr(ready), *made_from
+    )
     function = f"notify_{source}"
     install = sql.SQL(_NOTIFY_SQL).format(
         fingerprint=sql.Literal(fingerprint),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from psycopg import sql
 
-from relay import request
+from relay import request, secretbox
 from relay.db import sqltext
 from relay.retry import RetryPolicy
 
@@ -291,15 +291,26 @@ def column_type(columns: Mapping[str, Column], name: str) -> sql.SQL:
 
 
 def shaped(
-    shape: request.Shape, source: Source, row: Claimed, now: datetime
+    shape: request.Shape,
+    source: Source,
+    row: Claimed,
+    now: datetime,
+    keyring: secretbox.Keyring | None = None,
 ) -> request.Request | Dead:
     """The request relay.request builds from a claimed row's values: its url, route, body and
-    secret come in the claim's own columns, the rest in its JSON `values`."""
+    secret come in the claim's own columns, the rest in its JSON `values`. A secret column
+    encrypted at rest (secret_encryption) is decrypted here, for this request only."""
+    secret = row.secret
+    if keyring is not None and secret:
+        try:
+            secret = secretbox.decrypt(keyring, secret)
+        except secretbox.SecretError as exc:
+            return Dead(f"cannot decrypt the secret in column {shape.secret_column!r}: {exc}")
     values: dict[str, Any] = orjson.loads(row.values) if row.values else {}
     values[request.URL] = row.url
     values[request.ROUTE] = row.topic
     values[request.BODY] = row.payload
-    values[request.SECRET] = row.secret
+    values[request.SECRET] = secret
     built = request.build(
         shape,
         source=source.name,

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay import readers, request, retry
+from relay import readers, request, retry, secretbox
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
@@ -67,7 +67,7 @@ KEYS = (
             "wake",
             "wake_when",
             "retry_policy",
-            "fixed_credentials_for_row_urls",
+            "secret_encryption",
             *STATEMENTS,
         }
     )
@@ -91,6 +91,7 @@ class FunctionsSpec:
     wake: tuple[str, str] | None = None
     wake_when: str | None = None
     shape: request.Shape = field(default=None)  # type: ignore[assignment]
+    keyring: secretbox.Keyring | None = None
 
 
 def _statement(where: str, data: Mapping[str, Any], key: str, allowed: frozenset[str]) -> str:
@@ -145,6 +146,7 @@ class Functions:
             if data.get("wake_when") is None
             else readers.string(f"{where}.wake_when", data["wake_when"]),
             shape=request.parse(where, data, ctx.env),
+            keyring=_keyring(where, data, ctx),
         )
         policy = ctx.retry
         if "retry_policy" in data:
@@ -247,7 +249,7 @@ class Functions:
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: FunctionsSpec = source.spec
-        built = shaped(spec.shape, source, row, now)
+        built = shaped(spec.shape, source, row, now, spec.keyring)
         if isinstance(built, Dead):
             return built
         return Request(
@@ -298,3 +300,14 @@ def _claim(spec: FunctionsSpec, ctx: DbContext) -> sql.Composed:
 
 
 KIND = Functions()
+
+
+def _keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
+    if "secret_encryption" not in data:
+        return None
+    if "secret_column" not in data:
+        raise ConfigError(
+            f"{where}.secret_encryption: decrypts the secret in each row, so set "
+            f"{where}.secret_column (the column that holds it) too"
+        )
+    return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay import readers, request, retry
+from relay import readers, request, retry, secretbox
 from relay.db import catalog, sqltext
 from relay.db.batch import settle_batch_json
 from relay.readers import ConfigError
@@ -67,7 +67,7 @@ KEYS = (
             "last_error",
             "last_status",
             "done_at",
-            "fixed_credentials_for_row_urls",
+            "secret_encryption",
             "retry_policy",
             "attempt_log",
             *WRITE_BACKS,
@@ -129,6 +129,7 @@ class TableSpec:
     write_backs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     log: attempt_log.LogSpec | None = None
     shape: request.Shape = field(default=None)  # type: ignore[assignment]
+    keyring: secretbox.Keyring | None = None
 
     @property
     def qualified(self) -> str:
@@ -224,6 +225,7 @@ class Table:
             if "attempt_log" in data
             else None,
             shape=shape,
+            keyring=_keyring(where, data, ctx),
         )
         _states(where, spec)
         policy = ctx.retry
@@ -282,7 +284,7 @@ class Table:
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: TableSpec = source.spec
-        built = shaped(spec.shape, source, row, now)
+        built = shaped(spec.shape, source, row, now, spec.keyring)
         if isinstance(built, Dead):
             return built
         return Request(
@@ -637,7 +639,7 @@ async def _check_expressions(
                 f"cannot be written to column {column!r} ({columns[column].type})",
             )
     # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
-    params = {
+    params: dict[str, dict[str, Any]] = {
         "claim": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check"},
         "settle": {"batch": "[]", "keys": [], "text_keys": []},
     }
@@ -673,3 +675,14 @@ def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.
 
 def _present(names: list[str | None]) -> list[str]:
     return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def _keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
+    if "secret_encryption" not in data:
+        return None
+    if "secret_column" not in data:
+        raise ConfigError(
+            f"{where}.secret_encryption: decrypts the secret in each row, so set "
+            f"{where}.secret_column (the column that holds it) too"
+        )
+    return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)

@@ -46,7 +46,8 @@ def settle_batch_json(settlements: Iterable[Settlement], detail: bool = False) -
                 # PostgreSQL text cannot hold NUL; an error quoting a response might.
                 "error": s.error.replace("\x00", "") if s.error else s.error,
                 "http_status": s.http_status,
-                **({"attempt": s.attempt, **_detail(s)} if detail else {}),
+                "attempt": s.attempt,
+                **(_detail(s) if detail else {}),
             }
             for s in settlements
         ],

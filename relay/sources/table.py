@@ -79,7 +79,7 @@ KEYS = (
 # The context a write-back expression reads besides the row, in the settle (`r`) and the
 # claim (`l`): composite values, so their names never clash with the user's columns.
 _SETTLE_CONTEXT = sql.SQL(
-    ", o.error AS relay_error, o.http_status AS relay_status, "
+    ", o.error AS relay_error, o.http_status AS relay_status, o.attempt AS relay_attempt, "
     "ROW(o.http_status, o.response_headers, o.response_json, o.response_body)::relay.response "
     "AS response, "
     "ROW(o.attempt, o.error, o.worker, o.started_at, o.finished_at, "
@@ -88,14 +88,17 @@ _SETTLE_CONTEXT = sql.SQL(
     "ROW(o.method, o.url, o.request_headers, o.request_body)::relay.request AS request"
 )
 _SETTLE_CONTEXT_COLUMNS = sql.SQL(
-    ", attempt int4, method text, url text, request_headers jsonb, request_body text, "
+    ", method text, url text, request_headers jsonb, request_body text, "
     "response_headers jsonb, response_body text, response_json jsonb, started_at timestamptz, "
     "finished_at timestamptz, ms float8, worker text"
 )
-_SETTLE_BASIC = sql.SQL(", o.error AS relay_error, o.http_status AS relay_status")
+_SETTLE_BASIC = sql.SQL(
+    ", o.error AS relay_error, o.http_status AS relay_status, o.attempt AS relay_attempt"
+)
 # For `relay check`: the same names, NULL, to plan a write-back expression against.
 _CHECK_CONTEXT = sql.SQL(
     "(SELECT NULL::text AS relay_outcome, NULL::text AS relay_error, NULL::int AS relay_status, "
+    "NULL::int AS relay_attempt, "
     "NULL::relay.response AS response, NULL::relay.attempt AS attempt, "
     "NULL::relay.request AS request)"
 )
@@ -335,13 +338,15 @@ def _check_columns(
             f"{columns[column].type}; {needs}"
         )
 
-    for key, column in (
-        ("due", spec.due),
-        ("heartbeat", spec.heartbeat),
-        ("done_at", spec.done_at),
-    ):
+    for key, column in (("due", spec.due), ("heartbeat", spec.heartbeat)):
         if column is not None and not catalog.TIMESTAMP_TYPES.match(columns[column].type):
             raise refuse(key, column, "it must be a timestamp (with or without time zone)")
+    if spec.done_at is not None and not catalog.TIMESTAMP_TYPES.match(columns[spec.done_at].type):
+        raise refuse(
+            "done_at",
+            spec.done_at,
+            "relay writes the delivery time there: use a timestamp (with or without time zone)",
+        )
     for key, column in (
         ("attempts", spec.attempts),
         ("max_attempts_column", spec.max_attempts_column),
@@ -481,7 +486,8 @@ def _compile(
         col = columns[spec.last_error]
         error: sql.Composable = sql.SQL("r.relay_error")
         if col.type in catalog.JSON_TYPES:
-            error = sql.SQL("jsonb_build_object('error', r.relay_error, 'status', r.relay_status)")
+            error = sql.SQL("jsonb_build_object('error', r.relay_error, 'status', r.relay_status, "
+                "'attempt', r.relay_attempt)")
         settle_sets.append(
             sql.SQL(
                 "{c} = CASE r.relay_outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.{c} "

@@ -83,7 +83,7 @@ WITH s AS (
     SELECT *
     FROM json_to_recordset(%(batch)s::json)
          AS s(key {key_type}, lease timestamptz, outcome text, delay float8, error text,
-              http_status int4{context_columns})
+              http_status int4, attempt int4{context_columns})
 ), dropped AS (
     DELETE FROM relay.leases AS x
     USING s
@@ -110,8 +110,10 @@ WITH s AS (
     WHERE t.{key} = ANY(%(keys)b::{key_type}[]) AND t.{key} = r.relay_key AND {live}
     RETURNING t.{key}
 )
--- Ours even if the application had moved the row on: the lease was, and it is settled.
-SELECT key FROM owned;
+-- The rows settled. A row deleted or moved on by the application meanwhile is not among them
+-- (its lease is settled all the same): the settler reports it, and the application's choice
+-- stands.
+SELECT * FROM updated;
 
 -- name: heartbeat
 -- Requests still in flight: their claims last another lease from now.

@@ -268,6 +268,7 @@ async def test_a_status_value_the_column_would_change_is_refused(db: str) -> Non
         "status": "status",
         "attempts": "attempts",
         "due": "due",
+        "processing": "processing",
         "url": "http://127.0.0.1:9/hook",
     }
     with pytest.raises(ConfigError) as refused:

@@ -242,9 +242,10 @@ async def check_privileges(
 ) -> None:
     """The role relay runs as must be allowed every statement it will run for a source."""
     who = await role(conn)
+    for schema in dict.fromkeys(need.schema for need in needs):
+        await check_schema(conn, where, schema)
     missing: list[str] = []
     for need in needs:
-        await check_schema(conn, where, need.schema)
         cur = await conn.execute(
             CATALOG["privileges"], {"schema": need.schema, "table": need.table}
         )

@@ -264,9 +264,9 @@ class Table:
         if spec.processing is not None:
             values.append(("processing", spec.processing))
         await catalog.check_status_values(conn, table, status, values)
+        await catalog.check_privileges(conn, where, _needs(spec, columns))
         compiled = _compile(source, spec, columns, ctx)
         await _check_expressions(conn, source, spec, columns, compiled)
-        await catalog.check_privileges(conn, where, _needs(spec, columns))
         if spec.log is not None:
             log_compiled = await attempt_log.prepare(
                 conn, where, spec.log, table, spec.key, source.name

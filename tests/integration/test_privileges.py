@@ -266,14 +266,21 @@ async def test_check_names_each_missing_privilege_and_the_grant_that_gives_it(
     else:
         pytest.fail(f"still refused after running every GRANT it named: {messages}")
     quoted = f'"{runner}"'
+    # A table source's claims live in relay.leases: its schema comes first, then every grant
+    # the claims and settles need, on the user's table and on relay's.
     assert messages == [
+        f"sources.deliveries: role {runner!r} has no USAGE on schema 'relay', so it cannot see "
+        f"the tables there; as the schema's owner run: GRANT USAGE ON SCHEMA \"relay\" TO "
+        f"{quoted};",
         f"sources.deliveries: role {runner!r} lacks privileges that relay's claims and settles "
         f"need; as the tables' owner run: "
         f'GRANT SELECT ON "public"."webhook_delivery_queue" TO {quoted}; '
-        f'GRANT UPDATE ("attempt_count", "next_retry_at", "last_error", "last_response_status",'
-        f' "delivered_at") ON "public"."webhook_delivery_queue" TO {quoted};',
-        f"sources.events: role {runner!r} has no USAGE on schema 'relay', so it cannot see the "
-        f'tables there; as the schema\'s owner run: GRANT USAGE ON SCHEMA "relay" TO {quoted};',
+        f'GRANT UPDATE ("attempt_count", "last_error", "last_response_status", "delivered_at", '
+        f'"next_retry_at") ON "public"."webhook_delivery_queue" TO {quoted}; '
+        f'GRANT SELECT ON "relay"."leases" TO {quoted}; '
+        f'GRANT UPDATE ("due", "token", "attempts") ON "relay"."leases" TO {quoted}; '
+        f'GRANT INSERT ON "relay"."leases" TO {quoted}; '
+        f'GRANT DELETE ON "relay"."leases" TO {quoted};',
         f"sources.events: role {runner!r} lacks privileges that relay's claims and settles "
         f'need; as the tables\' owner run: GRANT SELECT ON "relay"."outbox" TO {quoted}; '
         f'GRANT UPDATE ("status", "attempts", "due_at", "last_error", "last_status", '
@@ -294,6 +301,8 @@ async def test_check_names_the_temporary_privilege_its_status_probe_needs(
         db, sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname))
     )
     grant(db, "GRANT SELECT, UPDATE ON public.webhook_delivery_queue TO {role}", runner)
+    grant(db, "GRANT USAGE ON SCHEMA relay TO {role}", runner)
+    grant(db, "GRANT SELECT, INSERT, UPDATE, DELETE ON relay.leases TO {role}", runner)
     runner_config = config_mod.from_mapping(raw_config(as_role(db, runner)), {})
     store = Store(runner_config.database_url, runner_config.sources)
     await store.open()

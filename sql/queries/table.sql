@@ -130,17 +130,19 @@ SET {heartbeat} = {heartbeat_now}
 WHERE t.{key} = ANY(%(keys)b::{key_type}[]);
 
 -- name: rescue
--- Claims whose worker died: their lease no longer blocks a claim once expired; a row the claim
--- had set to processing goes back to the retry status.
+-- Claims whose worker died: their lease no longer blocks a claim once expired, and a row the
+-- claim had set to processing goes back to the retry status, as does one left processing with
+-- no live lease at all (a lease from before relay 0.2, or a status written by hand).
 WITH expired AS (
     UPDATE relay.leases AS x
     SET token = NULL
     WHERE x.source = {source} AND x.token IS NOT NULL AND x.due < now()
-    RETURNING x.key
 )
 UPDATE {table} AS t
 SET {status} = CAST({retry} AS {status_type})
-WHERE t.{key}::text IN (SELECT key FROM expired) AND t.{status} = {processing};
+WHERE t.{status} = {processing}
+  AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
+                  WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now());
 
 -- name: next_due
 -- Seconds until the earliest waiting row falls due: a retry in relay.leases, or a row whose

@@ -88,7 +88,7 @@ async def explain(db: str, query: str, params: dict[str, Any]) -> str:
     await store.open()
     try:
         await store.prepare()
-        compiled = getattr(store.compiled["deliveries"], query)
+        compiled = store.compiled["deliveries"].queries[query]
     finally:
         await store.close()
     async with (
@@ -114,7 +114,7 @@ async def test_claim_query_uses_the_waiting_index_on_a_large_delivered_backlog(d
             "FROM generate_series(1, 200) g"
         )
         await conn.execute("ANALYZE webhook_delivery_queue")
-    plan = await explain(db, "claim", {"limit": 50, "lease_seconds": 30})
+    plan = await explain(db, "claim", {"limit": 50, "lease_seconds": 30, "worker": "w"})
     assert "webhook_delivery_queue_waiting_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
 
@@ -130,7 +130,9 @@ async def test_settle_query_looks_rows_up_by_key_whatever_the_statistics(db: str
         await conn.execute("VACUUM ANALYZE webhook_delivery_queue")
     lease = datetime.now(UTC)
     batch = [Settlement(key, lease, Outcome.done, http_status=200) for key in range(1, 13)]
-    params = {"batch": settle_batch_json(batch), "keys": [s.key for s in batch]}
+    keys = [s.key for s in batch]
+    params = {"batch": settle_batch_json(batch), "keys": keys, "text_keys": [str(k) for k in keys]}
     plan = await explain(db, "settle", params)
-    assert "Seq Scan" not in plan, plan
+    assert "Seq Scan on webhook_delivery_queue" not in plan, plan
+    assert "Seq Scan on leases" not in plan, plan
     assert "webhook_delivery_queue_pkey" in plan, plan

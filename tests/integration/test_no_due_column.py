@@ -120,7 +120,8 @@ async def test_a_claim_whose_worker_died_is_taken_back(plain_db: str, receiver: 
         plain_db,
         f"""
         INSERT INTO plain_queue (url, status, tries) VALUES ('{receiver.url}', 'sending', 1);
-        INSERT INTO relay.leases (source, key, due) VALUES ('plain', '1', now() - interval '1s');
+        INSERT INTO relay.leases (source, key, due, token, attempts)
+        VALUES ('plain', '1', now() - interval '1s', now() - interval '31s', 1);
         """,
     )
     async with running(config):

@@ -67,7 +67,9 @@ def delivered(claimed: list[Any]) -> list[Settlement]:
 
 async def settle(store: Store, source: str, batch: list[Settlement]) -> set[Any] | None:
     written: list[set[Any] | None] = []
-    settler = Settler(store, on_settled=lambda _, __, keys: written.append(keys))
+    settler = Settler(
+        store, on_settled=lambda _, __, keys: written.append(keys), sources=store.sources
+    )
     for settlement in batch:
         settler.add(source, settlement)
     settler.close()
@@ -114,7 +116,7 @@ async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
         # Tenant b deletes its webhook while both requests are in flight.
         execute(db, """DELETE FROM "Webhook" WHERE "id" = 'wh_b'""")
         batch = [
-            Settlement(r.key, r.lease, Outcome.done, http_status=200, call=call(f"wh_{r.key[-1]}"))
+            Settlement(r.key, r.lease, Outcome.done, http_status=200, record=call(f"wh_{r.key[-1]}"))
             for r in claimed
         ]
         settled = await settle(store, "jobs", batch)

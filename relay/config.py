@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 
 from relay import guard, readers, sources
+from relay import retry as retry_policy
 from relay.readers import ConfigError as ConfigError
 from relay.readers import duration
 from relay.retry import RetryPolicy as RetryPolicy
@@ -90,7 +91,6 @@ MIN_SWEEP_INTERVAL = 1.0
 MIN_HEARTBEAT = 0.5
 MIN_CLAIM_TIMEOUT = 1.0
 MIN_HTTP_TIMEOUT = 0.1
-MIN_RETRY_BASE = 0.01
 MIN_STATEMENT_TIMEOUT = 0.1
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -152,7 +152,7 @@ _SECTION_KEYS = {
         "max_payload_bytes",
     },
     "http": {"timeout", "max_response_bytes", "user_agent", "allow", "error_body_chars"},
-    "retry": {"base", "factor", "max_delay", "jitter", "max_attempts"},
+    "retry": set(retry_policy.KEYS),
     "health": {"listen", "allow_remote"},
 }
 # -- sources ---------------------------------------------------------------------------------
@@ -265,18 +265,8 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         minimum=MIN_STATEMENT_TIMEOUT,
     )
 
-    policy = RetryPolicy(
-        base=duration("retry.base", retry.get("base", 1.0), minimum=MIN_RETRY_BASE),
-        factor=readers.number("retry.factor", retry.get("factor", 2.0), minimum=1),
-        max_delay=duration("retry.max_delay", retry.get("max_delay", 3600.0)),
-        jitter=readers.fraction("retry.jitter", retry.get("jitter", 0.2)),
-    )
-    if policy.max_delay < policy.base:
-        raise ConfigError(
-            f"retry.max_delay ({policy.max_delay:g}s) must be at least retry.base "
-            f"({policy.base:g}s): raise retry.max_delay or lower retry.base"
-        )
-    max_attempts = readers.integer("retry.max_attempts", retry.get("max_attempts", 5))
+    policy = retry_policy.parse("retry", retry, RetryPolicy())
+    max_attempts = policy.limit(None)
     sources_raw = raw.get("sources", {})
     if not isinstance(sources_raw, dict) or not sources_raw:
         raise ConfigError(

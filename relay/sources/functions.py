@@ -125,6 +125,9 @@ class Functions:
             wake = readers.table_name(f"{where}.wake", data["wake"])
         elif "wake_when" in data:
             raise ConfigError(f"{where}.wake_when: set {where}.wake (the table to watch) too")
+        policy = ctx.retry
+        if "retry_policy" in data:
+            policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
         spec = FunctionsSpec(
             claim=_statement(where, data, "claim", CLAIM_PARAMS),
             complete=_statement(where, data, "complete", SETTLE_PARAMS),
@@ -135,7 +138,10 @@ class Functions:
             retry_dead=optional("retry_dead", frozenset()),
             key=readers.ident(f"{where}.key", data["key"]),
             max_attempts=readers.integer(
-                f"{where}.max_attempts", data.get("max_attempts", ctx.max_attempts)
+                f"{where}.max_attempts",
+                data.get(
+                    "max_attempts", policy.limit(None) if policy.max_attempts else ctx.max_attempts
+                ),
             ),
             attempt_column=readers.opt_ident(f"{where}.attempt_column", data.get("attempt_column")),
             max_attempts_column=readers.opt_ident(
@@ -148,9 +154,6 @@ class Functions:
             shape=request.parse(where, data, ctx.env),
             keyring=_keyring(where, data, ctx),
         )
-        policy = ctx.retry
-        if "retry_policy" in data:
-            policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
         return Source(
             name=name,
             kind=self,

@@ -198,6 +198,9 @@ class Table:
             return readers.opt_ident(f"{where}.{key}", data.get(key))
 
         processing = data.get("processing")
+        policy = ctx.retry
+        if "retry_policy" in data:
+            policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
         spec = TableSpec(
             schema=schema,
             table=table,
@@ -211,7 +214,10 @@ class Table:
             done=readers.string(f"{where}.done", data.get("done", "done")),
             dead=readers.string(f"{where}.dead", data.get("dead", "dead")),
             max_attempts=readers.integer(
-                f"{where}.max_attempts", data.get("max_attempts", ctx.max_attempts)
+                f"{where}.max_attempts",
+                data.get(
+                    "max_attempts", policy.limit(None) if policy.max_attempts else ctx.max_attempts
+                ),
             ),
             max_attempts_column=column("max_attempts_column"),
             attempts=column("attempts"),
@@ -231,9 +237,6 @@ class Table:
             keyring=_keyring(where, data, ctx),
         )
         _states(where, spec)
-        policy = ctx.retry
-        if "retry_policy" in data:
-            policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
         return Source(
             name=name,
             kind=self,
@@ -486,8 +489,10 @@ def _compile(
         col = columns[spec.last_error]
         error: sql.Composable = sql.SQL("r.relay_error")
         if col.type in catalog.JSON_TYPES:
-            error = sql.SQL("jsonb_build_object('error', r.relay_error, 'status', r.relay_status, "
-                "'attempt', r.relay_attempt)")
+            error = sql.SQL(
+                "jsonb_build_object('error', r.relay_error, 'status', r.relay_status, "
+                "'attempt', r.relay_attempt)"
+            )
         settle_sets.append(
             sql.SQL(
                 "{c} = CASE r.relay_outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.{c} "

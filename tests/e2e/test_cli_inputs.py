@@ -80,6 +80,7 @@ async def test_status_prints_a_rows_status_value_escaped(db: str, tmp_config: Pa
         done_at=None,
         payload=None,
         secret_column=None,
+        on_failure=None,
     )
     source = {k: v for k, v in source.items() if v is not None}
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:

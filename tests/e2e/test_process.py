@@ -195,8 +195,8 @@ CONFIG_ERRORS = {
         ["sources.deliveries.status", "'state'", "does not exist"],
     ),
     "missing mapping key": (
-        _set("sources.deliveries.attempts", None),
-        ["sources.deliveries.attempts", "required"],
+        _set("sources.deliveries.key", None),
+        ["sources.deliveries.key", "required"],
     ),
 }
 

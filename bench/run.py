@@ -45,9 +45,9 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from relay.db.sqltext import sql_dir
 from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
-from relay.db.sqltext import sql_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from relay.embedded import EmbeddedPostgres
 from relay.db.sqltext import sql_dir
+from relay.embedded import EmbeddedPostgres
 from tests.support import Receiver
 
 TEMPLATE = "relay_test_template"

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ from relay import config as config_mod
 from relay import guard
 from relay.app import Relay, Service
 from relay.config import Config
-from relay.demo import QUEUE_SOURCE
 from relay.db.store import Store
+from relay.demo import QUEUE_SOURCE
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # the longest any test waits for an event before failing
@@ -325,9 +325,11 @@ def write_config(path: Path, raw: dict[str, Any]) -> Config:
     return config_mod.from_mapping(raw, {})
 
 
-async def run_cli(config_path: Path, *args: str, timeout: float = WAIT) -> tuple[int, str]:
+async def run_cli(
+    config_path: Path, *args: str, timeout: float = WAIT, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """Run a one-shot `relay` command to the end; its exit code and combined output."""
-    proc = RelayProcess(config_path, env=HERMETIC_ENV)
+    proc = RelayProcess(config_path, env={**HERMETIC_ENV, **(env or {})})
     try:
         await proc.start(*args)
         code = await proc.wait_exit(timeout)

@@ -156,12 +156,14 @@ def header(request: Received, name: str) -> str | None:
 # -- relay as a process ----------------------------------------------------------------------
 
 
-async def install(config: Path, db: str, *tables: str) -> None:
+async def install(
+    config: Path, db: str, *tables: str, env: Mapping[str, str] | None = None
+) -> None:
     """`relay install`, then `relay check` (which plans every statement and expression of the
     configuration against the database), each exiting 0; then `watch` the application's
     tables."""
     for command in ("install", "check"):
-        code, out = await run_cli(config, command)
+        code, out = await run_cli(config, command, env=env)
         assert code == 0, f"relay {command} exited {code}:\n{out}"
     await watch(db, *tables)
 

@@ -21,7 +21,8 @@ def _detail(s: Settlement) -> dict[str, Any]:
         "request_body": d.request_body,
         "response_headers": d.response_headers,
         "response_body": d.response_body,
-        "response_json": d.response_json,
+        # The answer's JSON as JSON, not as a string of it (the text is checked JSON already).
+        "response_json": orjson.Fragment(d.response_json) if d.response_json else None,
         "started_at": d.started_at,
         "finished_at": d.finished_at,
         "ms": d.ms,

@@ -408,7 +408,9 @@ async def test_a_malformed_row_secret_settles_that_row_dead_and_no_other(
     assert receiver.ids() == [f"deliveries_{fine}"]
     row = (await fetch_rows(db))[broken]
     assert row["status"] == "dead_letter"
-    assert row["last_error"].startswith("cannot sign with the secret in column 'secret': a secret starting with 'whsec_'")
+    assert row["last_error"].startswith(
+        "cannot sign with the secret in column 'secret': a secret starting with 'whsec_'"
+    )
     assert "not-base64" not in row["last_error"]
 
 

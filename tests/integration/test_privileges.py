@@ -270,7 +270,7 @@ async def test_check_names_each_missing_privilege_and_the_grant_that_gives_it(
     # the claims and settles need, on the user's table and on relay's.
     assert messages == [
         f"sources.deliveries: role {runner!r} has no USAGE on schema 'relay', so it cannot see "
-        f"the tables there; as the schema's owner run: GRANT USAGE ON SCHEMA \"relay\" TO "
+        f'the tables there; as the schema\'s owner run: GRANT USAGE ON SCHEMA "relay" TO '
         f"{quoted};",
         f"sources.deliveries: role {runner!r} lacks privileges that relay's claims and settles "
         f"need; as the tables' owner run: "

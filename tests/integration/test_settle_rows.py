@@ -15,8 +15,8 @@ import pytest
 
 from relay import config as config_mod
 from relay.config import Config
-from relay.settler import Settler
 from relay.db.store import Store
+from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
 from relay.sources.documenso_jobs import WebhookCall
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
@@ -116,7 +116,9 @@ async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
         # Tenant b deletes its webhook while both requests are in flight.
         execute(db, """DELETE FROM "Webhook" WHERE "id" = 'wh_b'""")
         batch = [
-            Settlement(r.key, r.lease, Outcome.done, http_status=200, record=call(f"wh_{r.key[-1]}"))
+            Settlement(
+                r.key, r.lease, Outcome.done, http_status=200, record=call(f"wh_{r.key[-1]}")
+            )
             for r in claimed
         ]
         settled = await settle(store, "jobs", batch)

@@ -11,7 +11,11 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
 3. writers: single-row INSERT tps with and without relay's triggers; notifications per
    10,000-row INSERT;
 4. backlog: a large pending backlog drained by relay (and the reference), with peak RSS;
-5. idle: CPU of an idle relay.
+5. idle: CPU of an idle relay;
+6. leases: a user's 100,000-row queue table with a realistic history (bench/history.py), its
+   waiting tail drained by relay twice: (a) claiming in place, (b) claiming in relay.leases,
+   with relay's and PostgreSQL's CPU per delivery and, from pg_stat_statements, the statements
+   relay ran per 1,000 rows and where PostgreSQL spent its time.
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -45,6 +49,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from bench import history
 from relay.db.sqltext import sql_dir
 from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
@@ -74,6 +79,9 @@ FULL = {
     "idle_seconds": 30.0,
     "ceiling_seconds": 3.0,
     "ceiling_concurrency": 20,
+    "history_rows": 100000,
+    "history_drain": 10000,
+    "history_rounds": 5,
 }
 QUICK = {
     **FULL,
@@ -82,6 +90,9 @@ QUICK = {
     "live_rows": 1000,
     "backlog_rows": 20000,
     "idle_seconds": 5.0,
+    "history_rows": 50000,
+    "history_drain": 5000,
+    "history_rounds": 2,
 }
 
 UNSETTLED = (
@@ -212,12 +223,17 @@ def http_post(url: str) -> None:
 
 
 class Bench:
-    def __init__(self, pg: EmbeddedPostgres, procs: Procs, workdir: Path) -> None:
+    def __init__(
+        self, pg: EmbeddedPostgres, procs: Procs, workdir: Path, explain: bool = False
+    ) -> None:
         self.pg = pg
         self.procs = procs
         self.workdir = workdir
         self.dbs = 0
         self.receiver_port = 0
+        self.explain = explain
+        self.statement_stats = False
+        self.history_templates: dict[str, str] = {}
 
     # databases
 
@@ -232,7 +248,10 @@ class Bench:
             with psycopg.connect(self.pg.url(name), autocommit=True) as conn:
                 conn.execute((sql_dir() / "triggers" / "relay_schema.sql").read_text())
                 conn.execute((sql_dir() / "demo" / "webhook_delivery_queue.sql").read_text())
-        cfg = self.relay_config(self.pg.url("bench_relay"), "install")
+        self.install(self.pg.url("bench_relay"), "install")
+
+    def install(self, db: str, name: str, source: dict[str, Any] = QUEUE_SOURCE) -> None:
+        cfg = self.relay_config(db, name, source=source)
         result = subprocess.run(
             [PY, "-m", "relay.cli", "--config", str(cfg), "install"],
             cwd=ROOT,
@@ -255,14 +274,16 @@ class Bench:
             )
         return self.pg.url(name)
 
-    def relay_config(self, db: str, name: str, health_port: int = 0) -> Path:
+    def relay_config(
+        self, db: str, name: str, health_port: int = 0, source: dict[str, Any] = QUEUE_SOURCE
+    ) -> Path:
         raw = {
             "database": {"url": db},
             "relay": {"worker_id": "bench", **RELAY_SETTINGS},
             # The bench receiver is on loopback, which the outbound guard refuses by default.
             "http": {"allow": ["127.0.0.1"]},
             "health": {"listen": f"127.0.0.1:{health_port}"},
-            "sources": {"deliveries": QUEUE_SOURCE},
+            "sources": {"deliveries": source},
         }
         path = self.workdir / f"relay-{name}.toml"
         path.write_text(to_toml(raw))
@@ -311,15 +332,21 @@ class Bench:
 
     @contextlib.contextmanager
     def deliverer(
-        self, kind: str, db: str, name: str, under: Sequence[str] = ()
+        self,
+        kind: str,
+        db: str,
+        name: str,
+        under: Sequence[str] = (),
+        source: dict[str, Any] = QUEUE_SOURCE,
     ) -> Iterator[subprocess.Popen[bytes]]:
         """relay or the reference running on `db` until the block ends; yields once it listens.
-        `under` runs relay under another command (py-spy), which is stopped with SIGINT."""
+        `under` runs relay under another command (py-spy), which is stopped with SIGINT;
+        `source` is relay's mapping of the queue table (source "deliveries")."""
         tag = f"{kind}-{name}"
         stop_with = signal.SIGINT if under else signal.SIGTERM
         if kind == "relay":
             port = free_port()
-            cfg = self.relay_config(db, name, port)
+            cfg = self.relay_config(db, name, port, source)
             proc = self.procs.start(
                 tag, "-m", "relay.cli", "--config", str(cfg), "run", under=under
             )
@@ -508,6 +535,236 @@ class Bench:
             time.sleep(1.0)
             return idle_cpu(proc.pid, s["idle_seconds"])
 
+    # the leases workload (bench/history.py)
+
+    def enable_statement_stats(self) -> None:
+        """pg_stat_statements loaded (a restart), tracking nothing until a database asks for it:
+        the workloads before this one ran without it, and the others never track."""
+        if self.statement_stats:
+            return
+        with self.admin() as conn:
+            libraries = "'pg_stat_statements'" + (", 'auto_explain'" if self.explain else "")
+            conn.execute(f"ALTER SYSTEM SET shared_preload_libraries = {libraries}")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'none'")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+            if self.explain:
+                conn.execute("ALTER SYSTEM SET auto_explain.log_min_duration = -1")
+        self.pg.restart()
+        with self.admin() as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.statement_stats = True
+
+    def history_template(self, mapping: str, s: dict[str, Any]) -> str:
+        """A template database per mapping: relay's schema, the queue table with its history and
+        indexes, relay's triggers for that mapping (and, for leases, relay's past leases)."""
+        if mapping in self.history_templates:
+            return self.history_templates[mapping]
+        base = "bench_history"
+        if not self.history_templates:
+            with self.admin() as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(base)))
+            with psycopg.connect(self.pg.url(base), autocommit=True) as conn:
+                conn.execute((sql_dir() / "triggers" / "relay_schema.sql").read_text())
+                conn.execute((sql_dir() / "demo" / "webhook_delivery_queue.sql").read_text())
+                conn.execute(history.INDEXES)
+                params = history.fill_params(self.target, s["history_rows"], s["history_drain"])
+                conn.execute(history.FILL, params)
+        name = f"{base}_{mapping}"
+        with self.admin() as conn:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(base)
+                )
+            )
+        url = self.pg.url(name)
+        self.install(url, f"install-{mapping}", history.mappings()[mapping])
+        with psycopg.connect(url, autocommit=True) as conn:
+            if mapping == "leases":
+                conn.execute(history.LEASES, {"source": "deliveries"})
+            conn.execute("VACUUM ANALYZE")
+        self.history_templates[mapping] = name
+        return name
+
+    def leases(self, s: dict[str, Any]) -> dict[str, Any]:
+        """(a) and (b) drained in turn, `history_rounds` times each, each on a fresh copy of the
+        history table: a machine shared with other work slows both alike within a round.
+        Medians over the rounds; b/a per round and its median; statements summed by text."""
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for i in range(s["history_rounds"]):
+            one: dict[str, dict[str, Any]] = {}
+            for mapping in ("in_place", "leases"):
+                one[mapping] = self.history_drain(mapping, s)
+                log(
+                    f"leases round {i + 1} {mapping}: {one[mapping]['rows_per_s']:,.0f} rows/s, "
+                    f"{one[mapping]['cpu_us_per_row']:.0f} + "
+                    f"{one[mapping]['pg_cpu_us_per_row']:.0f} µs CPU per row (relay + pg)"
+                )
+            rounds.append(one)
+        result: dict[str, Any] = {
+            "rows": s["history_drain"],
+            "table_rows": s["history_rows"],
+            "rounds": [
+                {
+                    m: {k: v for k, v in r.items() if k not in ("statements", "plans_log")}
+                    for m, r in one.items()
+                }
+                for one in rounds
+            ],
+            "b_over_a_rows_per_s": [
+                one["leases"]["rows_per_s"] / one["in_place"]["rows_per_s"] for one in rounds
+            ],
+        }
+        result["b_over_a_rows_per_s_median"] = statistics.median(result["b_over_a_rows_per_s"])
+        plans = []
+        for mapping in ("in_place", "leases"):
+            runs = [one[mapping] for one in rounds]
+            agg: dict[str, Any] = {
+                k: statistics.median(r[k] for r in runs)
+                for k in (
+                    "rows_per_s",
+                    "seconds",
+                    "cpu_us_per_row",
+                    "pg_cpu_us_per_row",
+                    "statements_per_1k_rows",
+                    "statement_ms_per_1k_rows",
+                )
+            }
+            agg["statements"] = merge_statements([r["statements"] for r in runs])
+            result[mapping] = agg
+            plans += [f"==== {mapping} ====\n" + r["plans_log"] for r in runs if "plans_log" in r]
+        if plans:
+            result["plans_log"] = "\n".join(plans)
+        return result
+
+    def history_drain(self, mapping: str, s: dict[str, Any]) -> dict[str, Any]:
+        """The waiting tail of the history table drained by relay on one mapping: rows/s from
+        listening to the last row settled, relay's and PostgreSQL's CPU per delivery, and what
+        pg_stat_statements saw relay's connections run (relay's start-up included)."""
+        self.enable_statement_stats()
+        template = self.history_template(mapping, s)
+        db = self.fresh_db(template)
+        dbname = db.rsplit("/", 1)[1]
+        with self.admin() as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'top'").format(
+                    sql.Identifier(dbname)
+                )
+            )
+            if self.explain:
+                # Every 20th statement's plan, with actual times, into the server's log.
+                for setting, value in (
+                    ("auto_explain.log_min_duration", "0"),
+                    ("auto_explain.log_analyze", "on"),
+                    ("auto_explain.log_buffers", "on"),
+                    ("auto_explain.sample_rate", "0.05"),
+                ):
+                    conn.execute(
+                        sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                            sql.Identifier(dbname), sql.SQL(setting), sql.Literal(value)
+                        )
+                    )
+            conn.execute("SELECT pg_stat_statements_reset()")
+        n = s["history_drain"]
+        log_start = self.pg.log_file.stat().st_size if self.explain else 0
+        self.reset_receiver()
+        with contextlib.ExitStack() as stack:
+            poll = stack.enter_context(psycopg.connect(db, autocommit=True))
+            poll.execute("SET pg_stat_statements.track = 'none'")
+            if self.explain:
+                poll.execute("SET auto_explain.log_min_duration = -1")
+
+            def waiting() -> int:
+                row = poll.execute(history.WAITING).fetchone()
+                assert row is not None
+                return int(row[0])
+
+            spawned = time.monotonic()
+            proc = stack.enter_context(
+                self.deliverer(
+                    "relay", db, f"history-{mapping}", source=history.mappings()[mapping]
+                )
+            )
+            ready = time.monotonic()
+            cpu_before = cpu_seconds(proc.pid)
+            pg_before = self.server_cpu()
+            wait_until(lambda: waiting() == 0, 600, f"{n} history rows to settle")
+            done = time.monotonic()
+            cpu = cpu_seconds(proc.pid) - cpu_before
+            pg_after = self.server_cpu()
+            pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+        result: dict[str, Any] = {
+            "rows": n,
+            "table_rows": s["history_rows"],
+            "seconds": done - ready,
+            "rows_per_s": n / (done - ready),
+            "cpu_us_per_row": cpu / n * 1e6,
+            "pg_cpu_us_per_row": pg_cpu / n * 1e6,
+            "startup_s": ready - spawned,
+            "received": self.receiver_stats()["count"],
+            **self.statements(dbname, n),
+        }
+        if self.explain:
+            with self.pg.log_file.open("rb") as f:
+                f.seek(log_start)
+                result["plans_log"] = f.read().decode(errors="replace")
+        return result
+
+    def server_cpu(self) -> dict[int, float]:
+        """CPU seconds of every PostgreSQL process (the postmaster and its children) by pid."""
+        pid = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
+        out: dict[int, float] = {}
+        with contextlib.suppress(psutil.Error):
+            master = psutil.Process(pid)
+            for proc in [master, *master.children()]:
+                with contextlib.suppress(psutil.Error):
+                    out[proc.pid] = cpu_seconds(proc.pid)
+        return out
+
+    def statements(self, dbname: str, rows: int) -> dict[str, Any]:
+        """pg_stat_statements for `dbname`: totals per 1,000 rows and the statements by time."""
+        with self.admin() as conn:
+            found = conn.execute(
+                "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, rows, "
+                "total_exec_time, total_plan_time "
+                "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                "WHERE d.datname = %s ORDER BY total_exec_time DESC",
+                (dbname,),
+            ).fetchall()
+        calls = sum(r[1] for r in found)
+        exec_ms = sum(r[3] + r[4] for r in found)
+        return {
+            "statements_per_1k_rows": calls / rows * 1000,
+            "statement_ms_per_1k_rows": exec_ms / rows * 1000,
+            "statements": [
+                {
+                    "query": q[:160],
+                    "calls": c,
+                    "rows": r,
+                    "exec_ms": ex,
+                    "plan_ms": pl,
+                    "mean_ms": (ex + pl) / c if c else None,
+                }
+                for q, c, r, ex, pl in found[:8]
+            ],
+        }
+
+
+def merge_statements(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Statements of several runs summed by text, by total time; mean per call."""
+    merged: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for st in run:
+            m = merged.setdefault(
+                st["query"],
+                {"query": st["query"], "calls": 0, "rows": 0, "exec_ms": 0.0, "plan_ms": 0.0},
+            )
+            for k in ("calls", "rows", "exec_ms", "plan_ms"):
+                m[k] += st[k]
+    out = sorted(merged.values(), key=lambda m: -(m["exec_ms"] + m["plan_ms"]))
+    for m in out:
+        m["mean_ms"] = (m["exec_ms"] + m["plan_ms"]) / m["calls"] if m["calls"] else None
+    return out[:8]
+
 
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
@@ -639,6 +896,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| workload | metric | relay | reference | relay/ref |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
+    table_start = len(lines) - 2
 
     def row(workload: str, metric: str, a: Any, b: Any = None, with_ratio: bool = True) -> None:
         rat = ratio(a, b) if with_ratio and b is not None else ""
@@ -690,6 +948,9 @@ def markdown(r: dict[str, Any]) -> str:
         ceil.get("rps"),
         None,
     )
+    if not set(w) - {"leases"}:  # --only leases: no empty table of the others
+        del lines[table_start - 1 :]
+    lines += leases_markdown(r)
     if r["errors"]:
         lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in r["errors"].items()]]
     lines += [
@@ -701,6 +962,55 @@ def markdown(r: dict[str, Any]) -> str:
         "commit-to-arrival latency under that load. Nothing here is asserted.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def leases_markdown(r: dict[str, Any]) -> list[str]:
+    """The leases workload's table, (a) and (b) side by side, and each one's top statements."""
+    w, s = r["workloads"], r["settings"]
+    res = w.get("leases")
+    if res is None:
+        return []
+    a, b = res.get("in_place", {}), res.get("leases", {})
+    lines = [
+        "",
+        f"Leases: {s['history_drain']:,} waiting rows drained from a {s['history_rows']:,}-row "
+        "queue table with a history (bench/history.py), (a) claimed in place, (b) in "
+        f"relay.leases; medians of {s['history_rounds']} rounds (b/a per round: "
+        + ", ".join(f"{x:.2f}" for x in res.get("b_over_a_rows_per_s", []))
+        + "):",
+        "",
+        "| metric | (a) in place | (b) relay.leases | b/a |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, label in (
+        ("rows_per_s", "rows/s"),
+        ("cpu_us_per_row", "relay CPU µs per delivery"),
+        ("pg_cpu_us_per_row", "PostgreSQL CPU µs per delivery"),
+        ("statements_per_1k_rows", "statements per 1,000 rows"),
+        ("statement_ms_per_1k_rows", "statement ms per 1,000 rows (plan + execute)"),
+    ):
+        lines.append(
+            f"| {label} | {fmt(a.get(key))} | {fmt(b.get(key))} | {ratio(b.get(key), a.get(key))} |"
+        )
+    median = res.get("b_over_a_rows_per_s_median")
+    lines.append(f"| rows/s, b/a within a round (median) | | | {fmt(median, 2)} |")
+    for name, one in (("(a) in place", a), ("(b) relay.leases", b)):
+        if not one.get("statements"):
+            continue
+        lines += [
+            "",
+            f"{name}, statements by time:",
+            "",
+            "| calls | rows | mean ms | total ms | statement |",
+            "| ---: | ---: | ---: | ---: | --- |",
+        ]
+        for st in one["statements"][:5]:
+            query = st["query"][:90].replace("|", "\\|")
+            lines.append(
+                f"| {st['calls']:,} | {st['rows']:,} | {fmt(st['mean_ms'], 3)} | "
+                f"{fmt(st['exec_ms'] + st['plan_ms'])} | `{query}` |"
+            )
+    return lines
 
 
 def _pair(lat: dict[str, Any]) -> str:
@@ -716,6 +1026,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller workloads, under two minutes")
     p.add_argument("--fsync", action="store_true", help="durable PostgreSQL (fsync on)")
+    p.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma-separated workload names or prefixes (e.g. leases, backlog_relay)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="leases workload: log 1 in 20 of its statements' plans with EXPLAIN ANALYZE "
+        "(auto_explain) to bench-results/<run>-plans-<mapping>.txt; slows those drains",
+    )
     args = p.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     started = datetime.now(UTC)
@@ -735,11 +1056,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     pg = EmbeddedPostgres(workdir / "pgdata", fast_and_unsafe=not args.fsync)
     procs = Procs(workdir)
+    plans: dict[str, str] = {}
     try:
         log(f"starting embedded PostgreSQL in {workdir}")
         pg.start()
         results["versions"] = versions(pg)
-        bench = Bench(pg, procs, workdir)
+        bench = Bench(pg, procs, workdir, explain=args.explain)
         bench.prepare_templates()
         bench.start_receiver()
         log(f"receiver on port {bench.receiver_port}")
@@ -762,11 +1084,18 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench.drain("reference", s["backlog_rows"], "backlog", rss=True),
             ),
             ("idle_relay", lambda: bench.idle(s)),
+            # Last: it restarts PostgreSQL with pg_stat_statements loaded.
+            ("leases", lambda: bench.leases(s)),
         ]
+        if args.only:
+            wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+            steps = [(n, f) for n, f in steps if any(n.startswith(w) for w in wanted)]
         for name, step in steps:
             log(f"{name} ...")
             try:
                 results["workloads"][name] = step()
+                if "plans_log" in results["workloads"][name]:
+                    plans[name] = results["workloads"][name].pop("plans_log")
                 log(f"{name}: {json.dumps(results['workloads'][name], default=str)[:300]}")
             except Exception as exc:
                 traceback.print_exc()
@@ -783,6 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / f"{stamp}.md").write_text(md)
     (RESULTS / "latest.md").write_text(md)
+    for name, text in plans.items():
+        (RESULTS / f"{stamp}-plans-{name}.txt").write_text(text)
     print()
     print(md)
     log(f"wrote {RESULTS / stamp}.json and .md")

@@ -40,9 +40,6 @@ from relay.sources.base import (
 
 log = logging.getLogger("relay.deliverer")
 
-# Request headers never written to an attempt log or a write-back.
-_SECRET_HEADERS = {"authorization", "x-documenso-secret", "webhook-signature", "cookie"}
-
 
 @dataclass(slots=True)
 class Attempt:
@@ -347,7 +344,7 @@ class Deliverer:
             method=request.method,
             url=guard.display_url(request.url),
             request_headers={
-                k: v for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS
+                k: v for k, v in request.headers.items() if k.lower() not in request.private
             },
             request_body=request.body.decode("utf-8", "replace").replace("\x00", ""),
             response_headers=result.headers,

@@ -126,6 +126,9 @@ class Settlement:
     record: Any = None  # a kind's own per-attempt record (Documenso's "WebhookCall")
 
 
+PRIVATE_HEADERS = frozenset({"authorization", "cookie", "webhook-signature"})
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
@@ -134,6 +137,9 @@ class Request:
     body: bytes
     origin: str  # where the URL came from, for the error of an invalid one
     keep_headers: bool = False  # the response's headers are recorded
+    # Request headers never written to an attempt log or a write-back (lower case): credentials,
+    # signatures, and whatever fixed header the configuration gives (often an API key).
+    private: frozenset[str] = PRIVATE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +328,14 @@ def shaped(
     if isinstance(built, request.Refused):
         return Dead(built.reason)
     return built
+
+
+def private_headers(shape: request.Shape) -> frozenset[str]:
+    """The headers of a shaped request that an attempt log must not keep."""
+    names = {name.lower() for name in shape.headers}
+    if shape.signing.scheme is request.Scheme.hmac_sha256:
+        names.add(shape.signing.header.lower())
+    return PRIVATE_HEADERS | names
 
 
 def origin(shape: request.Shape) -> str:

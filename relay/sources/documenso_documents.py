@@ -21,6 +21,7 @@ from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources import events, outbox
 from relay.sources.base import (
+    PRIVATE_HEADERS,
     Claimed,
     Compiled,
     DbContext,
@@ -55,6 +56,9 @@ def documenso_body(event: str, payload: bytes, url: str, now: datetime) -> bytes
             b"}",
         )
     )
+
+
+_PRIVATE = PRIVATE_HEADERS | {SECRET_HEADER.lower()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +194,7 @@ class DocumensoDocuments:
         }
         if row.topic is not None:
             headers["relay-topic"] = row.topic
-        return Request("POST", url, headers, body, f" of sources.{source.name}")
+        return Request("POST", url, headers, body, f" of sources.{source.name}", private=_PRIVATE)
 
     def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
         return None

@@ -19,6 +19,7 @@ from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
+    PRIVATE_HEADERS,
     Claimed,
     Compiled,
     DbContext,
@@ -53,6 +54,9 @@ QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", 
 MIN_STUCK_AFTER = 1.0
 # Documenso's timestamp(3) columns hold UTC.
 _NOW = sqltext.now("timestamp(3) without time zone")
+
+
+_PRIVATE = PRIVATE_HEADERS | {SECRET_HEADER.lower()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +264,7 @@ class DocumensoJobs:
             if row.attempt > 1:
                 headers["X-Job-Retry"] = "1"
             body = orjson.dumps({"name": row.topic, "payload": job})
-            return Request("POST", url, headers, body, f" for job {row.topic!r}")
+            return Request("POST", url, headers, body, f" for job {row.topic!r}", private=_PRIVATE)
         if not isinstance(job, dict) or "event" not in job or "webhookId" not in job:
             return Dead('webhook job "payload" lacks "event" or "webhookId"')
         if row.url is None:
@@ -270,7 +274,13 @@ class DocumensoJobs:
         body = documenso_body(event, orjson.dumps(job.get("data")), row.url, now)
         headers[SECRET_HEADER] = row.secret or ""
         return Request(
-            "POST", row.url, headers, body, f' in "Webhook" {job["webhookId"]}', keep_headers=True
+            "POST",
+            row.url,
+            headers,
+            body,
+            f' in "Webhook" {job["webhookId"]}',
+            keep_headers=True,
+            private=_PRIVATE,
         )
 
     def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:

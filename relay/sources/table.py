@@ -37,6 +37,7 @@ from relay.sources.base import (
     fixed_targets,
     notify_trigger,
     origin,
+    private_headers,
     shape_columns,
     shape_expressions,
     shaped,
@@ -300,6 +301,7 @@ class Table:
             built.body,
             origin(spec.shape),
             keep_headers=spec.log is not None or bool(spec.write_backs),
+            private=private_headers(spec.shape),
         )
 
     def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:

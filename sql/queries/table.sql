@@ -140,7 +140,7 @@ WITH expired AS (
 )
 UPDATE {table} AS t
 SET {status} = CAST({retry} AS {status_type})
-WHERE t.{status} = {processing}
+WHERE t.{status} = {processing} AND {filtered}
   AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
                   WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now());
 

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from relay.db import sqltext
+
+
+def test_named_parameters_become_psycopgs_and_percent_signs_are_doubled() -> None:
+    text, used = sqltext.named_params(
+        "SELECT f(:key, :worker) WHERE x LIKE 'a%:b' AND y::int = 1 AND z % 2 = 0 -- :c",
+        frozenset({"key", "worker"}),
+    )
+    assert text == (
+        "SELECT f(%(key)s, %(worker)s) WHERE x LIKE 'a%%:b' AND y::int = 1 AND z %% 2 = 0 -- :c"
+    )
+    assert used == {"key", "worker"}
+
+
+def test_a_parameter_inside_quotes_or_a_quoted_name_is_text() -> None:
+    text, used = sqltext.named_params("""SELECT ':key', ":key" FROM t""", frozenset({"key"}))
+    assert text == """SELECT ':key', ":key" FROM t"""
+    assert used == frozenset()
+
+
+def test_an_unknown_parameter_is_named_with_those_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown parameter :wrker; the parameters here are :key"):
+        sqltext.named_params("SELECT f(:wrker)", frozenset({"key", "worker"}))
+
+
+def test_context_references_become_field_selections_outside_quotes() -> None:
+    assert (
+        sqltext.context_refs(
+            "jsonb_build_object('error', attempt.error, 'x.response.json', response.json->>'sid')"
+        )
+        == "jsonb_build_object('error', (attempt).error, 'x.response.json', (response).json->>'sid')"
+    )
+    # A column of the row, or another table's name ending in the same letters, stays as it is.
+    assert sqltext.context_refs("t.attempt + my_response.x + request_id") == (
+        "t.attempt + my_response.x + request_id"
+    )

@@ -530,6 +530,12 @@ def _compile(
         "retry": sql.Literal(spec.retry),
         "dead": sql.Literal(spec.dead),
         "ready": ready,
+        # No claim holds the row and no retry waits (unless the application moved the row).
+        "unleased": sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM relay.leases AS x WHERE x.source = {source} "
+            "AND x.key = t.{key}::text AND x.due > now() "
+            "AND (x.token IS NOT NULL OR x.status IS NULL OR x.status = t.{status}::text))"
+        ).format(source=sql.Literal(source.name), key=ident(spec.key), status=ident(spec.status)),
         "filtered": filter_sql,
         "returning": returning,
         "claim_sets": sql.SQL(", ").join(claim_sets) if claim_sets else sql.SQL(""),
@@ -569,10 +575,7 @@ def _compile(
         catalog.Table(f"sources.{source.name}", spec.schema, spec.table),
         # A row its write left claimable (ready) and not waiting out a claim or a retry: so
         # relay's own settles, which write the status, wake nobody.
-        sql.SQL(
-            "{ready} AND NOT EXISTS (SELECT 1 FROM relay.leases AS x WHERE x.source = {source} "
-            "AND x.key = t.{key}::text AND x.due > now())"
-        ).format(ready=ready, source=sql.Literal(source.name), key=ident(spec.key)),
+        sql.SQL("{} AND {}").format(ready, names["unleased"]),
         ctx.channel,
         ("table", spec.status, spec.pending, ctx.channel),
     )
@@ -679,8 +682,8 @@ def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.
         catalog.Need(
             "relay",
             "leases",
-            ["source", "key", "due", "token", "attempts"],
-            ["due", "token", "attempts"],
+            ["source", "key", "due", "token", "attempts", "status"],
+            ["due", "token", "attempts", "status"],
             ["INSERT", "DELETE"],
         ),
     ]

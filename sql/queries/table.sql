@@ -4,8 +4,10 @@
 -- attempts column are written only where the mapping names them.
 --
 -- A lease row is one of: claimed (token set, due = the claim's expiry), waiting for a retry
--- (token NULL, due = when the retry falls due). Settling done or dead deletes it, so a row the
--- application puts back to pending is claimable at once, with fresh attempts.
+-- (token NULL, due = when the retry falls due, status = the status relay left the row in).
+-- Settling done or dead deletes it, so a row the application puts back to pending is claimable
+-- at once, with fresh attempts; so is a row waiting for a retry whose status the application
+-- changed (unless relay's retry status is that pending status itself: then nothing tells).
 --
 -- Placeholders: {table} {key} {key_type} {status} {status_type} (quoted names and types),
 -- {source} {pending} {processing} (literals), {ready} (the row is claimable now, over alias t:
@@ -19,20 +21,23 @@
 -- Lock up to %(limit)s claimable rows with SKIP LOCKED, lease them, read what their requests
 -- need. `= ANY(ARRAY(...))` keeps the index scan a join loses after ANALYZE (DESIGN.md).
 WITH picked AS (
-    SELECT t.{key} AS relay_key FROM {table} AS t
-    WHERE {ready}
-      AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
-                      WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now())
+    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
+    WHERE {ready} AND {unleased}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
 ), leased AS (
-    INSERT INTO relay.leases AS x (source, key, due, token, attempts)
+    -- A row waiting for its retry whose status the application changed (put back to pending
+    -- by hand) starts again from attempt 1.
+    INSERT INTO relay.leases AS x (source, key, due, token, attempts, status)
     SELECT {source}, p.relay_key::text, now() + make_interval(secs => %(lease_seconds)s::float8),
-           now(), 1
+           now(), 1, p.relay_status
     FROM picked AS p
     ON CONFLICT (source, key) DO UPDATE
-        SET due = EXCLUDED.due, token = EXCLUDED.token, attempts = x.attempts + 1
+        SET due = EXCLUDED.due, token = EXCLUDED.token, status = NULL,
+            attempts = CASE WHEN x.token IS NULL AND x.status IS DISTINCT FROM EXCLUDED.status
+                            AND x.status IS NOT NULL
+                            THEN 1 ELSE x.attempts + 1 END
     RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
 ), claimed AS (
     SELECT {returning}
@@ -46,20 +51,23 @@ SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 -- The same, for a mapping that writes to the row at claim time (a processing status, the
 -- attempts column, a heartbeat column, on_claim assignments).
 WITH picked AS (
-    SELECT t.{key} AS relay_key FROM {table} AS t
-    WHERE {ready}
-      AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
-                      WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now())
+    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
+    WHERE {ready} AND {unleased}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
 ), leased AS (
-    INSERT INTO relay.leases AS x (source, key, due, token, attempts)
+    -- A row waiting for its retry whose status the application changed (put back to pending
+    -- by hand) starts again from attempt 1.
+    INSERT INTO relay.leases AS x (source, key, due, token, attempts, status)
     SELECT {source}, p.relay_key::text, now() + make_interval(secs => %(lease_seconds)s::float8),
-           now(), 1
+           now(), 1, p.relay_status
     FROM picked AS p
     ON CONFLICT (source, key) DO UPDATE
-        SET due = EXCLUDED.due, token = EXCLUDED.token, attempts = x.attempts + 1
+        SET due = EXCLUDED.due, token = EXCLUDED.token, status = NULL,
+            attempts = CASE WHEN x.token IS NULL AND x.status IS DISTINCT FROM EXCLUDED.status
+                            AND x.status IS NOT NULL
+                            THEN 1 ELSE x.attempts + 1 END
     RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
 ), claimed AS (
     UPDATE {table} AS t
@@ -94,7 +102,10 @@ WITH s AS (
     UPDATE relay.leases AS x
     SET token = NULL,
         due = now() + make_interval(secs => s.delay),
-        attempts = CASE s.outcome WHEN 'release' THEN x.attempts - 1 ELSE x.attempts END
+        attempts = CASE s.outcome WHEN 'release' THEN x.attempts - 1 ELSE x.attempts END,
+        -- The status the settle leaves a retried row in: another one later means the
+        -- application moved it (see the claim).
+        status = CASE s.outcome WHEN 'retry' THEN {retry}::text END
     FROM s
     WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
       AND x.key = s.key::text AND x.token = s.lease AND s.outcome IN ('retry', 'release')

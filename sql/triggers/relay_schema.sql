@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS relay.leases (
 -- the user's table needs neither a processing status nor an attempts column.
 ALTER TABLE relay.leases ADD COLUMN IF NOT EXISTS token timestamptz;
 ALTER TABLE relay.leases ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0;
+-- While a row waits for its retry: the status relay left it in (so a change is seen).
+ALTER TABLE relay.leases ADD COLUMN IF NOT EXISTS status text;
 -- Retries falling due, for the claimer's timer.
 CREATE INDEX IF NOT EXISTS leases_due_idx ON relay.leases (source, due) WHERE token IS NULL;
 

@@ -32,7 +32,8 @@ def test_context_references_become_field_selections_outside_quotes() -> None:
         sqltext.context_refs(
             "jsonb_build_object('error', attempt.error, 'x.response.json', response.json->>'sid')"
         )
-        == "jsonb_build_object('error', (attempt).error, 'x.response.json', (response).json->>'sid')"
+        == "jsonb_build_object('error', (attempt).error, 'x.response.json', "
+        "(response).json->>'sid')"
     )
     # A column of the row, or another table's name ending in the same letters, stays as it is.
     assert sqltext.context_refs("t.attempt + my_response.x + request_id") == (

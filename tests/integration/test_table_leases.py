@@ -1,0 +1,90 @@
+"""A table source keeps its claims, their expiry and its attempt count in relay.leases: the
+user's columns keep the application's meaning, and the application's own moves win."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from aiohttp import web
+
+from tests import systems
+from tests.support import (
+    Receiver,
+    insert_rows,
+    install,
+    make_config,
+    running,
+)
+
+
+async def execute(db: str, query: str, params: dict[str, Any] | None = None) -> None:
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        await conn.execute(query, params)
+
+
+async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_goes_at_once(
+    db: str, receiver: Receiver
+) -> None:
+    async def fail_first(_: web.Request, nth: int) -> web.Response:
+        return web.Response(status=503) if nth == 1 else web.Response(text="ok")
+
+    receiver.behaviour = fail_first
+    # The retry would wait an hour; the sweep comes every 10 minutes.
+    config = make_config(db, relay={"sweep_interval": 600}, retry={"base": 3600, "max_delay": 3600})
+    await install(config)
+    await systems.watch(db, "webhook_delivery_queue")
+    async with running(config):
+        [row] = await insert_rows(db, receiver.url, 1)
+        await receiver.wait_count(1)
+        waiting = await wait_status(db, row, "failed")
+        assert waiting["attempt_count"] == 1
+        # The operator retries it now, as system 2's runbook says: back to pending, due now.
+        # (relay's own retry time is in relay.leases; the write-back copied it to next_retry_at.)
+        assert waiting["next_retry_at"] is not None
+        await execute(
+            db,
+            "UPDATE webhook_delivery_queue SET status = 'pending', next_retry_at = NULL "
+            "WHERE id = %(id)s",
+            {"id": row},
+        )
+        await receiver.wait_count(2)
+        done = await wait_status(db, row, "delivered")
+    # A fresh start: attempt 1 again, not the 2nd of the old count.
+    assert [r.headers["relay-attempt"] for r in receiver.received] == ["1", "1"]
+    assert done["attempt_count"] == 1
+
+
+async def test_the_due_column_is_only_read(db: str, receiver: Receiver) -> None:
+    async def fail_first(_: web.Request, nth: int) -> web.Response:
+        return web.Response(status=503) if nth == 1 else web.Response(text="ok")
+
+    receiver.behaviour = fail_first
+    config = make_config(db, sources={"deliveries": queue_source_without_write_back()})
+    await install(config)
+    await systems.watch(db, "webhook_delivery_queue")
+    async with running(config):
+        [row] = await insert_rows(db, receiver.url, 1)
+        await receiver.wait_count(2)
+        done = await wait_status(db, row, "delivered")
+    # relay neither wrote its claim's expiry nor its retry time there.
+    assert done["next_retry_at"] is None
+
+
+def queue_source_without_write_back() -> dict[str, Any]:
+    from tests.support import queue_source
+
+    source = queue_source()
+    del source["on_failure"]
+    return source
+
+
+async def wait_status(db: str, row: int, status: str) -> dict[str, Any]:
+    """The row once it has `status`, woken by each change to the table (systems.watch)."""
+    rows = await systems.wait_rows(
+        db,
+        "SELECT * FROM webhook_delivery_queue WHERE id = %(id)s",
+        {"id": row},
+        lambda found: bool(found) and found[0]["status"] == status,
+    )
+    return rows[0]

@@ -20,7 +20,8 @@ import psycopg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from relay import guard, logs
-from relay.claimer import Claimer, Slots
+from relay.budget import Slots
+from relay.claimer import Claimer
 from relay.config import Config, ConfigError
 from relay.db.store import RETRYABLE, Store
 from relay.deliverer import Deliverer

@@ -23,7 +23,7 @@ import psycopg
 from yarl import URL
 
 from relay import guard, logs, retry
-from relay.claimer import Slots
+from relay.budget import Slots
 from relay.config import Config
 from relay.db.store import RETRYABLE, oversize_reason
 from relay.settler import Settler

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from relay.claimer import Claimer, Slots
-from relay.config import Config, Source
-from relay.sources.base import Claimed
+from relay.budget import Slots
+from relay.claimer import Claimer
+from relay.config import Config
+from relay.sources.base import Claimed, Source
 from tests.support import make_config
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

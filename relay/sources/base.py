@@ -20,6 +20,7 @@ from psycopg import sql
 
 from relay import request, secretbox
 from relay.db import sqltext
+from relay.readers import ConfigError
 from relay.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -301,8 +302,9 @@ def shaped(
     source: Source,
     row: Claimed,
     now: datetime,
-    keyring: secretbox.Keyring | None = None,
-) -> request.Request | Dead:
+    keyring: secretbox.Keyring | None,
+    keep_headers: bool,
+) -> Request | Dead:
     """The request relay.request builds from a claimed row's values: its url, route, body and
     secret come in the claim's own columns, the rest in its JSON `values`. A secret column
     encrypted at rest (secret_encryption) is decrypted here, for this request only."""
@@ -327,7 +329,27 @@ def shaped(
     )
     if isinstance(built, request.Refused):
         return Dead(built.reason)
-    return built
+    return Request(
+        built.method,
+        built.url,
+        built.headers,
+        built.body,
+        origin(shape),
+        keep_headers=keep_headers,
+        private=private_headers(shape),
+    )
+
+
+def keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
+    """A source's `secret_encryption` keys, for a secret column stored encrypted."""
+    if "secret_encryption" not in data:
+        return None
+    if "secret_column" not in data:
+        raise ConfigError(
+            f"{where}.secret_encryption: decrypts the secret in each row, so set "
+            f"{where}.secret_column (the column that holds it) too"
+        )
+    return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)
 
 
 def private_headers(shape: request.Shape) -> frozenset[str]:

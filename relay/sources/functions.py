@@ -32,8 +32,8 @@ from relay.sources.base import (
     bounded_values,
     claim_values,
     fixed_targets,
+    keyring,
     notify_trigger,
-    origin,
     shaped,
 )
 
@@ -152,7 +152,7 @@ class Functions:
             if data.get("wake_when") is None
             else readers.string(f"{where}.wake_when", data["wake_when"]),
             shape=request.parse(where, data, ctx.env),
-            keyring=_keyring(where, data, ctx),
+            keyring=keyring(where, data, ctx),
         )
         return Source(
             name=name,
@@ -252,17 +252,7 @@ class Functions:
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: FunctionsSpec = source.spec
-        built = shaped(spec.shape, source, row, now, spec.keyring)
-        if isinstance(built, Dead):
-            return built
-        return Request(
-            built.method,
-            built.url,
-            built.headers,
-            built.body,
-            origin(spec.shape),
-            keep_headers=True,
-        )
+        return shaped(spec.shape, source, row, now, spec.keyring, keep_headers=True)
 
     def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
         return None
@@ -303,14 +293,3 @@ def _claim(spec: FunctionsSpec, ctx: DbContext) -> sql.Composed:
 
 
 KIND = Functions()
-
-
-def _keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
-    if "secret_encryption" not in data:
-        return None
-    if "secret_column" not in data:
-        raise ConfigError(
-            f"{where}.secret_encryption: decrypts the secret in each row, so set "
-            f"{where}.secret_column (the column that holds it) too"
-        )
-    return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)

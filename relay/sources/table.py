@@ -35,9 +35,8 @@ from relay.sources.base import (
     bounded_values,
     claim_values,
     fixed_targets,
+    keyring,
     notify_trigger,
-    origin,
-    private_headers,
     shape_columns,
     shape_expressions,
     shaped,
@@ -235,7 +234,7 @@ class Table:
             if "attempt_log" in data
             else None,
             shape=shape,
-            keyring=_keyring(where, data, ctx),
+            keyring=keyring(where, data, ctx),
         )
         _states(where, spec)
         return Source(
@@ -291,17 +290,13 @@ class Table:
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: TableSpec = source.spec
-        built = shaped(spec.shape, source, row, now, spec.keyring)
-        if isinstance(built, Dead):
-            return built
-        return Request(
-            built.method,
-            built.url,
-            built.headers,
-            built.body,
-            origin(spec.shape),
+        return shaped(
+            spec.shape,
+            source,
+            row,
+            now,
+            spec.keyring,
             keep_headers=spec.log is not None or bool(spec.write_backs),
-            private=private_headers(spec.shape),
         )
 
     def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
@@ -559,6 +554,7 @@ def _compile(
             ]
         ),
     }
+    names["pick_and_lease"] = sqltext.fill(QUERIES["pick_and_lease"], names)
     queries = {n: sqltext.fill(QUERIES[n], names) for n in QUERY_NAMES}
     queries["claim"] = sqltext.fill(QUERIES["claim_update" if claim_sets else "claim"], names)
     if spec.heartbeat is not None:
@@ -691,14 +687,3 @@ def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.
 
 def _present(names: list[str | None]) -> list[str]:
     return list(dict.fromkeys(n for n in names if n is not None))
-
-
-def _keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
-    if "secret_encryption" not in data:
-        return None
-    if "secret_column" not in data:
-        raise ConfigError(
-            f"{where}.secret_encryption: decrypts the secret in each row, so set "
-            f"{where}.secret_column (the column that holds it) too"
-        )
-    return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)

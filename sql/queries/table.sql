@@ -17,10 +17,11 @@
 -- {settle_sets}, {live} (the statuses a settle may still find the row in), {context} (the
 -- write-back context: response, attempt, request), {due_now} (now() in the due column's type).
 
--- name: claim
--- Lock up to %(limit)s claimable rows with SKIP LOCKED, lease them, read what their requests
--- need. `= ANY(ARRAY(...))` keeps the index scan a join loses after ANALYZE (DESIGN.md).
-WITH picked AS (
+-- name: pick_and_lease
+-- A snippet of the two claims below: lock up to %(limit)s claimable rows with SKIP LOCKED and
+-- lease them. `= ANY(ARRAY(...))` in the claims keeps the index scan a join loses after
+-- ANALYZE (DESIGN.md).
+picked AS (
     SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
     WHERE {ready} AND {unleased}
     ORDER BY t.{key}
@@ -39,7 +40,11 @@ WITH picked AS (
                             AND x.status IS NOT NULL
                             THEN 1 ELSE x.attempts + 1 END
     RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
-), claimed AS (
+)
+
+-- name: claim
+-- Claimable rows leased (pick_and_lease), and what their requests need read.
+WITH {pick_and_lease}, claimed AS (
     SELECT {returning}
     FROM {table} AS t
     JOIN leased AS l ON l.relay_key = t.{key}::text
@@ -50,26 +55,7 @@ SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 -- name: claim_update
 -- The same, for a mapping that writes to the row at claim time (a processing status, the
 -- attempts column, a heartbeat column, on_claim assignments).
-WITH picked AS (
-    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
-    WHERE {ready} AND {unleased}
-    ORDER BY t.{key}
-    LIMIT %(limit)s
-    FOR UPDATE OF t SKIP LOCKED
-), leased AS (
-    -- A row waiting for its retry whose status the application changed (put back to pending
-    -- by hand) starts again from attempt 1.
-    INSERT INTO relay.leases AS x (source, key, due, token, attempts, status)
-    SELECT {source}, p.relay_key::text, now() + make_interval(secs => %(lease_seconds)s::float8),
-           now(), 1, p.relay_status
-    FROM picked AS p
-    ON CONFLICT (source, key) DO UPDATE
-        SET due = EXCLUDED.due, token = EXCLUDED.token, status = NULL,
-            attempts = CASE WHEN x.token IS NULL AND x.status IS DISTINCT FROM EXCLUDED.status
-                            AND x.status IS NOT NULL
-                            THEN 1 ELSE x.attempts + 1 END
-    RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
-), claimed AS (
+WITH {pick_and_lease}, claimed AS (
     UPDATE {table} AS t
     SET {claim_sets}
     FROM (SELECT leased.*,

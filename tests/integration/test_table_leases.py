@@ -23,12 +23,13 @@ async def execute(db: str, query: str, params: dict[str, Any] | None = None) -> 
         await conn.execute(query, params)
 
 
+async def fail_first(_: web.Request, nth: int) -> web.Response:
+    return web.Response(status=503) if nth == 1 else web.Response(text="ok")
+
+
 async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_goes_at_once(
     db: str, receiver: Receiver
 ) -> None:
-    async def fail_first(_: web.Request, nth: int) -> web.Response:
-        return web.Response(status=503) if nth == 1 else web.Response(text="ok")
-
     receiver.behaviour = fail_first
     # The retry would wait an hour; the sweep comes every 10 minutes.
     config = make_config(db, relay={"sweep_interval": 600}, retry={"base": 3600, "max_delay": 3600})
@@ -56,9 +57,6 @@ async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_
 
 
 async def test_the_due_column_is_only_read(db: str, receiver: Receiver) -> None:
-    async def fail_first(_: web.Request, nth: int) -> web.Response:
-        return web.Response(status=503) if nth == 1 else web.Response(text="ok")
-
     receiver.behaviour = fail_first
     config = make_config(db, sources={"deliveries": queue_source_without_write_back()})
     await install(config)

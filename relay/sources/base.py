@@ -237,6 +237,22 @@ class Kind(Protocol):
         ...
 
 
+class Plain:
+    """What most kinds do for the optional parts of `Kind`: nothing to install besides relay's
+    schema and the wake-up trigger, and no attempt records of their own."""
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        return None
+
+    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
+        return None
+
+    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
+        raise AssertionError(f"kind {source.kind_name} records no attempts of its own")
+
+
 # -- pieces several kinds share ------------------------------------------------------------------
 
 _NOTIFY_SQL = (sqltext.sql_dir() / "triggers" / "notify.sql").read_text()

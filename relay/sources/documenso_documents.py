@@ -27,8 +27,8 @@ from relay.sources.base import (
     DbContext,
     Dead,
     ParseContext,
+    Plain,
     Request,
-    Settlement,
     Skip,
     Source,
 )
@@ -114,7 +114,7 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
     return DocumensoTrigger(table, f"documenso_{section}_event", install, made_from)
 
 
-class DocumensoDocuments:
+class DocumensoDocuments(Plain):
     name = "documenso_documents"
     single = True
 
@@ -195,12 +195,6 @@ class DocumensoDocuments:
         if row.topic is not None:
             headers["relay-topic"] = row.topic
         return Request("POST", url, headers, body, f" of sources.{source.name}", private=_PRIVATE)
-
-    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
-        return None
-
-    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
-        raise AssertionError("this kind records no attempts")
 
 
 KIND = DocumensoDocuments()

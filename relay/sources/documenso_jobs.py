@@ -25,6 +25,7 @@ from relay.sources.base import (
     DbContext,
     Dead,
     ParseContext,
+    Plain,
     Request,
     Settlement,
     Skip,
@@ -97,7 +98,7 @@ def _json_text(body: bytes) -> str:
     return orjson.dumps(body.decode("utf-8", "replace").replace("\x00", "")).decode()
 
 
-class DocumensoJobs:
+class DocumensoJobs(Plain):
     name = "documenso_jobs"
     single = True
 
@@ -237,11 +238,6 @@ class DocumensoJobs:
             ("documenso_jobs", ctx.channel),
         )
         return Compiled(queries=queries, notify=notify)
-
-    async def install(
-        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
-    ) -> None:
-        return None
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: JobsSpec = source.spec

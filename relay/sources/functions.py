@@ -25,8 +25,8 @@ from relay.sources.base import (
     DbContext,
     Dead,
     ParseContext,
+    Plain,
     Request,
-    Settlement,
     Skip,
     Source,
     bounded_values,
@@ -103,7 +103,7 @@ def _statement(where: str, data: Mapping[str, Any], key: str, allowed: frozenset
     return converted
 
 
-class Functions:
+class Functions(Plain):
     name = "functions"
     single = False
 
@@ -245,20 +245,9 @@ class Functions:
             repeat_claim=True,
         )
 
-    async def install(
-        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
-    ) -> None:
-        return None
-
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: FunctionsSpec = source.spec
         return shaped(spec.shape, source, row, now, spec.keyring, keep_headers=True)
-
-    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
-        return None
-
-    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
-        raise AssertionError("a functions source writes its attempts with its own statements")
 
 
 def _claim(spec: FunctionsSpec, ctx: DbContext) -> sql.Composed:

@@ -21,8 +21,8 @@ from relay.sources.base import (
     DbContext,
     Dead,
     ParseContext,
+    Plain,
     Request,
-    Settlement,
     Skip,
     Source,
 )
@@ -59,7 +59,7 @@ def json_body(source: Source, row: Claimed) -> bytes | Dead:
     return body
 
 
-class Outbox:
+class Outbox(Plain):
     name = "outbox"
     single = True
 
@@ -99,11 +99,6 @@ class Outbox:
     ) -> Compiled:
         return await events.prepare(conn, source, ctx)
 
-    async def install(
-        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
-    ) -> None:
-        return None  # relay.outbox is part of relay's schema
-
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
         spec: events.EventSpec = source.spec
         url = spec.target_for_topic(row.topic or "")
@@ -118,12 +113,6 @@ class Outbox:
         return Request(
             "POST", url, headers(source, row, body, spec.keys), body, f" of sources.{source.name}"
         )
-
-    def record(self, source: Source, row: Claimed, request: Request, result: Any) -> Any:
-        return None
-
-    def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
-        raise AssertionError("this kind records no attempts")
 
 
 KIND = Outbox()

@@ -28,6 +28,7 @@ from relay.sources.base import (
     DbContext,
     Dead,
     ParseContext,
+    Plain,
     Request,
     Settlement,
     Skip,
@@ -175,7 +176,7 @@ def _states(where: str, spec: TableSpec) -> None:
         )
 
 
-class Table:
+class Table(Plain):
     name = "table"
     single = False
 
@@ -280,11 +281,6 @@ class Table:
                 needs_detail=True,
             )
         return compiled
-
-    async def install(
-        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
-    ) -> None:
-        return None
 
     # -- the request --------------------------------------------------------------------------
 

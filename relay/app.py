@@ -152,7 +152,7 @@ class Relay:
         await self.store.open()
         await self.store.prepare()
         for name, compiled in self.store.compiled.items():
-            self.deliverer.wants_detail(name, compiled.needs_detail)
+            self.deliverer.wants_detail(name, compiled.detail_on)
         problems = await self.store.trigger_problems()
         for name, problem in problems.items():
             log.warning(

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -117,7 +117,7 @@ class Deliverer:
         self._start_within = {s.name: config.start_within(s) for s in config.sources}
         # The sources whose write-backs or attempt logs read what was sent and answered; set
         # from their compiled statements once the store has prepared them (`wants_detail`).
-        self._wants: dict[str, bool] = {s.name: False for s in config.sources}
+        self._wants: dict[str, frozenset[str]] = {s.name: frozenset() for s in config.sources}
         # Rows held (queued or in flight) of the sources whose claims heartbeat: key -> lease.
         self._held: dict[str, dict[Any, datetime]] = {
             s.name: {} for s in config.sources if s.heartbeat
@@ -127,8 +127,9 @@ class Deliverer:
         self.delivered = 0
         self.failed = 0
 
-    def wants_detail(self, source: str, wanted: bool) -> None:
-        self._wants[source] = wanted
+    def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
+        """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
+        self._wants[source] = outcomes
 
     async def open(self) -> None:
         allowed = self.config.http_allow
@@ -325,8 +326,12 @@ class Deliverer:
         else:
             result = await self._post(target, request)
         record = source.kind.record(source, row, request, result)
-        detail = self._detail(source, request, result, now) if self._wants[source.name] else None
-        return self._settle_attempt(source, row, result, record, detail)
+        settlement = self._settle_attempt(source, row, result, record, None)
+        if settlement.outcome in self._wants[source.name]:
+            # Only for outcomes a write-back or an attempt log reads (decoding and parsing an
+            # answer costs CPU on every delivery otherwise).
+            settlement = replace(settlement, detail=self._detail(source, request, result, now))
+        return settlement
 
     def _detail(self, source: Source, request: Request, result: Attempt, now: datetime) -> Detail:
         cap = self.config.max_response_bytes

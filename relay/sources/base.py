@@ -90,6 +90,9 @@ class Claimed:
     oversize: str | None = None
 
 
+ALL_OUTCOMES = frozenset({"done", "retry", "dead"})
+
+
 class Outcome(StrEnum):
     done = "done"
     retry = "retry"
@@ -183,6 +186,9 @@ class Compiled:
     notify: Notify | None = None
     # Statements the settle batch's JSON must carry response and request details for.
     needs_detail: bool = False
+    # The outcomes whose settlements must carry the attempt's details (Detail): those its
+    # write-backs or attempt log read.
+    detail_on: frozenset[str] = frozenset()
     settle_each: Mapping[str, sqltext.Query] | None = None  # outcome -> statement
     extra_triggers: tuple[tuple[str, str, str, tuple[str, str], str], ...] = ()
     # The claim may return fewer rows than asked while more are there (a user's function that
@@ -197,6 +203,7 @@ class Compiled:
             queries=each(self.queries),
             notify=self.notify,
             needs_detail=self.needs_detail,
+            detail_on=self.detail_on,
             settle_each=None if self.settle_each is None else each(self.settle_each),
             extra_triggers=self.extra_triggers,
             repeat_claim=self.repeat_claim,

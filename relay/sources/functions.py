@@ -20,6 +20,7 @@ from relay import readers, request, retry, secretbox
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
+    ALL_OUTCOMES,
     Claimed,
     Compiled,
     DbContext,
@@ -241,6 +242,7 @@ class Functions(Plain):
             queries=queries,
             notify=notify,
             needs_detail=True,
+            detail_on=ALL_OUTCOMES,
             settle_each=each,
             repeat_claim=True,
         )

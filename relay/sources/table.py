@@ -23,6 +23,7 @@ from relay.db.batch import settle_batch_json
 from relay.readers import ConfigError
 from relay.sources import attempt_log
 from relay.sources.base import (
+    ALL_OUTCOMES,
     Claimed,
     Compiled,
     DbContext,
@@ -279,6 +280,7 @@ class Table(Plain):
                 queries={**compiled.queries, **log_compiled},
                 notify=compiled.notify,
                 needs_detail=True,
+                detail_on=ALL_OUTCOMES,
             )
         return compiled
 
@@ -571,7 +573,9 @@ def _compile(
         ctx.channel,
         ("table", spec.status, spec.pending, ctx.channel),
     )
-    return Compiled(queries=queries, notify=notify, needs_detail=needs_detail)
+    moments = {"on_success": {"done"}, "on_failure": {"retry", "dead"}, "on_dead": {"dead"}}
+    detail_on = frozenset(o for m in spec.write_backs for o in moments.get(m, ()))
+    return Compiled(queries=queries, notify=notify, needs_detail=needs_detail, detail_on=detail_on)
 
 
 def _settle_write_backs(

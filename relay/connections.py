@@ -49,7 +49,11 @@ def options(url: str, statement_timeout: float | None = None) -> dict[str, Any]:
     given = psycopg.conninfo.conninfo_to_dict(url)
     extra = {k: v for k, v in DEFAULTS.items() if k not in given}
     if statement_timeout is not None:
-        setting = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+        # UTC sessions: a `timestamp without time zone` column holds UTC by convention (Prisma,
+        # Documenso), and a write-back casting a time into one must not shift it by the
+        # server's TimeZone. (Through PgBouncer no startup option passes: there relay's own
+        # writes still use UTC explicitly, a user's write-back follows the server's setting.)
+        setting = f"-c statement_timeout={max(1, round(statement_timeout * 1000))} -c TimeZone=UTC"
         extra["options"] = f"{given['options']} {setting}" if given.get("options") else setting
     return extra
 

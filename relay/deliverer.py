@@ -207,20 +207,30 @@ class Deliverer:
         lifetime = self.config.claim_timeout
         while True:
             await asyncio.sleep(lifetime / 3)
-            for name, held in self._held.items():
-                if not held:
-                    continue
-                rows = list(held.items())
-                try:
-                    await self.store.heartbeat(name, rows, lifetime)
-                    self.heartbeats += 1
-                except (psycopg.Error, *RETRYABLE) as exc:
-                    log.warning(
-                        "heartbeat.failed source=%s rows=%d error=%s",
-                        name,
-                        len(rows),
-                        logs.first_line(exc),
-                    )
+            # The sources at once, each bounded by the next round: one slow source must not
+            # let the others' claims lapse.
+            await asyncio.gather(
+                *(
+                    self._extend(name, list(held.items()), lifetime)
+                    for name, held in self._held.items()
+                    if held
+                )
+            )
+
+    async def _extend(self, name: str, rows: list[tuple[Any, datetime]], lifetime: float) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(lifetime / 3):
+                await self.store.heartbeat(name, rows, lifetime)
+            self.heartbeats += 1
+        except (TimeoutError, psycopg.Error, *RETRYABLE) as exc:
+            log.warning(
+                "heartbeat.failed source=%s rows=%d error=%s next=%s",
+                name,
+                len(rows),
+                logs.first_line(exc) if not isinstance(exc, TimeoutError) else "timed out",
+                "tried again at the next round; a claim that lapses meanwhile may be taken over",
+            )
 
     async def drain(self, grace: float) -> None:
         """Hand back the rows no request has started for, let the requests in flight finish

@@ -76,7 +76,22 @@ class Settler:
         try:
             records = [s for s in items if s.record is not None]
             if records:
-                await self._log(source, records)
+                try:
+                    await self._log(source, records)
+                except RETRYABLE:
+                    raise
+                except psycopg.Error as exc:
+                    if not _structural(exc):
+                        raise  # a value one row's record holds: row by row below
+                    # The log's table changed (renamed, dropped, a privilege revoked): the
+                    # records are lost, the rows are settled all the same (delivering them
+                    # again would not bring the log back).
+                    log.error(
+                        "settle.calls_not_recorded source=%s rows=%d error=%s",
+                        source,
+                        len(records),
+                        logs.first_line(exc),
+                    )
             calls_written = True
             settled = await self.store.settle(source, items)
         except RETRYABLE as exc:

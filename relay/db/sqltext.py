@@ -155,14 +155,15 @@ _CONTEXT_REF = re.compile(
 )
 
 
-def context_refs(text: str) -> str:
+def context_refs(text: str, alias: str) -> str:
     """A write-back expression's `response.json`, `attempt.error`, `request.url` as field
-    selections from relay's composite values, `(response).json`: PostgreSQL reads `a.b` as a
-    table's column, and relay's context values are columns, named so as to clash with nothing."""
+    selections from relay's composite values, `(r.response).json`: PostgreSQL reads `a.b` as a
+    table's column, and relay's context values are columns of the relation `alias`, so that a
+    user's column of the same name stays the row's."""
 
     def swap(m: re.Match[str]) -> str:
         if m.group("skip"):
             return m.group("skip")
-        return f"({m.group('name').lower()})."
+        return f"({alias}.{m.group('name').lower()})."
 
     return _CONTEXT_REF.sub(swap, text)

@@ -21,7 +21,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from relay import connections
+from relay import connections, logs
 from relay.db import catalog, sqltext
 from relay.db.batch import settle_batch_json
 from relay.sources.base import (
@@ -256,8 +256,13 @@ class Store:
                 rows = [Claimed(*row) for row in await cur.fetchall()]
                 while compiled.repeat_claim and rows and len(rows) < limit:
                     params["limit"] = limit - len(rows)
-                    cur = await conn.execute(query, params)
-                    more = [Claimed(*row) for row in await cur.fetchall()]
+                    try:
+                        cur = await conn.execute(query, params)
+                        more = [Claimed(*row) for row in await cur.fetchall()]
+                    except psycopg.Error:
+                        # The rows claimed so far are committed: deliver them; the rest
+                        # waits for the next pass.
+                        break
                     if not more:
                         break
                     rows += more
@@ -275,7 +280,6 @@ class Store:
         params = {
             "batch": settle_batch_json(batch, compiled.needs_detail),
             "keys": keys,
-            "text_keys": [str(k) for k in keys],
         }
         query = compiled.queries["settle"]
 
@@ -287,21 +291,35 @@ class Store:
         return await self._with_retries(run)
 
     async def _settle_each(self, compiled: Compiled, batch: list[Settlement]) -> set[Any]:
-        """One statement per row (a functions source's own complete and fail statements),
-        all on one connection."""
+        """One statement per row (a functions source's own complete and fail statements), each
+        its own transaction: a row the database refuses is left out (and reported by the
+        settler as not settled) without holding back the others, and after a lost connection
+        the rows already written are not written again."""
         assert compiled.settle_each is not None
         statements = compiled.settle_each
+        settled: set[Any] = set()
+        written: set[int] = set()
 
         async def run() -> set[Any]:
-            settled: set[Any] = set()
             async with self._connection(SETUP_BOUND) as conn:
-                for s in batch:
-                    query = statements.get(s.outcome)
-                    if query is None:
-                        settled.add(s.key)
+                for i, s in enumerate(batch):
+                    if i in written:
                         continue
-                    await conn.execute(query, settle_params(s, self.worker))
-                    settled.add(s.key)
+                    query = statements.get(s.outcome)
+                    try:
+                        if query is not None:
+                            await conn.execute(query, settle_params(s, self.worker))
+                        settled.add(s.key)
+                    except RETRYABLE:
+                        raise
+                    except psycopg.Error as exc:
+                        log.error(
+                            "settle.rejected key=%s outcome=%s error=%s",
+                            s.key,
+                            s.outcome,
+                            logs.first_line(exc),
+                        )
+                    written.add(i)
             return settled
 
         return await self._with_retries(run)
@@ -317,7 +335,6 @@ class Store:
                 [{"key": k, "lease": lease} for k, lease in rows], default=json_default
             ).decode(),
             "keys": keys,
-            "text_keys": [str(k) for k in keys],
             "lease_seconds": lease_seconds,
             "worker": self.worker,
         }
@@ -335,8 +352,9 @@ class Store:
                     return set(keys)
                 cur = await conn.execute(query, params)
                 ours = {row[0] for row in await cur.fetchall()}
-                if column is not None:
-                    await conn.execute(column, params)
+                if column is not None and ours:
+                    # Only the rows whose claim is still ours.
+                    await conn.execute(column, {"keys": [k for k in keys if k in ours]})
                 return ours
 
         return await self._with_retries(run)

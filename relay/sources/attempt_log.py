@@ -21,17 +21,17 @@ CLEANUP_BATCH = 1000
 _RELAY_COLUMNS = {
     "source": "{source}",
     "key": "r.relay_key::text",
-    "attempt": "(attempt).number",
-    "outcome": "(attempt).outcome",
-    "status": "(response).status",
-    "error": "(attempt).error",
-    "url": "(request).url",
-    "request_body": "(request).body",
-    "response_headers": "(response).headers",
-    "response_body": "(response).body",
-    "ms": "(attempt).ms",
-    "worker": "(attempt).worker",
-    "at": "(attempt).finished_at",
+    "attempt": "(r.attempt).number",
+    "outcome": "(r.attempt).outcome",
+    "status": "(r.response).status",
+    "error": "(r.attempt).error",
+    "url": "(r.request).url",
+    "request_body": "(r.request).body",
+    "response_headers": "(r.response).headers",
+    "response_body": "(r.response).body",
+    "ms": "(r.attempt).ms",
+    "worker": "(r.attempt).worker",
+    "at": "(r.attempt).finished_at",
 }
 
 
@@ -152,7 +152,7 @@ async def prepare(
     def expr(text: str) -> sql.Composable:
         if text == "{source}":
             return sql.Literal(source_name)
-        return sql.SQL("(") + sqltext.Catalog(sqltext.context_refs(text)) + sql.SQL(")")
+        return sql.SQL("(") + sqltext.Catalog(sqltext.context_refs(text, "r")) + sql.SQL(")")
 
     targets = sql.SQL(", ").join(sql.Identifier(c) for c in mapped)
     values = sql.SQL(", ").join(

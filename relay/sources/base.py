@@ -376,8 +376,9 @@ def keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox
 
 
 def private_headers(shape: request.Shape) -> frozenset[str]:
-    """The headers of a shaped request that an attempt log must not keep."""
-    names = {name.lower() for name in shape.headers}
+    """The headers of a shaped request that an attempt log must not keep: the configuration's
+    fixed ones and those from columns and expressions (any of them may be a credential)."""
+    names = {name.lower() for name in (*shape.headers, *shape.header_columns, *shape.header_sql)}
     if shape.signing.scheme is request.Scheme.hmac_sha256:
         names.add(shape.signing.header.lower())
     return PRIVATE_HEADERS | names

@@ -63,6 +63,7 @@ KEYS = (
             "kind",
             "key",
             "attempt_column",
+            "attempt_sql",
             "max_attempts",
             "max_attempts_column",
             "wake",
@@ -88,6 +89,7 @@ class FunctionsSpec:
     rescue: str | None = None
     retry_dead: str | None = None
     attempt_column: str | None = None
+    attempt_sql: str | None = None  # e.g. "retry_count + 1", over the claim's columns
     max_attempts_column: str | None = None
     wake: tuple[str, str] | None = None
     wake_when: str | None = None
@@ -96,7 +98,11 @@ class FunctionsSpec:
 
 
 def _statement(where: str, data: Mapping[str, Any], key: str, allowed: frozenset[str]) -> str:
-    text = readers.string(f"{where}.{key}", data[key])
+    """A user's statement with its `:name` parameters as psycopg's; one that takes no
+    parameters (rescue, retry_dead) runs without any, so its `%` stays as written."""
+    text = readers.string(f"{where}.{key}", data[key]).strip().rstrip(";").strip()
+    if not allowed:
+        return text
     try:
         converted, _ = sqltext.named_params(text, allowed)
     except ValueError as exc:
@@ -145,6 +151,9 @@ class Functions(Plain):
                 ),
             ),
             attempt_column=readers.opt_ident(f"{where}.attempt_column", data.get("attempt_column")),
+            attempt_sql=None
+            if data.get("attempt_sql") is None
+            else readers.string(f"{where}.attempt_sql", data["attempt_sql"]),
             max_attempts_column=readers.opt_ident(
                 f"{where}.max_attempts_column", data.get("max_attempts_column")
             ),
@@ -194,7 +203,9 @@ class Functions(Plain):
             statement = text if isinstance(text, sql.Composed) else sql.SQL(text)
             try:
                 async with conn.transaction(force_rollback=True):
-                    await conn.execute(sql.SQL("EXPLAIN ") + statement, probe)
+                    # rescue and retry_dead take no parameters (their `%` is as written).
+                    params = None if key in ("rescue", "retry_dead") else probe
+                    await conn.execute(sql.SQL("EXPLAIN ") + statement, params)
             except psycopg.OperationalError:
                 raise
             except psycopg.Error as exc:
@@ -260,16 +271,18 @@ def _claim(spec: FunctionsSpec, ctx: DbContext) -> sql.Composed:
     attempt: sql.Composable = sql.SQL("1")
     if spec.attempt_column:
         attempt = sql.SQL("COALESCE(t.{}::int, 1)").format(ident(spec.attempt_column))
+    elif spec.attempt_sql:
+        attempt = sql.SQL("COALESCE((") + sqltext.Catalog(spec.attempt_sql) + sql.SQL(")::int, 1)")
     max_attempts: sql.Composable = sql.Literal(spec.max_attempts)
     if spec.max_attempts_column:
         max_attempts = sql.SQL("COALESCE(t.{}::int, {})").format(
             ident(spec.max_attempts_column), sql.Literal(spec.max_attempts)
         )
     return (
-        sql.SQL("WITH claimed AS (")
+        sql.SQL("WITH claimed AS (\n")
         + sql.SQL(spec.claim)  # its parameters converted and its `%` doubled already
         + sql.SQL(
-            "), c AS (SELECT t.{key} AS key, now() AS lease, {attempt} AS attempt, "
+            "\n), c AS (SELECT t.{key} AS key, now() AS lease, {attempt} AS attempt, "
             "{max} AS max_attempts, {url} AS url, {secret} AS secret, {topic} AS topic, "
             "{payload} AS payload, {values} AS values FROM claimed AS t) "
             "SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM c"

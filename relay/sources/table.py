@@ -374,10 +374,13 @@ def _now_for(column: catalog.Column) -> sql.Composable:
     return sqltext.now(column.type)
 
 
-def _expr(text: str) -> sql.Composable:
-    """A user's SQL expression, in parentheses; a `%` in it is a `%` (no parameters), and its
-    `response.x`, `attempt.x`, `request.x` read relay's context values."""
-    return sql.SQL("(") + sqltext.Catalog(sqltext.context_refs(text)) + sql.SQL(")")
+def _expr(text: str, context: str | None = None) -> sql.Composable:
+    """A user's SQL expression, in parentheses; a `%` in it is a `%` (no parameters). In a
+    write-back, its `response.x`, `attempt.x`, `request.x` read relay's context values, the
+    columns of the relation `context` (`r` in the settle, `l` in the claim)."""
+    if context is not None:
+        text = sqltext.context_refs(text, context)
+    return sql.SQL("(") + sqltext.Catalog(text) + sql.SQL(")")
 
 
 def _cast(expr: sql.Composable, column: catalog.Column) -> sql.Composable:
@@ -453,7 +456,7 @@ def _compile(
         )
     for column, assigned in spec.write_backs.get("on_claim", {}).items():
         claim_sets.append(
-            sql.SQL("{} = {}").format(ident(column), _cast(_expr(assigned), columns[column]))
+            sql.SQL("{} = {}").format(ident(column), _cast(_expr(assigned, "l"), columns[column]))
         )
 
     # The settle's writes to the user's row.
@@ -523,6 +526,7 @@ def _compile(
         "retry": sql.Literal(spec.retry),
         "dead": sql.Literal(spec.dead),
         "ready": ready,
+        "waiting": waiting,
         # No claim holds the row and no retry waits (unless the application moved the row).
         "unleased": sql.SQL(
             "NOT EXISTS (SELECT 1 FROM relay.leases AS x WHERE x.source = {source} "
@@ -596,7 +600,7 @@ def _settle_write_backs(
     for column, cases in by_column.items():
         whens = sql.SQL(" ").join(
             sql.SQL("WHEN r.relay_outcome IN ({}) THEN {}").format(
-                sqltext.literal_list(outcomes), _cast(_expr(expr), columns[column])
+                sqltext.literal_list(outcomes), _cast(_expr(expr, "r"), columns[column])
             )
             for outcomes, expr in cases
         )
@@ -636,7 +640,8 @@ async def _check_expressions(
         )
     for moment, assignments in spec.write_backs.items():
         context = _CLAIM_CHECK_CONTEXT if moment == "on_claim" else _CHECK_CONTEXT
-        alias = sql.SQL("l" if moment == "on_claim" else "r")
+        name = "l" if moment == "on_claim" else "r"
+        alias = sql.SQL(name)
         for column, expr in assignments.items():
             await catalog.check_statement(
                 conn,
@@ -644,7 +649,7 @@ async def _check_expressions(
                 sql.SQL("UPDATE {} AS t SET {} = {} FROM {} AS {} WHERE FALSE").format(
                     table,
                     sql.Identifier(column),
-                    _cast(_expr(expr), columns[column]),
+                    _cast(_expr(expr, "l" if moment == "on_claim" else "r"), columns[column]),
                     context,
                     alias,
                 ),
@@ -653,7 +658,7 @@ async def _check_expressions(
     # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
     params: dict[str, dict[str, Any]] = {
         "claim": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check"},
-        "settle": {"batch": "[]", "keys": [], "text_keys": []},
+        "settle": {"batch": "[]", "keys": []},
     }
     for name, values in params.items():
         await catalog.check_statement(

@@ -39,6 +39,11 @@ picked AS (
             attempts = CASE WHEN x.token IS NULL AND x.status IS DISTINCT FROM EXCLUDED.status
                             AND x.status IS NOT NULL
                             THEN 1 ELSE x.attempts + 1 END
+        -- The `unleased` check above saw the leases as the statement began: another relay's
+        -- claim committed since then is seen here, and the row is left to it.
+        WHERE x.due IS NULL OR x.due <= now()
+           OR (x.token IS NULL AND x.status IS NOT NULL
+               AND x.status IS DISTINCT FROM EXCLUDED.status)
     RETURNING x.key AS relay_key, x.token AS relay_token, x.attempts AS relay_attempts
 )
 
@@ -81,7 +86,7 @@ WITH s AS (
 ), dropped AS (
     DELETE FROM relay.leases AS x
     USING s
-    WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+    WHERE x.source = {source} AND x.key = ANY(%(keys)b::{key_type}[]::text[])
       AND x.key = s.key::text AND x.token = s.lease AND s.outcome IN ('done', 'dead')
     RETURNING x.key
 ), kept AS (
@@ -93,7 +98,7 @@ WITH s AS (
         -- application moved it (see the claim).
         status = CASE s.outcome WHEN 'retry' THEN {retry}::text END
     FROM s
-    WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+    WHERE x.source = {source} AND x.key = ANY(%(keys)b::{key_type}[]::text[])
       AND x.key = s.key::text AND x.token = s.lease AND s.outcome IN ('retry', 'release')
     RETURNING x.key
 ), owned AS (
@@ -117,7 +122,7 @@ SELECT * FROM updated;
 UPDATE relay.leases AS x
 SET due = now() + make_interval(secs => %(lease_seconds)s::float8)
 FROM json_to_recordset(%(batch)s::json) AS s(key {key_type}, lease timestamptz)
-WHERE x.source = {source} AND x.key = ANY(%(text_keys)s::text[])
+WHERE x.source = {source} AND x.key = ANY(%(keys)b::{key_type}[]::text[])
   AND x.key = s.key::text AND x.token = s.lease
 RETURNING x.key;
 
@@ -128,25 +133,38 @@ WHERE t.{key} = ANY(%(keys)b::{key_type}[]);
 
 -- name: rescue
 -- Claims whose worker died: their lease no longer blocks a claim once expired, and a row the
--- claim had set to processing goes back to the retry status, as does one left processing with
--- no live lease at all (a lease from before relay 0.2, or a status written by hand).
+-- claim had set to processing goes back to the retry status. A row in processing with no relay
+-- lease is not relay's (another worker's, during a cut-over): left alone. Leases whose row is
+-- gone or no longer waiting (deleted, cancelled, filtered out by the application) are dropped,
+-- a batch at a time, so they cannot keep the claimer's timer busy.
 WITH expired AS (
     UPDATE relay.leases AS x
-    SET token = NULL
+    SET token = NULL, status = NULL
     WHERE x.source = {source} AND x.token IS NOT NULL AND x.due < now()
+    RETURNING x.key
+), stale AS (
+    DELETE FROM relay.leases AS x
+    WHERE x.source = {source} AND x.token IS NULL
+      AND x.key = ANY(ARRAY(
+          SELECT y.key FROM relay.leases AS y
+          WHERE y.source = {source} AND y.token IS NULL AND y.due < now()
+            AND NOT EXISTS (SELECT 1 FROM {table} AS t
+                            WHERE t.{key} = CAST(y.key AS {key_type}) AND {waiting})
+          LIMIT 1000))
 )
 UPDATE {table} AS t
 SET {status} = CAST({retry} AS {status_type})
 WHERE t.{status} = {processing} AND {filtered}
-  AND NOT EXISTS (SELECT 1 FROM relay.leases AS x
-                  WHERE x.source = {source} AND x.key = t.{key}::text AND x.due > now());
+  AND t.{key} = ANY(ARRAY(SELECT CAST(key AS {key_type}) FROM expired));
 
 -- name: next_due
 -- Seconds until the earliest waiting row falls due: a retry in relay.leases, or a row whose
 -- due column is in the future (NULL if none).
 SELECT EXTRACT(EPOCH FROM (LEAST(
     (SELECT min(x.due) FROM relay.leases AS x
-     WHERE x.source = {source} AND x.token IS NULL AND x.due IS NOT NULL),
+     WHERE x.source = {source} AND x.token IS NULL AND x.due IS NOT NULL
+       AND EXISTS (SELECT 1 FROM {table} AS t
+                   WHERE t.{key} = CAST(x.key AS {key_type}) AND {waiting})),
     {next_scheduled}) - now()))::float8;
 
 -- name: counts

@@ -131,7 +131,7 @@ async def test_settle_query_looks_rows_up_by_key_whatever_the_statistics(db: str
     lease = datetime.now(UTC)
     batch = [Settlement(key, lease, Outcome.done, http_status=200) for key in range(1, 13)]
     keys = [s.key for s in batch]
-    params = {"batch": settle_batch_json(batch), "keys": keys, "text_keys": [str(k) for k in keys]}
+    params = {"batch": settle_batch_json(batch), "keys": keys}
     plan = await explain(db, "settle", params)
     assert "Seq Scan on webhook_delivery_queue" not in plan, plan
     assert "Seq Scan on leases" not in plan, plan

@@ -3,6 +3,7 @@ user's columns keep the application's meaning, and the application's own moves w
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -69,10 +70,10 @@ async def test_the_due_column_is_only_read(db: str, receiver: Receiver) -> None:
     assert done["next_retry_at"] is None
 
 
-def queue_source_without_write_back() -> dict[str, Any]:
+def queue_source_without_write_back(**extra: Any) -> dict[str, Any]:
     from tests.support import queue_source
 
-    source = queue_source()
+    source = {k: v for k, v in queue_source(**extra).items() if v is not None}
     del source["on_failure"]
     return source
 
@@ -86,3 +87,53 @@ async def wait_status(db: str, row: int, status: str) -> dict[str, Any]:
         lambda found: bool(found) and found[0]["status"] == status,
     )
     return rows[0]
+
+
+async def test_a_claim_that_began_before_another_relays_claim_committed_leaves_the_row(
+    db: str,
+) -> None:
+    # Relay B's claim starts, then (its filter slow on row 1) relay A claims rows 1 and 2 and
+    # commits; B then locks row 1, which A no longer holds a lock on, with B's view of the
+    # leases from before A's. B must not take the row: A's lease stands.
+    from relay import config as config_mod
+    from relay.db.store import Store
+    from tests.support import raw_config
+
+    slow = "CASE WHEN id = 1 THEN pg_sleep(1.5) IS NOT NULL ELSE TRUE END"
+    configs = {
+        name: config_mod.from_mapping(
+            raw_config(db, sources={"deliveries": queue_source_without_write_back(**extra)}),
+            {},
+        )
+        # No processing status, no attempts column: a claim writes nothing to the row, so
+        # nothing but the lease tells B the row is taken.
+        for name, extra in (
+            ("a", {"processing": None, "attempts": None}),
+            ("b", {"processing": None, "attempts": None, "filter": slow}),
+        )
+    }
+    await install(configs["a"])
+    await insert_rows(db, "http://127.0.0.1:9/", 2)
+    stores = {n: Store(c.database_url, c.sources) for n, c in configs.items()}
+    for store in stores.values():
+        await store.open()
+        await store.prepare()
+    try:
+        b_claim = asyncio.create_task(stores["b"].claim("deliveries", 10, 30))
+        # B is inside its statement (sleeping on row 1's filter) before A claims. Nothing
+        # notifies that, so the server's activity view is polled, bounded.
+        async with (
+            await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
+            asyncio.timeout(10),
+        ):
+            while not await (  # noqa: ASYNC110
+                await conn.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            ).fetchone():
+                await asyncio.sleep(0.01)
+        a_rows = await stores["a"].claim("deliveries", 10, 30)
+        b_rows = await b_claim
+    finally:
+        for store in stores.values():
+            await store.close()
+    assert sorted(r.key for r in a_rows) == [1, 2]
+    assert b_rows == []

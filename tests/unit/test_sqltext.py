@@ -30,12 +30,13 @@ def test_an_unknown_parameter_is_named_with_those_allowed() -> None:
 def test_context_references_become_field_selections_outside_quotes() -> None:
     assert (
         sqltext.context_refs(
-            "jsonb_build_object('error', attempt.error, 'x.response.json', response.json->>'sid')"
+            "jsonb_build_object('error', attempt.error, 'x.response.json', response.json->>'sid')",
+            "r",
         )
-        == "jsonb_build_object('error', (attempt).error, 'x.response.json', "
-        "(response).json->>'sid')"
+        == "jsonb_build_object('error', (r.attempt).error, 'x.response.json', "
+        "(r.response).json->>'sid')"
     )
     # A column of the row, or another table's name ending in the same letters, stays as it is.
-    assert sqltext.context_refs("t.attempt + my_response.x + request_id") == (
+    assert sqltext.context_refs("t.attempt + my_response.x + request_id", "r") == (
         "t.attempt + my_response.x + request_id"
     )

@@ -278,7 +278,7 @@ async def test_check_names_each_missing_privilege_and_the_grant_that_gives_it(
         f'GRANT UPDATE ("attempt_count", "last_error", "last_response_status", "delivered_at", '
         f'"next_retry_at") ON "public"."webhook_delivery_queue" TO {quoted}; '
         f'GRANT SELECT ON "relay"."leases" TO {quoted}; '
-        f'GRANT UPDATE ("due", "token", "attempts") ON "relay"."leases" TO {quoted}; '
+        f'GRANT UPDATE ("due", "token", "attempts", "status") ON "relay"."leases" TO {quoted}; '
         f'GRANT INSERT ON "relay"."leases" TO {quoted}; '
         f'GRANT DELETE ON "relay"."leases" TO {quoted};',
         f"sources.events: role {runner!r} lacks privileges that relay's claims and settles "

@@ -571,9 +571,10 @@ def _compile(
     notify = notify_trigger(
         source.name,
         catalog.Table(f"sources.{source.name}", spec.schema, spec.table),
-        # A row its write left claimable (ready) and not waiting out a claim or a retry: so
-        # relay's own settles, which write the status, wake nobody.
-        sql.SQL("{} AND {}").format(ready, names["unleased"]),
+        # A row its write left waiting (its status and the filter; due now or later: the claim
+        # pass it wakes sets the timer to a later one) and not waiting out a claim or a retry:
+        # so relay's own settles, which write the status, wake nobody.
+        sql.SQL("{} AND {}").format(waiting, names["unleased"]),
         ctx.channel,
         ("table", spec.status, spec.pending, ctx.channel),
     )
@@ -628,7 +629,8 @@ async def _check_expressions(
         await catalog.check_statement(
             conn,
             f"{where}.filter",
-            sql.SQL("SELECT 1 FROM {} AS t WHERE {}").format(table, _cast_bool(spec.filter)),
+            # As the claim uses it: no CAST, which would take a text column for a boolean.
+            sql.SQL("SELECT 1 FROM {} AS t WHERE {}").format(table, _expr(spec.filter)),
             "not a boolean SQL expression over the table's columns",
         )
     for key, value in shape_expressions(spec.shape).items():
@@ -668,10 +670,6 @@ async def _check_expressions(
             f"relay's {name} statement does not plan",
             values,
         )
-
-
-def _cast_bool(text: str) -> sql.Composable:
-    return sql.SQL("CAST({} AS boolean)").format(_expr(text))
 
 
 def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.Need]:

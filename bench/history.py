@@ -1,17 +1,21 @@
-"""The "leases" workload's table: a user's delivery queue with a realistic history (issue 9).
+"""The "leases" workload's tables: a delivery queue with a realistic history (issue 9).
 
-`make bench` drains the same table twice, on two mappings of one source (`mappings`):
+`make bench` drains the same history twice, through two kinds of source (`sources`):
 
-(a) in place: relay keeps its claim in a column of the user's table;
-(b) leases: the table is mapped without that column, so claims, their expiry and relay's retry
-    times live in `relay.leases`.
+(a) in place: relay's own outbox (kind = "outbox", relay.outbox), where relay owns every column
+    and claims a row by writing its status and due time;
+(b) leases: the user's table (kind = "table", the demo's mapping QUEUE_SOURCE) taken as it is:
+    its `due` column (next_retry_at) only read, relay's claims, their expiry and its attempt
+    count in `relay.leases`.
 
-The table is the demo's `webhook_delivery_queue` (system 2 of MISSION.md) with the indexes such
-a queue has in production, filled like one that has run for a while: most rows delivered long
-ago, some dead letters, and a tail of pending rows and failed rows waiting for a retry that fell
-due (these are what the workload drains). The failed rows were tried by relay before, so on the
-leases mapping they have a lease whose time has passed. Everything is VACUUM ANALYZEd, as
-autovacuum would have left it.
+The history is the demo's `webhook_delivery_queue` (system 2 of MISSION.md) with the indexes
+such a queue has in production, filled like one that has run for a while: most rows delivered
+long ago, some dead letters, and a tail of pending rows and failed rows waiting for a retry that
+fell due (these are what the workload drains). (a) gets the same rows, in the same order, with
+the same payloads, copied into relay.outbox as relay.publish() and relay's settles would have
+left them (the queue table then emptied); (b) keeps them in the user's table, and the failed
+rows, tried by relay before, have the lease relay left them: waiting for a retry that has fallen
+due. Everything is VACUUM ANALYZEd, as autovacuum would have left it.
 """
 
 from __future__ import annotations
@@ -20,17 +24,13 @@ from typing import Any
 
 from relay.demo import QUEUE_SOURCE
 
-# The in-place claim column. Today (main at the branch point) the `due` key is both "not before"
-# and the claim's expiry; after issue 9, `due` is only read and the in-place claim is mapped with
-# `claim_column`. Switch here, and nowhere else:
-#   IN_PLACE_CLAIM = {"claim_column": "next_retry_at"}
-IN_PLACE_CLAIM: dict[str, Any] = {"due": "next_retry_at"}
+MAPPINGS = ("in_place", "leases")
 
 
-def mappings() -> dict[str, dict[str, Any]]:
-    """The source's two mappings: "in_place" (a) and "leases" (b); the same in every other key."""
-    base = {k: v for k, v in QUEUE_SOURCE.items() if k not in ("due", "claim_column")}
-    return {"in_place": {**base, **IN_PLACE_CLAIM}, "leases": base}
+def sources(target: str) -> dict[str, dict[str, Any]]:
+    """The source of each mapping: "in_place" (a) relay's outbox, every topic to the bench
+    receiver, and "leases" (b) the demo's mapping of the queue table (each row names its URL)."""
+    return {"in_place": {"kind": "outbox", "topics": {"*": target}}, "leases": dict(QUEUE_SOURCE)}
 
 
 # What a production queue of this shape is indexed by: the primary key, the workers' "what is
@@ -78,20 +78,45 @@ FROM generate_series(1, %(rows)s) AS g,
                          AS attempts, s.status) AS w
 """
 
-# Leases relay left for the failed rows it tried before (mapping (b) only): due, not held.
+# (a): the history as relay.outbox holds it. Waiting rows are pending there whether tried or
+# not (the outbox has no retry status): a retried one with its attempts and its retry time
+# (due_at, fallen due). A settled row keeps the due time of its last claim; dead is `dead`.
+OUTBOX = """
+INSERT INTO relay.outbox
+    (topic, payload, status, attempts, max_attempts, due_at, last_error, last_status,
+     created_at, delivered_at)
+SELECT q.event_type, q.payload,
+       CASE q.status WHEN 'failed' THEN 'pending' WHEN 'dead_letter' THEN 'dead'
+                     ELSE q.status END,
+       q.attempt_count, q.max_attempts,
+       CASE WHEN q.status = 'pending' THEN q.created_at
+            WHEN q.status = 'failed' THEN q.next_retry_at
+            ELSE coalesce(q.delivered_at, q.created_at) + interval '30 seconds' END,
+       q.last_error, q.last_response_status, q.created_at, q.delivered_at
+FROM public.webhook_delivery_queue AS q
+ORDER BY q.id;
+TRUNCATE public.webhook_delivery_queue;
+"""
+
+# (b): the leases relay left for the failed rows it tried before: waiting for a retry that has
+# fallen due (no claim token), with relay's attempt count and the status it left the row in.
+# Rows settled done or dead have none (their leases went at settle).
 LEASES = """
-INSERT INTO relay.leases (source, key, due)
-SELECT %(source)s, id::text, next_retry_at
+INSERT INTO relay.leases (source, key, due, token, attempts, status)
+SELECT %(source)s, id::text, next_retry_at, NULL, attempt_count, status
 FROM public.webhook_delivery_queue WHERE status = 'failed'
 ON CONFLICT (source, key) DO NOTHING
 """
 
-# Rows not settled yet, read through the (status, next_retry_at) index: the harness polls it
-# every 50 ms, so it must not scan the table.
-WAITING = (
-    "SELECT count(*) FROM public.webhook_delivery_queue "
-    "WHERE status IN ('pending', 'failed', 'processing')"
-)
+# Rows not settled yet, read through an index: the harness polls it every 50 ms, so it must not
+# scan the table (on relay.outbox, `status IN (...)` is a sequential scan of 31 ms, a third of a
+# core, while each status alone is its partial index's).
+WAITING = {
+    "in_place": "SELECT (SELECT count(*) FROM relay.outbox WHERE status = 'pending') "
+    "+ (SELECT count(*) FROM relay.outbox WHERE status = 'processing')",
+    "leases": "SELECT count(*) FROM public.webhook_delivery_queue "
+    "WHERE status IN ('pending', 'failed', 'processing')",
+}
 
 
 def fill_params(target: str, rows: int, drain: int, dead_pct: int = 2) -> dict[str, Any]:

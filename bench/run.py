@@ -12,10 +12,11 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    10,000-row INSERT;
 4. backlog: a large pending backlog drained by relay (and the reference), with peak RSS;
 5. idle: CPU of an idle relay;
-6. leases: a user's 100,000-row queue table with a realistic history (bench/history.py), its
-   waiting tail drained by relay twice: (a) claiming in place, (b) claiming in relay.leases,
-   with relay's and PostgreSQL's CPU per delivery and, from pg_stat_statements, the statements
-   relay ran per 1,000 rows and where PostgreSQL spent its time.
+6. leases: a 100,000-row delivery queue with a realistic history (bench/history.py), its
+   waiting tail drained by relay twice: (a) from relay's own outbox, claimed in place, (b) from
+   the user's table as it is, claims in relay.leases; with relay's and PostgreSQL's CPU per
+   delivery and, from pg_stat_statements, the statements relay ran per 1,000 rows, the claim's
+   and the settle's mean time and where PostgreSQL spent its time.
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -116,15 +118,20 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
+def toml_key(k: str) -> str:
+    """A bare key where TOML allows one, else quoted (an outbox's topic "*")."""
+    return k if k and re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def to_toml(raw: dict[str, Any], prefix: str = "") -> str:
     """Just enough TOML for a relay config: nested tables of scalars and lists."""
     scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     out = [f"[{prefix}]"] if prefix and scalars else []
-    out += [f"{k} = {toml_value(v)}" for k, v in scalars.items()]
+    out += [f"{toml_key(k)} = {toml_value(v)}" for k, v in scalars.items()]
     text = "\n".join(out) + "\n" if out else ""
     for k, v in raw.items():
         if isinstance(v, dict):
-            text += to_toml(v, f"{prefix}.{k}" if prefix else k)
+            text += to_toml(v, f"{prefix}.{toml_key(k)}" if prefix else toml_key(k))
     return text
 
 
@@ -341,7 +348,8 @@ class Bench:
     ) -> Iterator[subprocess.Popen[bytes]]:
         """relay or the reference running on `db` until the block ends; yields once it listens.
         `under` runs relay under another command (py-spy), which is stopped with SIGINT;
-        `source` is relay's mapping of the queue table (source "deliveries")."""
+        `source` is relay's source "deliveries" (by default the demo's mapping of the queue
+        table)."""
         tag = f"{kind}-{name}"
         stop_with = signal.SIGINT if under else signal.SIGTERM
         if kind == "relay":
@@ -555,8 +563,9 @@ class Bench:
         self.statement_stats = True
 
     def history_template(self, mapping: str, s: dict[str, Any]) -> str:
-        """A template database per mapping: relay's schema, the queue table with its history and
-        indexes, relay's triggers for that mapping (and, for leases, relay's past leases)."""
+        """A template database per mapping: relay's schema, the history with its indexes, relay
+        installed for that mapping's source; (a) the history moved into relay.outbox, (b) left
+        in the queue table, with relay's past leases."""
         if mapping in self.history_templates:
             return self.history_templates[mapping]
         base = "bench_history"
@@ -577,9 +586,11 @@ class Bench:
                 )
             )
         url = self.pg.url(name)
-        self.install(url, f"install-{mapping}", history.mappings()[mapping])
+        self.install(url, f"install-{mapping}", history.sources(self.target)[mapping])
         with psycopg.connect(url, autocommit=True) as conn:
-            if mapping == "leases":
+            if mapping == "in_place":
+                conn.execute(history.OUTBOX)
+            else:
                 conn.execute(history.LEASES, {"source": "deliveries"})
             conn.execute("VACUUM ANALYZE")
         self.history_templates[mapping] = name
@@ -592,7 +603,7 @@ class Bench:
         rounds: list[dict[str, dict[str, Any]]] = []
         for i in range(s["history_rounds"]):
             one: dict[str, dict[str, Any]] = {}
-            for mapping in ("in_place", "leases"):
+            for mapping in history.MAPPINGS:
                 one[mapping] = self.history_drain(mapping, s)
                 log(
                     f"leases round {i + 1} {mapping}: {one[mapping]['rows_per_s']:,.0f} rows/s, "
@@ -616,7 +627,7 @@ class Bench:
         }
         result["b_over_a_rows_per_s_median"] = statistics.median(result["b_over_a_rows_per_s"])
         plans = []
-        for mapping in ("in_place", "leases"):
+        for mapping in history.MAPPINGS:
             runs = [one[mapping] for one in rounds]
             agg: dict[str, Any] = {
                 k: statistics.median(r[k] for r in runs)
@@ -627,6 +638,8 @@ class Bench:
                     "pg_cpu_us_per_row",
                     "statements_per_1k_rows",
                     "statement_ms_per_1k_rows",
+                    "claim_mean_ms",
+                    "settle_mean_ms",
                 )
             }
             agg["statements"] = merge_statements([r["statements"] for r in runs])
@@ -674,14 +687,14 @@ class Bench:
                 poll.execute("SET auto_explain.log_min_duration = -1")
 
             def waiting() -> int:
-                row = poll.execute(history.WAITING).fetchone()
+                row = poll.execute(history.WAITING[mapping]).fetchone()
                 assert row is not None
                 return int(row[0])
 
             spawned = time.monotonic()
             proc = stack.enter_context(
                 self.deliverer(
-                    "relay", db, f"history-{mapping}", source=history.mappings()[mapping]
+                    "relay", db, f"history-{mapping}", source=history.sources(self.target)[mapping]
                 )
             )
             ready = time.monotonic()
@@ -732,9 +745,19 @@ class Bench:
             ).fetchall()
         calls = sum(r[1] for r in found)
         exec_ms = sum(r[3] + r[4] for r in found)
+
+        def mean_ms(marker: str) -> float | None:
+            """Mean plan + execute time of the statements whose text has `marker`."""
+            hits = [r for r in found if marker in r[0]]
+            n = sum(r[1] for r in hits)
+            return sum(r[3] + r[4] for r in hits) / n if n else None
+
         return {
             "statements_per_1k_rows": calls / rows * 1000,
             "statement_ms_per_1k_rows": exec_ms / rows * 1000,
+            # Both kinds' claims lock with SKIP LOCKED; both settles read the batch's outcomes.
+            "claim_mean_ms": mean_ms("SKIP LOCKED"),
+            "settle_mean_ms": mean_ms("outcome text"),
             "statements": [
                 {
                     "query": q[:160],
@@ -974,12 +997,13 @@ def leases_markdown(r: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"Leases: {s['history_drain']:,} waiting rows drained from a {s['history_rows']:,}-row "
-        "queue table with a history (bench/history.py), (a) claimed in place, (b) in "
-        f"relay.leases; medians of {s['history_rounds']} rounds (b/a per round: "
+        "delivery queue with a history (bench/history.py): (a) relay's outbox, claimed in place, "
+        "(b) the user's table as it is (kind = table, `due` only read), claims in relay.leases; "
+        f"medians of {s['history_rounds']} rounds (b/a per round: "
         + ", ".join(f"{x:.2f}" for x in res.get("b_over_a_rows_per_s", []))
         + "):",
         "",
-        "| metric | (a) in place | (b) relay.leases | b/a |",
+        "| metric | (a) relay.outbox, in place | (b) user's table + relay.leases | b/a |",
         "| --- | ---: | ---: | ---: |",
     ]
     for key, label in (
@@ -988,13 +1012,16 @@ def leases_markdown(r: dict[str, Any]) -> list[str]:
         ("pg_cpu_us_per_row", "PostgreSQL CPU µs per delivery"),
         ("statements_per_1k_rows", "statements per 1,000 rows"),
         ("statement_ms_per_1k_rows", "statement ms per 1,000 rows (plan + execute)"),
+        ("claim_mean_ms", "claim, mean ms (plan + execute)"),
+        ("settle_mean_ms", "settle, mean ms (plan + execute)"),
     ):
         lines.append(
-            f"| {label} | {fmt(a.get(key))} | {fmt(b.get(key))} | {ratio(b.get(key), a.get(key))} |"
+            f"| {label} | {fmt(a.get(key), 2 if 'mean' in key else 1)} | "
+            f"{fmt(b.get(key), 2 if 'mean' in key else 1)} | {ratio(b.get(key), a.get(key))} |"
         )
     median = res.get("b_over_a_rows_per_s_median")
     lines.append(f"| rows/s, b/a within a round (median) | | | {fmt(median, 2)} |")
-    for name, one in (("(a) in place", a), ("(b) relay.leases", b)):
+    for name, one in (("(a) relay.outbox", a), ("(b) user's table + relay.leases", b)):
         if not one.get("statements"):
             continue
         lines += [

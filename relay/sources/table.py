@@ -529,9 +529,12 @@ def _compile(
         "waiting": waiting,
         # No claim holds the row and no retry waits (unless the application moved the row).
         "unleased": sql.SQL(
-            "NOT EXISTS (SELECT 1 FROM relay.leases AS x WHERE x.source = {source} "
-            "AND x.key = t.{key}::text AND x.due > now() "
-            "AND (x.token IS NOT NULL OR x.status IS NULL OR x.status = t.{status}::text))"
+            # One primary-key lookup per candidate row: written as NOT EXISTS, the planner
+            # (trusting statistics in which every lease is already due) scanned all of
+            # relay.leases per claim, 207 ms with 30,000 retries waiting (bench).
+            "NOT COALESCE((SELECT x.due > now() AND (x.token IS NOT NULL OR x.status IS NULL "
+            "OR x.status = t.{status}::text) FROM relay.leases AS x "
+            "WHERE x.source = {source} AND x.key = t.{key}::text), false)"
         ).format(source=sql.Literal(source.name), key=ident(spec.key), status=ident(spec.status)),
         "filtered": filter_sql,
         "returning": returning,

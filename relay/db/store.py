@@ -351,10 +351,12 @@ class Store:
                         await conn.execute(query, {"key": key, "worker": self.worker})
                     return set(keys)
                 cur = await conn.execute(query, params)
-                ours = {row[0] for row in await cur.fetchall()}
+                ours = {str(row[0]) for row in await cur.fetchall()}
                 if column is not None and ours:
                     # Only the rows whose claim is still ours.
-                    await conn.execute(column, {"keys": [k for k in keys if k in ours]})
+                    # (The leases hold keys as text.)
+                    held = [k for k in keys if str(k) in ours]
+                    await conn.execute(column, {"keys": held})
                 return ours
 
         return await self._with_retries(run)

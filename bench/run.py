@@ -59,7 +59,11 @@ from relay.embedded import EmbeddedPostgres, free_port
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
 PY = sys.executable
-RELAY_SETTINGS = {"max_in_flight": 20, "batch_size": 50}
+RELAY_SETTINGS = {
+    "max_in_flight": 20,
+    "batch_size": 50,
+    **json.loads(os.environ.get("BENCH_RELAY", "{}")),
+}
 REF_SETTINGS = {"concurrency": 20, "batch": 50}
 # Hermetic: relay must read the database from our config file, whatever the shell exports.
 ENV = {
@@ -83,7 +87,7 @@ FULL = {
     "ceiling_concurrency": 20,
     "history_rows": 100000,
     "history_drain": 10000,
-    "history_rounds": 5,
+    "history_rounds": 6,
 }
 QUICK = {
     **FULL,
@@ -603,7 +607,9 @@ class Bench:
         rounds: list[dict[str, dict[str, Any]]] = []
         for i in range(s["history_rounds"]):
             one: dict[str, dict[str, Any]] = {}
-            for mapping in history.MAPPINGS:
+            # (a) first in one round, (b) first in the next: a machine that slows down or
+            # speeds up during the run weighs on both alike.
+            for mapping in history.MAPPINGS[:: -1 if i % 2 else 1]:
                 one[mapping] = self.history_drain(mapping, s)
                 log(
                     f"leases round {i + 1} {mapping}: {one[mapping]['rows_per_s']:,.0f} rows/s, "

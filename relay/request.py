@@ -634,10 +634,7 @@ def _required(values: Mapping[str, Any], name: str, column: str, what: str) -> s
 def _body_bytes(shape: Shape, values: Mapping[str, Any]) -> bytes | Refused:
     if not shape.sends_body:
         return b""
-    origin = shape.body_value()
-    assert origin is not None
     raw = values[BODY]
-    where = f"the body ({origin.describe()})"
     if shape.format is Format.json:
         if not isinstance(raw, str):
             # A JSON value (the whole row as an object, a number, ...) or NULL as `null`.
@@ -645,16 +642,24 @@ def _body_bytes(shape: Shape, values: Mapping[str, Any]) -> bytes | Refused:
                 return orjson.dumps(raw)
             except orjson.JSONEncodeError as exc:
                 return Refused(
-                    f"{where} cannot be written as JSON ({exc}); select it as JSON text instead"
+                    f"{_body_origin(shape)} cannot be written as JSON ({exc}); select it as JSON "
+                    f"text instead"
                 )
         if not _is_json(raw):
             return Refused(
-                f"{where} is not valid JSON; store JSON text there, or shape the body with "
-                f"payload_sql"
+                f"{_body_origin(shape)} is not valid JSON; store JSON text there, or shape the "
+                f"body with payload_sql"
             )
         # A json/jsonb value as its JSON text, exactly as the database gave it.
         return raw.encode()
-    return _form(where, raw)
+    return _form(_body_origin(shape), raw)
+
+
+def _body_origin(shape: Shape) -> str:
+    """Where the body came from, for an error (worked out only then: this runs per row)."""
+    origin = shape.body_value()
+    assert origin is not None
+    return f"the body ({origin.describe()})"
 
 
 def _is_json(text: str) -> bool:

@@ -155,6 +155,24 @@ _CONTEXT_REF = re.compile(
 )
 
 
+_CONTEXT_FIELD = re.compile(
+    _CONTEXT_REF.pattern.replace(r"\.(?=[a-z_])", r'\.(?P<field>"(?:[^"]|"")*"|[a-z_][\w$]*)'),
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+def context_fields(text: str) -> frozenset[tuple[str, str]]:
+    """The fields of relay's context values that a write-back expression reads, as (value,
+    field) pairs: `response.json` is ("response", "json"). The settle computes only these."""
+    found = set()
+    for m in _CONTEXT_FIELD.finditer(text):
+        if m.group("name"):
+            field = m.group("field")
+            field = field[1:-1].replace('""', '"') if field.startswith('"') else field.lower()
+            found.add((m.group("name").lower(), field))
+    return frozenset(found)
+
+
 def context_refs(text: str, alias: str) -> str:
     """A write-back expression's `response.json`, `attempt.error`, `request.url` as field
     selections from relay's composite values, `(r.response).json`: PostgreSQL reads `a.b` as a

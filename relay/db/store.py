@@ -111,6 +111,10 @@ class Store:
             timeout=10.0,
         )
         self.compiled: dict[str, Compiled] = {}
+        # The hot path's statements are prepared on a connection's first use of them, not its
+        # fifth (psycopg's default): the pool hands out its connections in turn, and planning
+        # a claim or a settle cost as much as running it. Not through PgBouncer (see below).
+        self._prepare: bool | None = None if pgbouncer else True
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._conns.add(conn)
@@ -252,12 +256,12 @@ class Store:
 
         async def run() -> list[Claimed]:
             async with self._connection() as conn:
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(query, params, prepare=self._prepare)
                 rows = [Claimed(*row) for row in await cur.fetchall()]
                 while compiled.repeat_claim and rows and len(rows) < limit:
                     params["limit"] = limit - len(rows)
                     try:
-                        cur = await conn.execute(query, params)
+                        cur = await conn.execute(query, params, prepare=self._prepare)
                         more = [Claimed(*row) for row in await cur.fetchall()]
                     except psycopg.Error:
                         # The rows claimed so far are committed: deliver them; the rest
@@ -285,7 +289,7 @@ class Store:
 
         async def run() -> set[Any]:
             async with self._connection() as conn:
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(query, params, prepare=self._prepare)
                 return {row[0] for row in await cur.fetchall()}
 
         return await self._with_retries(run)
@@ -308,7 +312,9 @@ class Store:
                     query = statements.get(s.outcome)
                     try:
                         if query is not None:
-                            await conn.execute(query, settle_params(s, self.worker))
+                            await conn.execute(
+                                query, settle_params(s, self.worker), prepare=self._prepare
+                            )
                         settled.add(s.key)
                     except RETRYABLE:
                         raise
@@ -348,15 +354,17 @@ class Store:
                 if compiled.settle_each is not None:
                     # A functions source's own statement, once per row.
                     for key in keys:
-                        await conn.execute(query, {"key": key, "worker": self.worker})
+                        await conn.execute(
+                            query, {"key": key, "worker": self.worker}, prepare=self._prepare
+                        )
                     return set(keys)
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(query, params, prepare=self._prepare)
                 ours = {str(row[0]) for row in await cur.fetchall()}
                 if column is not None and ours:
                     # Only the rows whose claim is still ours.
                     # (The leases hold keys as text.)
                     held = [k for k in keys if str(k) in ours]
-                    await conn.execute(column, {"keys": held})
+                    await conn.execute(column, {"keys": held}, prepare=self._prepare)
                 return ours
 
         return await self._with_retries(run)
@@ -366,14 +374,14 @@ class Store:
 
         async def run() -> None:
             async with self._connection() as conn:
-                await conn.execute(query, params)
+                await conn.execute(query, params, prepare=self._prepare)
 
         await self._with_retries(run)
 
     async def _scalar(self, query: sqltext.Query) -> Any:
         async def run() -> Any:
             async with self._connection() as conn:
-                cur = await conn.execute(query)
+                cur = await conn.execute(query, prepare=self._prepare)
                 row = await cur.fetchone()
                 return None if row is None else row[0]
 
@@ -382,7 +390,7 @@ class Store:
     async def _rowcount(self, query: sqltext.Query) -> int:
         async def run() -> int:
             async with self._connection() as conn:
-                cur = await conn.execute(query)
+                cur = await conn.execute(query, prepare=self._prepare)
                 return cur.rowcount
 
         return await self._with_retries(run)

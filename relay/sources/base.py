@@ -271,15 +271,17 @@ def notify_trigger(
     ready: sql.Composable,
     channel: str,
     made_from: tuple[object, ...],
+    inserted: sql.Composable | None = None,
 ) -> Notify:
     """The statement-level trigger that sends `NOTIFY channel, 'source'` when a write left a
-    row claimable (`ready`, over the transition table's rows as `t`)."""
+    row claimable (`ready`, over the transition table's rows as `t`; for an INSERT, `inserted`
+    if given)."""
     insert_trigger = f"relay_notify_{source}_insert"
     update_trigger = f"relay_notify_{source}_update"
     # What it was made from, the wake-up condition included (its repr names every identifier
     # and literal in it).
     fingerprint = sqltext.fingerprint(
-        _NOTIFY_SQL, source, table.schema, table.name, repr(ready), *made_from
+        _NOTIFY_SQL, source, table.schema, table.name, repr(ready), repr(inserted), *made_from
     )
     function = f"notify_{source}"
     install = sql.SQL(_NOTIFY_SQL).format(
@@ -287,6 +289,7 @@ def notify_trigger(
         function=sql.Identifier("relay", function),
         table=table.ident,
         ready=ready,
+        inserted=ready if inserted is None else inserted,
         channel=sql.Literal(channel),
         source=sql.Literal(source),
         insert_trigger=sql.Identifier(insert_trigger),
@@ -352,15 +355,20 @@ def shaped(
     )
     if isinstance(built, request.Refused):
         return Dead(built.reason)
-    return Request(
-        built.method,
-        built.url,
-        built.headers,
-        built.body,
-        origin(shape),
-        keep_headers=keep_headers,
-        private=private_headers(shape),
-    )
+    where, private = _shape_facts(shape)
+    return Request(built.method, built.url, built.headers, built.body, where, keep_headers, private)
+
+
+# A shape's origin and private headers, worked out once, not per row (by the shape's identity:
+# a Shape holds dicts, so it cannot be hashed, and the shapes live as long as their sources).
+_FACTS: dict[int, tuple[request.Shape, str, frozenset[str]]] = {}
+
+
+def _shape_facts(shape: request.Shape) -> tuple[str, frozenset[str]]:
+    found = _FACTS.get(id(shape))
+    if found is None or found[0] is not shape:
+        found = _FACTS[id(shape)] = (shape, origin(shape), private_headers(shape))
+    return found[1], found[2]
 
 
 def keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:

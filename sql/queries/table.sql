@@ -14,18 +14,20 @@
 -- its status, the due column if any, the filter if any), {waiting} (status and filter only),
 -- {claim_sets} (the claim's writes to the user's row, over alias t and the lease l),
 -- {returning} (the claim's values, over t and l), {bounded} (see relay.db.sqltext.bounded),
+-- {claim_attempt} (the attempt an on_claim write-back reads, or NULL),
 -- {settle_sets}, {live} (the statuses a settle may still find the row in), {context} (the
 -- write-back context: response, attempt, request), {due_now} (now() in the due column's type).
 
 -- name: pick_and_lease
 -- A snippet of the two claims below: lock up to %(limit)s claimable rows with SKIP LOCKED and
 -- lease them. `= ANY(ARRAY(...))` in the claims keeps the index scan a join loses after
--- ANALYZE (DESIGN.md).
+-- ANALYZE (DESIGN.md). The limit is a sub-select so that the plan does not depend on it (see
+-- events.sql: one generic plan instead of a plan per claim).
 picked AS (
     SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
     WHERE {ready} AND {unleased}
     ORDER BY t.{key}
-    LIMIT %(limit)s
+    LIMIT (SELECT %(limit)s::int)
     FOR UPDATE OF t SKIP LOCKED
 ), leased AS (
     -- A row waiting for its retry whose status the application changed (put back to pending
@@ -63,10 +65,7 @@ SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 WITH {pick_and_lease}, claimed AS (
     UPDATE {table} AS t
     SET {claim_sets}
-    FROM (SELECT leased.*,
-                 ROW(leased.relay_attempts, NULL, %(worker)s::text, now(), NULL, NULL, NULL,
-                     NULL)::relay.attempt AS attempt
-          FROM leased) AS l
+    FROM (SELECT leased.*, {claim_attempt}::relay.attempt AS attempt FROM leased) AS l
     WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked)) AND l.relay_key = t.{key}::text
     RETURNING {returning}
 )

@@ -18,7 +18,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     BEGIN
-        IF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {ready}) THEN
+        -- An inserted row may need less checked than an updated one ({inserted}: a table
+        -- source's inserted rows hold no claim of relay's, so it looks up no lease for them).
+        IF TG_OP = 'INSERT' THEN
+            IF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {inserted}) THEN
+                PERFORM pg_catalog.pg_notify({channel}, {source});
+            END IF;
+        ELSIF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {ready}) THEN
             PERFORM pg_catalog.pg_notify({channel}, {source});
         END IF;
     EXCEPTION WHEN OTHERS THEN

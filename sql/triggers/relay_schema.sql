@@ -66,11 +66,26 @@ COMMENT ON FUNCTION relay.publish(text, jsonb, timestamptz) IS
 -- source mapped without `due`): while a row is processing, `due` is its claim's expiry and
 -- token; while it waits for a retry, when it falls due; NULL once settled for good.
 CREATE TABLE IF NOT EXISTS relay.leases (
-    source  text        NOT NULL,
-    key     text        NOT NULL,
+    source  text COLLATE "C" NOT NULL,
+    key     text COLLATE "C" NOT NULL,
     due     timestamptz,
     PRIMARY KEY (source, key)
 );
+-- Keys compared byte by byte: a lease is looked up, inserted and deleted for every row claimed
+-- and settled, and under a linguistic collation (the database's default, en_US.UTF-8 and the
+-- like) each comparison of its primary key goes through strcoll. Only equality is ever asked of
+-- these keys, so their order does not matter. (Installed before relay 0.2.1: changed here, a
+-- short rewrite of a table that holds only the rows in flight or waiting for a retry.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation
+               WHERE a.attrelid = 'relay.leases'::regclass AND a.attname IN ('source', 'key')
+                 AND c.collname <> 'C') THEN
+        ALTER TABLE relay.leases ALTER COLUMN source TYPE text COLLATE "C",
+                                 ALTER COLUMN key TYPE text COLLATE "C";
+    END IF;
+END
+$$;
 
 -- From relay 0.2 (sources take users' tables as they are): a lease also holds its claim's token
 -- (when it was taken; heartbeats extend `due`, never the token) and relay's attempt count, so

@@ -130,3 +130,76 @@ async def test_a_write_back_that_cannot_be_cast_to_its_column_is_refused_naming_
     assert code == 2, output
     assert "sources.calls.on_success.started_at" in output
     assert "timestamp with time zone" in output
+
+
+EVERY_FIELD = (
+    "jsonb_build_object("
+    "'response', jsonb_build_object('status', response.status, "
+    "'headers', response.headers->'X-Call', 'json', response.json, 'body', response.body), "
+    "'attempt', jsonb_build_object('number', attempt.number, 'error', attempt.error, "
+    "'worker', attempt.worker, 'started_at', attempt.started_at, "
+    "'finished_at', attempt.finished_at, 'next_at', attempt.next_at, "
+    "'outcome', attempt.outcome, 'ms', attempt.ms), "
+    "'request', jsonb_build_object('method', request.method, 'url', request.url, "
+    "'headers', request.headers->'webhook-id', 'body', request.body))"
+)
+
+
+async def answer_with_header(request: web.Request, _: int) -> web.StreamResponse:
+    if request.headers["webhook-id"].endswith("_1"):
+        return web.json_response({"sid": "CA0001"}, headers={"X-Call": "c-1"})
+    return web.Response(status=503, text="carrier busy", headers={"X-Call": "c-2"})
+
+
+async def test_every_context_field_reaches_its_write_back(db: str, receiver: Receiver) -> None:
+    # The settle computes only the fields its expressions read: each must still be there when
+    # read, on success and on failure alike.
+    execute(db, CALLS)
+    await systems.watch(db, "calls")
+    receiver.behaviour = answer_with_header
+    source = calls_source(
+        receiver.url,
+        max_attempts=3,
+        retry_policy={"schedule": ["1h"]},
+        on_claim={},
+        on_success={"job_result": EVERY_FIELD},
+        on_failure={"error_details": EVERY_FIELD},
+        on_dead={},
+    )
+    config = table_config(db, {"calls": source}, relay={"worker_id": WORKER})
+    await install(config)
+    async with running(config):
+        execute(db, "INSERT INTO calls (to_number) VALUES ('+100'), ('+200')")
+        await systems.wait_rows(
+            db,
+            "SELECT status, error_details IS NOT NULL AS failed FROM calls ORDER BY id",
+            None,
+            lambda rs: (
+                [(r["status"], r["failed"]) for r in rs] == [("completed", False), ("queued", True)]
+            ),
+        )
+    ok, failed = (await call(db, 1))["job_result"], (await call(db, 2))["error_details"]
+    assert ok["response"] == {
+        "status": 200,
+        "headers": "c-1",
+        "json": {"sid": "CA0001"},
+        "body": '{"sid": "CA0001"}',
+    }
+    assert failed["response"] == {
+        "status": 503,
+        "headers": "c-2",
+        "json": None,
+        "body": "carrier busy",
+    }
+    for got, outcome, number in ((ok, "done", "+100"), (failed, "retry", "+200")):
+        attempt = got["attempt"]
+        assert (attempt["number"], attempt["worker"], attempt["outcome"]) == (1, WORKER, outcome)
+        assert attempt["started_at"] <= attempt["finished_at"]
+        assert attempt["ms"] >= 0
+        assert got["request"]["method"] == "POST"
+        assert got["request"]["url"] == receiver.url
+        assert got["request"]["headers"] == f"calls_{1 if outcome == 'done' else 2}"
+        assert got["request"]["body"] == f'{{"to": "{number}"}}'
+    assert ok["attempt"]["error"] is None and ok["attempt"]["next_at"] is None
+    assert failed["attempt"]["error"] == "HTTP 503: carrier busy"
+    assert failed["attempt"]["next_at"] is not None

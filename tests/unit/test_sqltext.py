@@ -40,3 +40,31 @@ def test_context_references_become_field_selections_outside_quotes() -> None:
     assert sqltext.context_refs("t.attempt + my_response.x + request_id", "r") == (
         "t.attempt + my_response.x + request_id"
     )
+
+
+def test_context_fields_are_those_read_outside_quotes_and_comments() -> None:
+    text = (
+        "COALESCE(Response.json->>'id', 'attempt.error', attempt.next_at::text) "
+        "-- request.url\n|| my.response.body"
+    )
+    assert sqltext.context_fields(text) == {("response", "json"), ("attempt", "next_at")}
+
+
+def test_the_settle_computes_only_the_fields_read() -> None:
+    from relay.sources.table import settle_context
+
+    none = settle_context(frozenset())
+    assert "ROW(" not in none.select.as_string(None)
+    assert (none.columns.as_string(None), none.needs_detail) == ("", False)
+
+    # attempt.next_at comes from the outcome and the delay: no detail from the deliverer.
+    next_at = settle_context(frozenset({("attempt", "next_at")}))
+    select = next_at.select.as_string(None)
+    assert "::relay.attempt AS attempt" in select
+    assert "relay.response" not in select and "relay.request" not in select
+    assert "o.worker" not in select and "o.ms" not in select
+    assert (next_at.columns.as_string(None), next_at.needs_detail) == ("", False)
+
+    headers = settle_context(frozenset({("response", "headers"), ("request", "url")}))
+    assert headers.columns.as_string(None) == ", response_headers jsonb, url text"
+    assert headers.needs_detail

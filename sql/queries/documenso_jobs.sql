@@ -10,7 +10,6 @@
 -- {backoff} after "lastRetriedAt"; "retried" counts failures as Documenso counts them.
 
 -- name: claim
--- The limit is a sub-select so that the plan does not depend on it (see events.sql).
 WITH claimed AS (
     UPDATE {table} AS t
     SET "status" = 'PROCESSING', "updatedAt" = {now}
@@ -21,7 +20,7 @@ WITH claimed AS (
           AND c."submittedAt" <= {now} - {pending_after}
           AND (c."lastRetriedAt" IS NULL OR c."lastRetriedAt" + {backoff_c} <= {now})
         ORDER BY c."submittedAt", c."id"
-        LIMIT (SELECT %(limit)s::int)
+        LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED))
     RETURNING t."id" AS key, t."updatedAt" AS lease, t."retried" + 1 AS attempt,
         t."maxRetries" + 1 AS max_attempts,

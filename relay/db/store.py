@@ -333,7 +333,8 @@ class Store:
     async def heartbeat(
         self, source: str, rows: Sequence[tuple[Any, datetime]], lease_seconds: float
     ) -> set[Any]:
-        """Extend the claims of rows in flight; returns the keys still ours."""
+        """Extend the claims of rows in flight; returns the keys still ours (as text, for a
+        table source; the keys given otherwise)."""
         compiled = self.compiled[source]
         keys = [k for k, _ in rows]
         params = {
@@ -359,13 +360,13 @@ class Store:
                         )
                     return set(keys)
                 cur = await conn.execute(query, params, prepare=self._prepare)
-                ours = {str(row[0]) for row in await cur.fetchall()}
+                ours = [row[0] for row in await cur.fetchall()]
                 if column is not None and ours:
-                    # Only the rows whose claim is still ours.
-                    # (The leases hold keys as text.)
-                    held = [k for k in keys if str(k) in ours]
-                    await conn.execute(column, {"keys": held}, prepare=self._prepare)
-                return ours
+                    # Only the rows whose claim is still ours, by the leases' text keys, cast
+                    # back in SQL: compared as Python text, a char(n) key (blank-padded here,
+                    # not in its text form) was never found.
+                    await conn.execute(column, {"keys": ours}, prepare=self._prepare)
+                return set(ours)
 
         return await self._with_retries(run)
 

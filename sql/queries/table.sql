@@ -135,9 +135,10 @@ WHERE x.source = {source} AND x.key = ANY(%(keys)b::{key_type}[]::text[])
 RETURNING x.key;
 
 -- name: heartbeat_column
+-- The rows whose claims the heartbeat above extended, by their leases' (text) keys.
 UPDATE {table} AS t
 SET {heartbeat} = {heartbeat_now}
-WHERE t.{key} = ANY(%(keys)b::{key_type}[]);
+WHERE t.{key} = ANY(CAST(%(keys)s::text[] AS {key_type}[]));
 
 -- name: rescue
 -- Claims whose worker died: their lease no longer blocks a claim once expired, and a row the

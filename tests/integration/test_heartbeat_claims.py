@@ -93,3 +93,29 @@ async def test_a_request_longer_than_its_claim_is_delivered_once(
     assert beating["heartbeat_at"] > started  # and again while the request ran
     assert beating["worker_id"] == claimed["worker_id"]
     assert (await task(db))["status"] == "done"
+
+
+async def test_a_heartbeat_writes_the_column_of_a_blank_padded_key(db: str) -> None:
+    # A char(n) key comes back blank-padded, its lease holds it as text without the padding:
+    # the heartbeat must still find the row (it compared the two as Python text before).
+    execute(
+        db,
+        "CREATE TABLE codes (code char(8) PRIMARY KEY, status text NOT NULL DEFAULT 'pending', "
+        "heartbeat_at timestamptz); INSERT INTO codes (code) VALUES ('ab'), ('cd')",
+    )
+    source = table_source("codes", "http://127.0.0.1:9/", key="code", heartbeat="heartbeat_at")
+    config = table_config(db, {"codes": source})
+    await install(config)
+    store = Store(db, config.sources)
+    await store.open()
+    try:
+        await store.prepare()
+        rows = await store.claim("codes", 10, 30)
+        assert sorted(r.key for r in rows) == ["ab      ", "cd      "]
+        execute(db, "UPDATE codes SET heartbeat_at = NULL")
+        ours = await store.heartbeat("codes", [(r.key, r.lease) for r in rows], 30)
+    finally:
+        await store.close()
+    assert ours == {"ab", "cd"}
+    beaten = await systems.rows(db, "SELECT code, heartbeat_at FROM codes ORDER BY code")
+    assert [r["heartbeat_at"] is not None for r in beaten] == [True, True]

@@ -1,19 +1,22 @@
 """The "leases" workload's tables: a delivery queue with a realistic history (issue 9).
 
-`make bench` drains the same history twice, through two kinds of source (`sources`):
+`make bench` drains the same history three times, through two kinds of source (`sources`):
 
 (a) in place: relay's own outbox (kind = "outbox", relay.outbox), where relay owns every column
     and claims a row by writing its status and due time;
 (b) leases: the user's table (kind = "table", the demo's mapping QUEUE_SOURCE) taken as it is:
     its `due` column (next_retry_at) only read, relay's claims, their expiry and its attempt
-    count in `relay.leases`.
+    count in `relay.leases`; the mapping also writes `processing` and the attempt count into
+    the row when it claims it, as system 2's own workers did;
+(c) lean: the same table and leases, nothing written into the row at claim time (the attempt
+    count and the retry time written back with the outcome): the leases path on its own.
 
 The history is the demo's `webhook_delivery_queue` (system 2 of MISSION.md) with the indexes
 such a queue has in production, filled like one that has run for a while: most rows delivered
 long ago, some dead letters, and a tail of pending rows and failed rows waiting for a retry that
 fell due (these are what the workload drains). (a) gets the same rows, in the same order, with
 the same payloads, copied into relay.outbox as relay.publish() and relay's settles would have
-left them (the queue table then emptied); (b) keeps them in the user's table, and the failed
+left them (the queue table then emptied); (b) and (c) keep them in the user's table, and the failed
 rows, tried by relay before, have the lease relay left them: waiting for a retry that has fallen
 due. Everything is VACUUM ANALYZEd, as autovacuum would have left it.
 """
@@ -24,13 +27,23 @@ from typing import Any
 
 from relay.demo import QUEUE_SOURCE
 
-MAPPINGS = ("in_place", "leases")
+MAPPINGS = ("in_place", "leases", "lean")
 
 
 def sources(target: str) -> dict[str, dict[str, Any]]:
     """The source of each mapping: "in_place" (a) relay's outbox, every topic to the bench
-    receiver, and "leases" (b) the demo's mapping of the queue table (each row names its URL)."""
-    return {"in_place": {"kind": "outbox", "topics": {"*": target}}, "leases": dict(QUEUE_SOURCE)}
+    receiver; "leases" (b) the demo's mapping of the queue table (each row names its URL),
+    which writes `processing` and the attempt count into the row at claim time; "lean" (c) the
+    same table with nothing written at claim: the claim is only relay's lease, the attempt
+    count and the retry time are written back with the outcome."""
+    lean = {k: v for k, v in QUEUE_SOURCE.items() if k not in ("processing", "attempts")}
+    lean["on_success"] = {"attempt_count": "attempt.number"}
+    lean["on_failure"] = {"attempt_count": "attempt.number", "next_retry_at": "attempt.next_at"}
+    return {
+        "in_place": {"kind": "outbox", "topics": {"*": target}},
+        "leases": dict(QUEUE_SOURCE),
+        "lean": lean,
+    }
 
 
 # What a production queue of this shape is indexed by: the primary key, the workers' "what is
@@ -117,6 +130,7 @@ WAITING = {
     "leases": "SELECT count(*) FROM public.webhook_delivery_queue "
     "WHERE status IN ('pending', 'failed', 'processing')",
 }
+WAITING["lean"] = WAITING["leases"]
 
 
 def fill_params(target: str, rows: int, drain: int, dead_pct: int = 2) -> dict[str, Any]:

@@ -13,8 +13,10 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
 4. backlog: a large pending backlog drained by relay (and the reference), with peak RSS;
 5. idle: CPU of an idle relay;
 6. leases: a 100,000-row delivery queue with a realistic history (bench/history.py), its
-   waiting tail drained by relay twice: (a) from relay's own outbox, claimed in place, (b) from
-   the user's table as it is, claims in relay.leases; with relay's and PostgreSQL's CPU per
+   waiting tail drained by relay three times: (a) from relay's own outbox, claimed in place,
+   (b) from the user's table as it is, claims in relay.leases (the demo's mapping, which also
+   writes the row at claim time), (c) the same writing nothing at claim; with relay's and
+   PostgreSQL's CPU per
    delivery and, from pg_stat_statements, the statements relay ran per 1,000 rows, the claim's
    and the settle's mean time and where PostgreSQL spent its time.
 
@@ -601,14 +603,15 @@ class Bench:
         return name
 
     def leases(self, s: dict[str, Any]) -> dict[str, Any]:
-        """(a) and (b) drained in turn, `history_rounds` times each, each on a fresh copy of the
-        history table: a machine shared with other work slows both alike within a round.
-        Medians over the rounds; b/a per round and its median; statements summed by text."""
+        """(a), (b) and (c) drained in turn, `history_rounds` times each, each on a fresh copy
+        of the history table: a machine shared with other work slows them alike within a round.
+        Medians over the rounds; b/a and c/a per round and their medians; statements summed by
+        text."""
         rounds: list[dict[str, dict[str, Any]]] = []
         for i in range(s["history_rounds"]):
             one: dict[str, dict[str, Any]] = {}
-            # (a) first in one round, (b) first in the next: a machine that slows down or
-            # speeds up during the run weighs on both alike.
+            # In order in one round, reversed in the next: a machine that slows down or speeds
+            # up during the run weighs on them alike.
             for mapping in history.MAPPINGS[:: -1 if i % 2 else 1]:
                 one[mapping] = self.history_drain(mapping, s)
                 log(
@@ -630,8 +633,14 @@ class Bench:
             "b_over_a_rows_per_s": [
                 one["leases"]["rows_per_s"] / one["in_place"]["rows_per_s"] for one in rounds
             ],
+            "c_over_a_rows_per_s": [
+                one["lean"]["rows_per_s"] / one["in_place"]["rows_per_s"] for one in rounds
+            ],
         }
-        result["b_over_a_rows_per_s_median"] = statistics.median(result["b_over_a_rows_per_s"])
+        for ratio_of in ("b_over_a", "c_over_a"):
+            result[f"{ratio_of}_rows_per_s_median"] = statistics.median(
+                result[f"{ratio_of}_rows_per_s"]
+            )
         plans = []
         for mapping in history.MAPPINGS:
             runs = [one[mapping] for one in rounds]
@@ -994,23 +1003,30 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def leases_markdown(r: dict[str, Any]) -> list[str]:
-    """The leases workload's table, (a) and (b) side by side, and each one's top statements."""
+    """The leases workload's table, (a), (b) and (c) side by side, and each one's top
+    statements."""
     w, s = r["workloads"], r["settings"]
     res = w.get("leases")
     if res is None:
         return []
-    a, b = res.get("in_place", {}), res.get("leases", {})
+    a, b, c = res.get("in_place", {}), res.get("leases", {}), res.get("lean", {})
+
+    def per_round(key: str) -> str:
+        return ", ".join(f"{x:.2f}" for x in res.get(key, []))
+
     lines = [
         "",
         f"Leases: {s['history_drain']:,} waiting rows drained from a {s['history_rows']:,}-row "
         "delivery queue with a history (bench/history.py): (a) relay's outbox, claimed in place, "
-        "(b) the user's table as it is (kind = table, `due` only read), claims in relay.leases; "
+        "(b) the user's table as it is (kind = table, `due` only read), claims in relay.leases, "
+        "`processing` and the attempt count written into the row at claim (the demo's mapping), "
+        "(c) the same with nothing written at claim; "
         f"medians of {s['history_rounds']} rounds (b/a per round: "
-        + ", ".join(f"{x:.2f}" for x in res.get("b_over_a_rows_per_s", []))
-        + "):",
+        f"{per_round('b_over_a_rows_per_s')}; c/a: {per_round('c_over_a_rows_per_s')}):",
         "",
-        "| metric | (a) relay.outbox, in place | (b) user's table + relay.leases | b/a |",
-        "| --- | ---: | ---: | ---: |",
+        "| metric | (a) relay.outbox, in place | (b) user's table + relay.leases | b/a "
+        "| (c) the same, nothing written at claim | c/a |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, label in (
         ("rows_per_s", "rows/s"),
@@ -1021,13 +1037,22 @@ def leases_markdown(r: dict[str, Any]) -> list[str]:
         ("claim_mean_ms", "claim, mean ms (plan + execute)"),
         ("settle_mean_ms", "settle, mean ms (plan + execute)"),
     ):
+        digits = 2 if "mean" in key else 1
         lines.append(
-            f"| {label} | {fmt(a.get(key), 2 if 'mean' in key else 1)} | "
-            f"{fmt(b.get(key), 2 if 'mean' in key else 1)} | {ratio(b.get(key), a.get(key))} |"
+            f"| {label} | {fmt(a.get(key), digits)} | {fmt(b.get(key), digits)} | "
+            f"{ratio(b.get(key), a.get(key))} | {fmt(c.get(key), digits)} | "
+            f"{ratio(c.get(key), a.get(key))} |"
         )
-    median = res.get("b_over_a_rows_per_s_median")
-    lines.append(f"| rows/s, b/a within a round (median) | | | {fmt(median, 2)} |")
-    for name, one in (("(a) relay.outbox", a), ("(b) user's table + relay.leases", b)):
+    lines.append(
+        "| rows/s, within a round (median) | | | "
+        f"{fmt(res.get('b_over_a_rows_per_s_median'), 2)} | | "
+        f"{fmt(res.get('c_over_a_rows_per_s_median'), 2)} |"
+    )
+    for name, one in (
+        ("(a) relay.outbox", a),
+        ("(b) user's table + relay.leases", b),
+        ("(c) the same, nothing written at claim", c),
+    ):
         if not one.get("statements"):
             continue
         lines += [

@@ -81,7 +81,7 @@ SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 -- attempt back. Then the user's row gets its status and write-backs, if it is still in a status
 -- relay may settle (the application may have moved it on meanwhile: its choice stands).
 WITH s AS (
-    SELECT s.*, s.key::text COLLATE "C" AS relay_key_text
+    SELECT s.*, s.key::text AS relay_key_text
     FROM json_to_recordset(%(batch)s::json)
          AS s(key {key_type}, lease timestamptz, outcome text, delay float8, error text,
               http_status int4, attempt int4{context_columns})
@@ -93,8 +93,11 @@ WITH s AS (
     DELETE FROM relay.leases AS x
     WHERE x.source = {source}
       AND x.key = ANY(ARRAY(SELECT relay_key_text FROM s WHERE outcome IN ('done', 'dead')))
-      AND (x.key, x.token) = ANY(ARRAY(SELECT (relay_key_text, lease) FROM s
-                                       WHERE outcome IN ('done', 'dead')))
+      -- (Both keys compared byte by byte, whatever the column's collation: relay.leases
+      -- from before relay 0.2.1 has the database's until `relay install` alters it.)
+      AND (x.key COLLATE "C", x.token)
+          = ANY(ARRAY(SELECT (relay_key_text COLLATE "C", lease) FROM s
+                      WHERE outcome IN ('done', 'dead')))
     RETURNING x.key
 ), kept AS (
     UPDATE relay.leases AS x

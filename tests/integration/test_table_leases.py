@@ -137,3 +137,37 @@ async def test_a_claim_that_began_before_another_relays_claim_committed_leaves_t
             await store.close()
     assert sorted(r.key for r in a_rows) == [1, 2]
     assert b_rows == []
+
+
+LEASE_COLLATIONS = (
+    "SELECT a.attname::text, c.collname::text FROM pg_attribute AS a "
+    "JOIN pg_collation AS c ON c.oid = a.attcollation "
+    "WHERE a.attrelid = 'relay.leases'::regclass AND a.attname IN ('source', 'key') "
+    "ORDER BY 1"
+)
+
+
+async def test_leases_from_before_the_c_collation_still_settle_and_install_converts_them(
+    db: str, receiver: Receiver
+) -> None:
+    # relay.leases as an earlier install left it: keys in the database's collation. A relay
+    # of this version started before `relay install` must still claim and settle (the settle
+    # compares its keys byte by byte whatever their collation); `relay install` converts them.
+    receiver.behaviour = fail_first
+    config = make_config(db)
+    await install(config)
+    await execute(
+        db,
+        'ALTER TABLE relay.leases ALTER COLUMN source TYPE text COLLATE "default", '
+        'ALTER COLUMN key TYPE text COLLATE "default"',
+    )
+    await systems.watch(db, "webhook_delivery_queue")
+    async with running(config) as relay:
+        [row] = await insert_rows(db, receiver.url, 1)
+        await receiver.wait_count(2)  # failed once (its lease kept), then delivered
+        await wait_status(db, row, "delivered")
+    assert relay.settler.lost == 0
+    assert await systems.rows(db, "SELECT * FROM relay.leases") == []
+    await install(config)
+    found = await systems.rows(db, LEASE_COLLATIONS)
+    assert [(r["attname"], r["collname"]) for r in found] == [("key", "C"), ("source", "C")]

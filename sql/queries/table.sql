@@ -20,14 +20,16 @@
 
 -- name: pick_and_lease
 -- A snippet of the two claims below: lock up to %(limit)s claimable rows with SKIP LOCKED and
--- lease them. The claims then find those rows again by their ctid (`= ANY(ARRAY(...))`, a TID
--- scan: no index descent per row; a row locked here cannot move until the claim commits). The
--- limit is a parameter, so each claim is planned for the tables as they are (see events.sql):
--- a generic plan made while relay.leases was small looked each candidate's lease up with a
--- sequential scan of it, twice the claim's time on a 20,000-row drain.
+-- lease them. The claims then find those rows again by key: `= ANY(ARRAY(...))` keeps the index
+-- scan a join loses after ANALYZE (DESIGN.md). Not by ctid: a row the application updated after
+-- the statement's snapshot is locked in its new version, which a TID scan under that snapshot
+-- does not see (leased, never sent until the lease expired); found by key, the old version
+-- leads the update to the new one. The limit is a parameter, so each claim is planned for the
+-- tables as they are (see events.sql): a generic plan made while relay.leases was small looked
+-- each candidate's lease up with a sequential scan of it, twice the claim's time on a
+-- 20,000-row drain.
 picked AS (
-    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status, t.ctid AS relay_ctid
-    FROM {table} AS t
+    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
     WHERE {ready} AND {unleased}
     ORDER BY t.{key}
     LIMIT %(limit)s
@@ -58,7 +60,7 @@ WITH {pick_and_lease}, claimed AS (
     SELECT {returning}
     FROM {table} AS t
     JOIN leased AS l ON l.relay_key = t.{key}::text
-    WHERE t.ctid = ANY(ARRAY(SELECT relay_ctid FROM picked))
+    WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked))
 )
 SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 
@@ -69,7 +71,7 @@ WITH {pick_and_lease}, claimed AS (
     UPDATE {table} AS t
     SET {claim_sets}
     FROM (SELECT leased.*, {claim_attempt}::relay.attempt AS attempt FROM leased) AS l
-    WHERE t.ctid = ANY(ARRAY(SELECT relay_ctid FROM picked)) AND l.relay_key = t.{key}::text
+    WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked)) AND l.relay_key = t.{key}::text
     RETURNING {returning}
 )
 SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;

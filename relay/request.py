@@ -66,6 +66,9 @@ ROUTE = "route"
 BODY = "body"
 SECRET = "secret"
 HEADER = "h:"  # + the header's name as configured
+# Request headers never written to an attempt log or a write-back (lower case): credentials and
+# signatures; a shaped request adds its own (see Shape.private).
+PRIVATE_HEADERS = frozenset({"authorization", "cookie", "webhook-signature"})
 
 METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
 # GET and DELETE send no body: many servers and proxies drop or refuse one.
@@ -170,6 +173,24 @@ class Shape:
     secret_column: str | None = None
     # "Content-Type" sent with the body, unless a fixed header sets it (then None).
     content_type: str | None = JSON_TYPE
+    # Worked out once from the fields above (a request is shaped per row): where the URL
+    # comes from, for the error of an invalid one, and the headers an attempt log must not
+    # keep: the fixed ones and those from columns and expressions (any may be a credential).
+    origin: str = field(init=False, default="", repr=False, compare=False)
+    private: frozenset[str] = field(init=False, default=PRIVATE_HEADERS, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.url_column is not None:
+            origin = f" in column {self.url_column!r}"
+        elif self.route is not None:
+            origin = f" for column {self.route.column!r} in {self.where}.route"
+        else:
+            origin = f" of {self.where}"
+        names = {n.lower() for n in (*self.headers, *self.header_columns, *self.header_sql)}
+        if self.signing.scheme is Scheme.hmac_sha256:
+            names.add(self.signing.header.lower())
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "private", PRIVATE_HEADERS | names)
 
     @property
     def sends_body(self) -> bool:

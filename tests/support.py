@@ -16,12 +16,13 @@ from typing import Any
 
 import orjson
 import psycopg
+import pytest
 from aiohttp import web
 
 from relay import config as config_mod
 from relay import guard
 from relay.app import Relay, Service
-from relay.config import Config
+from relay.config import Config, ConfigError
 from relay.db.store import Store
 from relay.demo import QUEUE_SOURCE
 
@@ -186,6 +187,19 @@ async def install(config: Config) -> None:
         await store.install()
     finally:
         await store.close()
+
+
+async def refusal(config: Config) -> str:
+    """The ConfigError that checking `config`'s sources against the database raises (the test
+    fails if there is none)."""
+    store = Store(config.database_url, config.sources)
+    await store.open()
+    try:
+        with pytest.raises(ConfigError) as refused:
+            await store.prepare()
+    finally:
+        await store.close()
+    return str(refused.value)
 
 
 @contextlib.asynccontextmanager

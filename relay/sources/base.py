@@ -130,7 +130,7 @@ class Settlement:
     record: Any = None  # a kind's own per-attempt record (Documenso's "WebhookCall")
 
 
-PRIVATE_HEADERS = frozenset({"authorization", "cookie", "webhook-signature"})
+PRIVATE_HEADERS = request.PRIVATE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,20 +355,15 @@ def shaped(
     )
     if isinstance(built, request.Refused):
         return Dead(built.reason)
-    where, private = _shape_facts(shape)
-    return Request(built.method, built.url, built.headers, built.body, where, keep_headers, private)
-
-
-# A shape's origin and private headers, worked out once, not per row (by the shape's identity:
-# a Shape holds dicts, so it cannot be hashed, and the shapes live as long as their sources).
-_FACTS: dict[int, tuple[request.Shape, str, frozenset[str]]] = {}
-
-
-def _shape_facts(shape: request.Shape) -> tuple[str, frozenset[str]]:
-    found = _FACTS.get(id(shape))
-    if found is None or found[0] is not shape:
-        found = _FACTS[id(shape)] = (shape, origin(shape), private_headers(shape))
-    return found[1], found[2]
+    return Request(
+        built.method,
+        built.url,
+        built.headers,
+        built.body,
+        shape.origin,
+        keep_headers,
+        shape.private,
+    )
 
 
 def keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox.Keyring | None:
@@ -381,24 +376,6 @@ def keyring(where: str, data: Mapping[str, Any], ctx: ParseContext) -> secretbox
             f"{where}.secret_column (the column that holds it) too"
         )
     return secretbox.parse(f"{where}.secret_encryption", data["secret_encryption"], ctx.env)
-
-
-def private_headers(shape: request.Shape) -> frozenset[str]:
-    """The headers of a shaped request that an attempt log must not keep: the configuration's
-    fixed ones and those from columns and expressions (any of them may be a credential)."""
-    names = {name.lower() for name in (*shape.headers, *shape.header_columns, *shape.header_sql)}
-    if shape.signing.scheme is request.Scheme.hmac_sha256:
-        names.add(shape.signing.header.lower())
-    return PRIVATE_HEADERS | names
-
-
-def origin(shape: request.Shape) -> str:
-    """Where a shaped request's URL came from, for the error of an invalid one."""
-    if shape.url_column is not None:
-        return f" in column {shape.url_column!r}"
-    if shape.route is not None:
-        return f" for column {shape.route.column!r} in {shape.where}.route"
-    return f" of {shape.where}"
 
 
 def fixed_targets(shape: request.Shape) -> dict[str, str]:

@@ -189,6 +189,9 @@ class TableSpec:
     # column -> SQL expression, per moment
     write_backs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     log: attempt_log.LogSpec | None = None
+    # What the settle's write-backs read of relay's context values (response, attempt,
+    # request): the settle computes only these.
+    context: frozenset[tuple[str, str]] = frozenset()
     # The response's headers are recorded: an attempt log or a write-back reads them.
     keep_headers: bool = False
     shape: request.Shape = field(default=None)  # type: ignore[assignment]
@@ -258,6 +261,9 @@ class Table(Plain):
             return readers.opt_ident(f"{where}.{key}", data.get(key))
 
         processing = data.get("processing")
+        context = _used_fields(
+            e for m, a in write_backs.items() if m != "on_claim" for e in a.values()
+        )
         policy = ctx.retry
         if "retry_policy" in data:
             policy = retry.parse(f"{where}.retry_policy", data["retry_policy"], policy)
@@ -293,9 +299,8 @@ class Table(Plain):
             log=attempt_log.parse(f"{where}.attempt_log", data.get("attempt_log"))
             if "attempt_log" in data
             else None,
-            keep_headers="attempt_log" in data
-            or ("response", "headers")
-            in _used_fields(e for a in write_backs.values() for e in a.values()),
+            context=context,
+            keep_headers="attempt_log" in data or ("response", "headers") in context,
             shape=shape,
             keyring=keyring(where, data, ctx),
         )
@@ -573,9 +578,7 @@ def _compile(
         )
     settle_sets.extend(_settle_write_backs(spec, columns))
 
-    settle_ctx = settle_context(
-        _used_fields(e for m, a in spec.write_backs.items() if m != "on_claim" for e in a.values())
-    )
+    settle_ctx = settle_context(spec.context)
     on_claim = _used_fields(spec.write_backs.get("on_claim", {}).values())
     claim_attempt = (
         "ROW(leased.relay_attempts, NULL, %(worker)s::text, now(), NULL, NULL, NULL, NULL)"
@@ -723,7 +726,6 @@ async def _check_expressions(
     for moment, assignments in spec.write_backs.items():
         context = _CLAIM_CHECK_CONTEXT if moment == "on_claim" else _CHECK_CONTEXT
         name = "l" if moment == "on_claim" else "r"
-        alias = sql.SQL(name)
         for column, expr in assignments.items():
             await catalog.check_statement(
                 conn,
@@ -731,9 +733,9 @@ async def _check_expressions(
                 sql.SQL("UPDATE {} AS t SET {} = {} FROM {} AS {} WHERE FALSE").format(
                     table,
                     sql.Identifier(column),
-                    _cast(_expr(expr, "l" if moment == "on_claim" else "r"), columns[column]),
+                    _cast(_expr(expr, name), columns[column]),
                     context,
-                    alias,
+                    sql.SQL(name),
                 ),
                 f"cannot be written to column {column!r} ({columns[column].type})",
             )

@@ -20,11 +20,8 @@ BEGIN
     BEGIN
         -- An inserted row may need less checked than an updated one ({inserted}: a table
         -- source's inserted rows hold no claim of relay's, so it looks up no lease for them).
-        IF TG_OP = 'INSERT' THEN
-            IF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {inserted}) THEN
-                PERFORM pg_catalog.pg_notify({channel}, {source});
-            END IF;
-        ELSIF EXISTS (SELECT 1 FROM relay_changed AS t WHERE {ready}) THEN
+        IF EXISTS (SELECT 1 FROM relay_changed AS t
+                   WHERE CASE WHEN TG_OP = 'INSERT' THEN {inserted} ELSE {ready} END) THEN
             PERFORM pg_catalog.pg_notify({channel}, {source});
         END IF;
     EXCEPTION WHEN OTHERS THEN

@@ -16,7 +16,7 @@ from relay.config import ConfigError
 from relay.db.store import Store
 from tests import systems
 from tests.integration.user_tables import execute, table_config
-from tests.support import Receiver, raw_config, run_cli, running, write_config
+from tests.support import Receiver, raw_config, refusal, run_cli, running, write_config
 
 JOBS = """
 CREATE TABLE jobs (
@@ -61,15 +61,7 @@ def jobs_source(url: str, **overrides: Any) -> dict[str, Any]:
 
 async def refused(db: str, source: dict[str, Any]) -> str:
     """The ConfigError that checking this source against the database raises."""
-    config = table_config(db, {"jobs": source})
-    store = Store(config.database_url, config.sources)
-    await store.open()
-    try:
-        with pytest.raises(ConfigError) as caught:
-            await store.prepare()
-    finally:
-        await store.close()
-    return str(caught.value)
+    return await refusal(table_config(db, {"jobs": source}))
 
 
 @pytest.fixture

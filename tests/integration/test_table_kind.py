@@ -15,10 +15,9 @@ import pytest
 from aiohttp import web
 
 from relay import config as config_mod
-from relay.config import ConfigError
 from relay.db.store import Store
 from tests import systems
-from tests.support import Receiver, install, raw_config, running
+from tests.support import Receiver, install, raw_config, refusal, running
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -217,14 +216,7 @@ async def test_a_write_back_that_cannot_fit_its_column_stops_start_up_naming_it(
     source = jobs_source("http://127.0.0.1:9/", on_success={"started_at": "payload"})
     config = config_mod.from_mapping(raw_config(jobs_db, sources={"jobs": source}), {})
     await install_schema_only(config)
-    store = Store(config.database_url, config.sources)
-    await store.open()
-    try:
-        with pytest.raises(ConfigError) as refused:
-            await store.prepare()
-    finally:
-        await store.close()
-    message = str(refused.value)
+    message = await refusal(config)
     assert message.startswith(
         "sources.jobs.on_success.started_at: cannot be written to column 'started_at' "
         "(timestamp with time zone): cannot cast type jsonb to timestamp with time zone"

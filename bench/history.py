@@ -1,6 +1,6 @@
 """The "leases" workload's tables: a delivery queue with a realistic history (issue 9).
 
-`make bench` drains the same history three times, through two kinds of source (`sources`):
+`make bench` drains the same history four ways, through two kinds of source (`sources`):
 
 (a) in place: relay's own outbox (kind = "outbox", relay.outbox), where relay owns every column
     and claims a row by writing its status and due time;
@@ -9,7 +9,10 @@
     count in `relay.leases`; the mapping also writes `processing` and the attempt count into
     the row when it claims it, as system 2's own workers did;
 (c) lean: the same table and leases, nothing written into the row at claim time (the attempt
-    count and the retry time written back with the outcome): the leases path on its own.
+    count and the retry time written back with the outcome): the leases path on its own;
+(d) in the row: the same table and mapping as (b) with one column more, `relay_lease`, given to
+    relay (`lease_column`): claims are kept in the row, in place, and relay.leases is not used.
+    (b) against (d) is the leases path against claiming in place, all else equal.
 
 The history is the demo's `webhook_delivery_queue` (system 2 of MISSION.md) with the indexes
 such a queue has in production, filled like one that has run for a while: most rows delivered
@@ -27,7 +30,7 @@ from typing import Any
 
 from relay.demo import QUEUE_SOURCE
 
-MAPPINGS = ("in_place", "leases", "lean")
+MAPPINGS = ("in_place", "leases", "lean", "in_row")
 
 
 def sources(target: str) -> dict[str, dict[str, Any]]:
@@ -43,6 +46,7 @@ def sources(target: str) -> dict[str, dict[str, Any]]:
         "in_place": {"kind": "outbox", "topics": {"*": target}},
         "leases": dict(QUEUE_SOURCE),
         "lean": lean,
+        "in_row": {**QUEUE_SOURCE, "lease_column": "relay_lease"},
     }
 
 
@@ -57,7 +61,7 @@ CREATE INDEX IF NOT EXISTS webhook_delivery_queue_created_idx
     ON public.webhook_delivery_queue (created_at);
 """
 
-# %(rows)s rows, one every 30 s of history (100,000 rows: about 35 days). The last %(drain)s
+# %(rows)s rows, one every 30 s of history (300,000 rows: about 100 days). The last %(drain)s
 # are waiting: 80% pending (never tried), 20% failed with a retry time that has passed. Before
 # them, %(dead_pct)s% dead letters spread through the history; the rest delivered, a few after
 # a retry or two.
@@ -121,6 +125,13 @@ FROM public.webhook_delivery_queue WHERE status = 'failed'
 ON CONFLICT (source, key) DO NOTHING
 """
 
+# (d): relay's column, added before relay is installed; the failed rows tried before hold the
+# retry time relay left there (fallen due).
+LEASE_COLUMN = "ALTER TABLE public.webhook_delivery_queue ADD COLUMN relay_lease timestamptz"
+ROW_LEASES = """
+UPDATE public.webhook_delivery_queue SET relay_lease = next_retry_at WHERE status = 'failed'
+"""
+
 # Rows not settled yet, read through an index: the harness polls it every 50 ms, so it must not
 # scan the table (on relay.outbox, `status IN (...)` is a sequential scan of 31 ms, a third of a
 # core, while each status alone is its partial index's).
@@ -130,7 +141,7 @@ WAITING = {
     "leases": "SELECT count(*) FROM public.webhook_delivery_queue "
     "WHERE status IN ('pending', 'failed', 'processing')",
 }
-WAITING["lean"] = WAITING["leases"]
+WAITING["lean"] = WAITING["in_row"] = WAITING["leases"]
 
 
 def fill_params(target: str, rows: int, drain: int, dead_pct: int = 2) -> dict[str, Any]:

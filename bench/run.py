@@ -12,13 +12,13 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    10,000-row INSERT;
 4. backlog: a large pending backlog drained by relay (and the reference), with peak RSS;
 5. idle: CPU of an idle relay;
-6. leases: a 100,000-row delivery queue with a realistic history (bench/history.py), its
-   waiting tail drained by relay three times: (a) from relay's own outbox, claimed in place,
+6. leases: a 300,000-row delivery queue with a realistic history (bench/history.py), its
+   waiting tail drained by relay four ways: (a) from relay's own outbox, claimed in place,
    (b) from the user's table as it is, claims in relay.leases (the demo's mapping, which also
-   writes the row at claim time), (c) the same writing nothing at claim; with relay's and
-   PostgreSQL's CPU per
-   delivery and, from pg_stat_statements, the statements relay ran per 1,000 rows, the claim's
-   and the settle's mean time and where PostgreSQL spent its time.
+   writes the row at claim time), (c) the same writing nothing at claim, (d) the same table
+   and mapping as (b) with claims kept in the row (`lease_column`); with relay's and
+   PostgreSQL's CPU per delivery and, from pg_stat_statements, the statements relay ran per
+   1,000 rows, the claim's and the settle's mean time and where PostgreSQL spent its time.
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -87,8 +87,11 @@ FULL = {
     "idle_seconds": 30.0,
     "ceiling_seconds": 3.0,
     "ceiling_concurrency": 20,
-    "history_rows": 100000,
-    "history_drain": 10000,
+    # 300,000 rows (about 100 days of history), the last 30,000 waiting: each drain lasts
+    # seconds, not the two it took with 10,000, which this machine's noise swamped (per-round
+    # ratios from 0.62 to 1.18 over 12 rounds).
+    "history_rows": 300000,
+    "history_drain": 30000,
     "history_rounds": 6,
 }
 QUICK = {
@@ -100,7 +103,7 @@ QUICK = {
     "idle_seconds": 5.0,
     "history_rows": 50000,
     "history_drain": 5000,
-    "history_rounds": 2,
+    "history_rounds": 3,
 }
 
 UNSETTLED = (
@@ -592,10 +595,15 @@ class Bench:
                 )
             )
         url = self.pg.url(name)
+        if mapping == "in_row":
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(history.LEASE_COLUMN)
         self.install(url, f"install-{mapping}", history.sources(self.target)[mapping])
         with psycopg.connect(url, autocommit=True) as conn:
             if mapping == "in_place":
                 conn.execute(history.OUTBOX)
+            elif mapping == "in_row":
+                conn.execute(history.ROW_LEASES)
             else:
                 conn.execute(history.LEASES, {"source": "deliveries"})
             conn.execute("VACUUM ANALYZE")
@@ -603,9 +611,9 @@ class Bench:
         return name
 
     def leases(self, s: dict[str, Any]) -> dict[str, Any]:
-        """(a), (b) and (c) drained in turn, `history_rounds` times each, each on a fresh copy
+        """(a) to (d) drained in turn, `history_rounds` times each, each on a fresh copy
         of the history table: a machine shared with other work slows them alike within a round.
-        Medians over the rounds; b/a and c/a per round and their medians; statements summed by
+        Medians over the rounds; b/d, b/a and c/a per round and their medians; statements summed by
         text."""
         rounds: list[dict[str, dict[str, Any]]] = []
         for i in range(s["history_rounds"]):
@@ -636,8 +644,11 @@ class Bench:
             "c_over_a_rows_per_s": [
                 one["lean"]["rows_per_s"] / one["in_place"]["rows_per_s"] for one in rounds
             ],
+            "b_over_d_rows_per_s": [
+                one["leases"]["rows_per_s"] / one["in_row"]["rows_per_s"] for one in rounds
+            ],
         }
-        for ratio_of in ("b_over_a", "c_over_a"):
+        for ratio_of in ("b_over_a", "c_over_a", "b_over_d"):
             result[f"{ratio_of}_rows_per_s_median"] = statistics.median(
                 result[f"{ratio_of}_rows_per_s"]
             )
@@ -1003,13 +1014,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def leases_markdown(r: dict[str, Any]) -> list[str]:
-    """The leases workload's table, (a), (b) and (c) side by side, and each one's top
-    statements."""
+    """The leases workload's table, (a) to (d) side by side with b/d, b/a and c/a, and each
+    one's top statements."""
     w, s = r["workloads"], r["settings"]
     res = w.get("leases")
     if res is None:
         return []
-    a, b, c = res.get("in_place", {}), res.get("leases", {}), res.get("lean", {})
+    a, b, c, d = (res.get(m, {}) for m in history.MAPPINGS)
 
     def per_round(key: str) -> str:
         return ", ".join(f"{x:.2f}" for x in res.get(key, []))
@@ -1020,13 +1031,16 @@ def leases_markdown(r: dict[str, Any]) -> list[str]:
         "delivery queue with a history (bench/history.py): (a) relay's outbox, claimed in place, "
         "(b) the user's table as it is (kind = table, `due` only read), claims in relay.leases, "
         "`processing` and the attempt count written into the row at claim (the demo's mapping), "
-        "(c) the same with nothing written at claim; "
-        f"medians of {s['history_rounds']} rounds (b/a per round: "
-        f"{per_round('b_over_a_rows_per_s')}; c/a: {per_round('c_over_a_rows_per_s')}):",
+        "(c) the same with nothing written at claim, (d) the same table and mapping as (b) with "
+        "claims kept in the row (`lease_column`); "
+        f"medians of {s['history_rounds']} rounds (b/d per round: "
+        f"{per_round('b_over_d_rows_per_s')}; b/a: {per_round('b_over_a_rows_per_s')}; "
+        f"c/a: {per_round('c_over_a_rows_per_s')}):",
         "",
-        "| metric | (a) relay.outbox, in place | (b) user's table + relay.leases | b/a "
-        "| (c) the same, nothing written at claim | c/a |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| metric | (a) relay.outbox, in place | (b) user's table + relay.leases "
+        "| (c) the same, nothing written at claim | (d) user's table, claims in the row "
+        "| b/d | b/a | c/a |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, label in (
         ("rows_per_s", "rows/s"),
@@ -1038,20 +1052,22 @@ def leases_markdown(r: dict[str, Any]) -> list[str]:
         ("settle_mean_ms", "settle, mean ms (plan + execute)"),
     ):
         digits = 2 if "mean" in key else 1
+        values = " | ".join(fmt(m.get(key), digits) for m in (a, b, c, d))
         lines.append(
-            f"| {label} | {fmt(a.get(key), digits)} | {fmt(b.get(key), digits)} | "
-            f"{ratio(b.get(key), a.get(key))} | {fmt(c.get(key), digits)} | "
-            f"{ratio(c.get(key), a.get(key))} |"
+            f"| {label} | {values} | {ratio(b.get(key), d.get(key))} | "
+            f"{ratio(b.get(key), a.get(key))} | {ratio(c.get(key), a.get(key))} |"
         )
     lines.append(
-        "| rows/s, within a round (median) | | | "
-        f"{fmt(res.get('b_over_a_rows_per_s_median'), 2)} | | "
+        "| rows/s, within a round (median) | | | | | "
+        f"{fmt(res.get('b_over_d_rows_per_s_median'), 2)} | "
+        f"{fmt(res.get('b_over_a_rows_per_s_median'), 2)} | "
         f"{fmt(res.get('c_over_a_rows_per_s_median'), 2)} |"
     )
     for name, one in (
         ("(a) relay.outbox", a),
         ("(b) user's table + relay.leases", b),
         ("(c) the same, nothing written at claim", c),
+        ("(d) user's table, claims in the row", d),
     ):
         if not one.get("statements"):
             continue

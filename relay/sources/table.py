@@ -28,6 +28,7 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Notify,
     ParseContext,
     Plain,
     Request,
@@ -46,6 +47,9 @@ from relay.sources.base import (
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "table.sql")
 QUERY_NAMES = ("settle", "heartbeat", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+# Claims kept in the row (lease_column): these four have versions of their own, no heartbeat.
+IN_PLACE = ("claim", "settle", "rescue", "next_due")
+IN_PLACE_NAMES = ("counts", "oldest_due", "retry_dead")
 WRITE_BACKS = ("on_claim", "on_success", "on_failure", "on_dead")
 
 KEYS = (
@@ -66,6 +70,7 @@ KEYS = (
             "due",
             "filter",
             "heartbeat",
+            "lease_column",
             "last_error",
             "last_status",
             "done_at",
@@ -183,6 +188,8 @@ class TableSpec:
     due: str | None = None
     filter: str | None = None
     heartbeat: str | None = None
+    # Claims kept in the row: relay's own timestamptz column (sql/queries/table.sql).
+    lease_column: str | None = None
     last_error: str | None = None
     last_status: str | None = None
     done_at: str | None = None
@@ -236,6 +243,31 @@ def _states(where: str, spec: TableSpec) -> None:
             f"{where}.retry: {spec.retry!r} must be one of {where}.pending {list(spec.pending)}, "
             f"or a retried row would never be claimed again"
         )
+
+
+def _in_place(where: str, spec: TableSpec) -> None:
+    """Claims kept in the row need the row to say it is claimed, and to count its attempts."""
+    for key, value in (("processing", spec.processing), ("attempts", spec.attempts)):
+        if value is None:
+            raise ConfigError(
+                f"{where}.lease_column: claims kept in the row need {where}.{key} too (the "
+                f"row's {'status while it is claimed' if key == 'processing' else 'attempt count'}"
+                f"); map it, or leave lease_column out to keep claims in relay.leases"
+            )
+    if spec.heartbeat is not None:
+        raise ConfigError(
+            f"{where}.heartbeat: a claim kept in the row (lease_column) is not extended while "
+            f"its request runs, so there is no heartbeat to write; remove heartbeat, or "
+            f"lease_column to keep claims in relay.leases (they heartbeat)"
+        )
+    others = {"due": spec.due, "done_at": spec.done_at, "attempts": spec.attempts}
+    others |= {f"{m}.{c}": c for m, a in spec.write_backs.items() for c in a}
+    for key, column in others.items():
+        if column == spec.lease_column:
+            raise ConfigError(
+                f"{where}.{key}: {column!r} is also {where}.lease_column, which relay owns; give "
+                f"relay a column of its own"
+            )
 
 
 class Table(Plain):
@@ -292,6 +324,7 @@ class Table(Plain):
             if data.get("filter") is None
             else readers.string(f"{where}.filter", data["filter"]),
             heartbeat=column("heartbeat"),
+            lease_column=column("lease_column"),
             last_error=column("last_error"),
             last_status=column("last_status"),
             done_at=column("done_at"),
@@ -305,12 +338,16 @@ class Table(Plain):
             keyring=keyring(where, data, ctx),
         )
         _states(where, spec)
+        if spec.lease_column is not None:
+            _in_place(where, spec)
         return Source(
             name=name,
             kind=self,
             spec=spec,
             retry=policy,
-            heartbeat=True,
+            # Claims in relay.leases are extended while their requests run; a claim kept in
+            # the row is its own token, and lasts claim_timeout (as relay.outbox's do).
+            heartbeat=spec.lease_column is None,
             targets=fixed_targets(shape),
         )
 
@@ -387,6 +424,7 @@ def _check_columns(
         "due": spec.due,
         "max_attempts_column": spec.max_attempts_column,
         "heartbeat": spec.heartbeat,
+        "lease_column": spec.lease_column,
         "last_error": spec.last_error,
         "last_status": spec.last_status,
         "done_at": spec.done_at,
@@ -405,6 +443,16 @@ def _check_columns(
     for key, column in (("due", spec.due), ("heartbeat", spec.heartbeat)):
         if column is not None and not catalog.TIMESTAMP_TYPES.match(columns[column].type):
             raise refuse(key, column, "it must be a timestamp (with or without time zone)")
+    if spec.lease_column is not None and columns[spec.lease_column].type != (
+        "timestamp with time zone"
+    ):
+        # The claim's expiry is its token, compared exactly: a timestamp without time zone
+        # would shift with the session's zone, a rounded one would never match.
+        raise refuse(
+            "lease_column",
+            spec.lease_column,
+            "relay keeps its claims' expiry there: use timestamptz (at full precision)",
+        )
     if spec.done_at is not None and not catalog.TIMESTAMP_TYPES.match(columns[spec.done_at].type):
         raise refuse(
             "done_at",
@@ -520,6 +568,8 @@ def _compile(
         claim_sets.append(
             sql.SQL("{} = {}").format(ident(spec.heartbeat), _now_for(columns[spec.heartbeat]))
         )
+    if spec.lease_column is not None:
+        claim_sets.append(sql.SQL("{} = l.relay_token").format(ident(spec.lease_column)))
     for column, assigned in spec.write_backs.get("on_claim", {}).items():
         claim_sets.append(
             sql.SQL("{} = {}").format(ident(column), _cast(_expr(assigned, "l"), columns[column]))
@@ -529,6 +579,12 @@ def _compile(
     release: sql.Composable = sql.SQL("t.{}").format(ident(spec.status))
     if spec.processing is not None:
         release = sql.Literal(spec.pending[0])
+    if spec.lease_column is not None and spec.attempts is not None:  # (both: _in_place)
+        # A handed-back row tried before waits in the retry status, where its next claim
+        # counts on from its attempts (from another pending status it would start again at 1).
+        release = sql.SQL("CASE WHEN t.{} > 1 THEN {} ELSE {} END").format(
+            ident(spec.attempts), sql.Literal(spec.retry), release
+        )
     settle_sets: list[sql.Composable] = [
         sql.SQL(
             "{s} = CAST(CASE r.relay_outcome WHEN 'done' THEN {done} WHEN 'retry' THEN {retry} "
@@ -600,7 +656,9 @@ def _compile(
         "ready": ready,
         "waiting": waiting,
         # No claim holds the row and no retry waits (unless the application moved the row).
-        "unleased": sql.SQL(
+        "unleased": _unleased_in_place(spec)
+        if spec.lease_column is not None
+        else sql.SQL(
             # One primary-key lookup per candidate row: written as NOT EXISTS, the planner
             # (trusting statistics in which every lease is already due) scanned all of
             # relay.leases per claim, 207 ms with 30,000 retries waiting (bench).
@@ -629,9 +687,26 @@ def _compile(
                     if spec.attempts is not None
                     else []
                 ),
+                *(
+                    [sql.SQL("{} = NULL").format(ident(spec.lease_column))]
+                    if spec.lease_column is not None
+                    else []
+                ),
             ]
         ),
     }
+    if spec.lease_column is not None:
+        assert spec.attempts is not None  # (_in_place)
+        names["lease_column"] = ident(spec.lease_column)
+        names["attempts"] = ident(spec.attempts)
+        queries = {n: sqltext.fill(QUERIES[n], names) for n in IN_PLACE_NAMES}
+        queries |= {n: sqltext.fill(QUERIES[f"{n}_in_place"], names) for n in IN_PLACE}
+        return Compiled(
+            queries=queries,
+            notify=_notify(source, spec, names, ctx),
+            needs_detail=settle_ctx.needs_detail,
+            detail_on=_detail_on(spec, settle_ctx),
+        )
     names["pick_and_lease"] = sqltext.fill(QUERIES["pick_and_lease"], names)
     queries = {n: sqltext.fill(QUERIES[n], names) for n in QUERY_NAMES}
     queries["claim"] = sqltext.fill(QUERIES["claim_update" if claim_sets else "claim"], names)
@@ -644,25 +719,47 @@ def _compile(
                 "heartbeat_now": _now_for(columns[spec.heartbeat]),
             },
         )
-    notify = notify_trigger(
+    return Compiled(
+        queries=queries,
+        notify=_notify(source, spec, names, ctx),
+        needs_detail=settle_ctx.needs_detail,
+        detail_on=_detail_on(spec, settle_ctx),
+    )
+
+
+def _unleased_in_place(spec: TableSpec) -> sql.Composable:
+    """A row is not waiting out a retry (its lease column says when it falls due), unless the
+    application moved it out of the retry status to another pending one."""
+    assert spec.lease_column is not None
+    return sql.SQL("(t.{s} <> {retry} OR t.{c} IS NULL OR t.{c} <= now())").format(
+        s=sql.Identifier(spec.status),
+        retry=sql.Literal(spec.retry),
+        c=sql.Identifier(spec.lease_column),
+    )
+
+
+def _notify(
+    source: Source, spec: TableSpec, names: dict[str, sql.Composable], ctx: DbContext
+) -> Notify:
+    return notify_trigger(
         source.name,
         catalog.Table(f"sources.{source.name}", spec.schema, spec.table),
         # A row its write left waiting (its status and the filter; due now or later: the claim
         # pass it wakes sets the timer to a later one) and not waiting out a claim or a retry:
         # so relay's own settles, which write the status, wake nobody.
-        sql.SQL("{} AND {}").format(waiting, names["unleased"]),
+        sql.SQL("{} AND {}").format(names["waiting"], names["unleased"]),
         ctx.channel,
         ("table", spec.status, spec.pending, ctx.channel),
         # An inserted row holds no lease (one left by a deleted row of the same key at worst
         # wakes relay for nothing): no lookup on the application's insert.
-        inserted=waiting,
+        inserted=names["waiting"],
     )
+
+
+def _detail_on(spec: TableSpec, settle_ctx: SettleContext) -> frozenset[str]:
     moments = {"on_success": {"done"}, "on_failure": {"retry", "dead"}, "on_dead": {"dead"}}
-    detail_on = frozenset(
+    return frozenset(
         o for m in spec.write_backs for o in moments.get(m, ()) if settle_ctx.needs_detail
-    )
-    return Compiled(
-        queries=queries, notify=notify, needs_detail=settle_ctx.needs_detail, detail_on=detail_on
     )
 
 
@@ -756,10 +853,13 @@ async def _check_expressions(
 
 def _needs(spec: TableSpec, columns: dict[str, catalog.Column]) -> list[catalog.Need]:
     written = [spec.status, spec.attempts, spec.heartbeat, spec.last_error, spec.last_status]
-    written += [spec.done_at, *(c for a in spec.write_backs.values() for c in a)]
+    written += [spec.done_at, spec.lease_column, *(c for a in spec.write_backs.values() for c in a)]
+    # Expressions (a body, a filter, write-backs) may read any column.
+    table = catalog.Need(spec.schema, spec.table, list(columns), _present(written))
+    if spec.lease_column is not None:
+        return [table]
     return [
-        # Expressions (a body, a filter, write-backs) may read any column.
-        catalog.Need(spec.schema, spec.table, list(columns), _present(written)),
+        table,
         catalog.Need(
             "relay",
             "leases",

@@ -185,6 +185,71 @@ SELECT EXTRACT(EPOCH FROM (LEAST(
      LIMIT 1),
     {next_scheduled}) - now()))::float8;
 
+-- Claims kept in the row (`lease_column`, a timestamptz column the mapping gives relay): the
+-- row's processing status and that column are the claim, its attempts column relay's count,
+-- and relay.leases is not used. The column holds the claim's expiry while the row is
+-- processing (and is the claim's token, as relay.outbox's due_at is: no heartbeat extends
+-- it), when a retry falls due while the row waits in the retry status, and NULL otherwise.
+-- {unleased} here: not waiting out a retry, unless the application moved the row to another
+-- pending status (then it starts again from attempt 1).
+
+-- name: claim_in_place
+-- Lock up to %(limit)s claimable rows (SKIP LOCKED) with their next attempt number, then write
+-- the claim into them: the same two steps as the leases' claim, so the two are comparable.
+WITH picked AS (
+    SELECT t.{key} AS relay_key,
+           CASE WHEN t.{status} = {retry} THEN COALESCE(t.{attempts}, 0) + 1 ELSE 1 END
+               AS relay_attempts,
+           now() + make_interval(secs => %(lease_seconds)s::float8) AS relay_token
+    FROM {table} AS t
+    WHERE {ready} AND {unleased}
+    ORDER BY t.{key}
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), claimed AS (
+    UPDATE {table} AS t
+    SET {claim_sets}
+    FROM (SELECT leased.*, {claim_attempt}::relay.attempt AS attempt FROM picked AS leased) AS l
+    WHERE t.{key} = ANY(ARRAY(SELECT relay_key FROM picked)) AND l.relay_key = t.{key}
+    RETURNING {returning}
+)
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
+
+-- name: settle_in_place
+-- Only rows still processing under this claim's token are ours (a late settle after the claim
+-- expired and another worker took the row changes nothing; nor does one after the application
+-- moved the row on: its choice stands). A retry leaves the row in the retry status with the
+-- lease column saying when it falls due; done and dead clear it.
+UPDATE {table} AS t
+SET {settle_sets},
+    {lease_column} = CASE WHEN r.relay_outcome IN ('retry', 'release')
+                          THEN now() + make_interval(secs => r.relay_delay) END
+FROM (SELECT o.key AS relay_key, o.outcome AS relay_outcome, o.lease AS relay_lease,
+             o.delay AS relay_delay{context}
+      FROM json_to_recordset(%(batch)s::json)
+           AS o(key {key_type}, lease timestamptz, outcome text, delay float8, error text,
+                http_status int4, attempt int4{context_columns})) AS r
+WHERE t.{key} = ANY(%(keys)b::{key_type}[]) AND t.{key} = r.relay_key
+  AND t.{status} = {processing} AND t.{lease_column} = r.relay_lease
+RETURNING t.{key};
+
+-- name: rescue_in_place
+-- Claims whose worker died: back to the retry status, due at once (the expired claim's time).
+-- A row in processing with no expiry in the lease column is not relay's: left alone.
+UPDATE {table} AS t
+SET {status} = CAST({retry} AS {status_type})
+WHERE t.{status} = {processing} AND t.{lease_column} < now() AND {filtered};
+
+-- name: next_due_in_place
+-- Seconds until the earliest waiting row falls due: a retry (the lease column, in order: an
+-- index on it for the retry status serves this), or a row whose due column is in the future.
+SELECT EXTRACT(EPOCH FROM (LEAST(
+    (SELECT t.{lease_column} FROM {table} AS t
+     WHERE t.{status} = {retry} AND t.{lease_column} IS NOT NULL AND {filtered}
+     ORDER BY t.{lease_column}
+     LIMIT 1),
+    {next_scheduled}) - now()))::float8;
+
 -- name: counts
 SELECT t.{status}::text, count(*)::bigint FROM {table} AS t WHERE {filtered} GROUP BY 1 ORDER BY 1;
 

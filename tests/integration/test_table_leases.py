@@ -4,9 +4,11 @@ user's columns keep the application's meaning, and the application's own moves w
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import psycopg
+import pytest
 from aiohttp import web
 
 from tests import systems
@@ -15,6 +17,7 @@ from tests.support import (
     insert_rows,
     install,
     make_config,
+    queue_source,
     running,
 )
 
@@ -28,12 +31,23 @@ async def fail_first(_: web.Request, nth: int) -> web.Response:
     return web.Response(status=503) if nth == 1 else web.Response(text="ok")
 
 
+@pytest.mark.parametrize("claims", ["leases", "in_the_row"])
 async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_goes_at_once(
-    db: str, receiver: Receiver
+    db: str, receiver: Receiver, claims: str
 ) -> None:
     receiver.behaviour = fail_first
+    source = queue_source()
+    if claims == "in_the_row":
+        # Claims kept in a column given to relay (lease_column), not in relay.leases.
+        await execute(db, "ALTER TABLE webhook_delivery_queue ADD COLUMN relay_lease timestamptz")
+        source["lease_column"] = "relay_lease"
     # The retry would wait an hour; the sweep comes every 10 minutes.
-    config = make_config(db, relay={"sweep_interval": 600}, retry={"base": 3600, "max_delay": 3600})
+    config = make_config(
+        db,
+        sources={"deliveries": source},
+        relay={"sweep_interval": 600},
+        retry={"base": 3600, "max_delay": 3600},
+    )
     await install(config)
     await systems.watch(db, "webhook_delivery_queue")
     async with running(config):
@@ -41,6 +55,9 @@ async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_
         await receiver.wait_count(1)
         waiting = await wait_status(db, row, "failed")
         assert waiting["attempt_count"] == 1
+        if claims == "in_the_row":
+            # relay's retry time: in its column, an hour ahead.
+            assert waiting["relay_lease"] > waiting["created_at"] + timedelta(minutes=59)
         # The operator retries it now, as system 2's runbook says: back to pending, due now.
         # (relay's own retry time is in relay.leases; the write-back copied it to next_retry_at.)
         assert waiting["next_retry_at"] is not None
@@ -52,9 +69,13 @@ async def test_a_row_the_application_puts_back_to_pending_during_its_retry_wait_
         )
         await receiver.wait_count(2)
         done = await wait_status(db, row, "delivered")
+        leases = await systems.value(db, "SELECT count(*) FROM relay.leases")
     # A fresh start: attempt 1 again, not the 2nd of the old count.
     assert [r.headers["relay-attempt"] for r in receiver.received] == ["1", "1"]
     assert done["attempt_count"] == 1
+    assert leases == 0  # settled for good: no lease kept (or ever taken, in the row)
+    if claims == "in_the_row":
+        assert done["relay_lease"] is None
 
 
 async def test_the_due_column_is_only_read(db: str, receiver: Receiver) -> None:

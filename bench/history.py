@@ -83,7 +83,7 @@ SELECT %(target)s,
        CASE WHEN w.status = 'delivered' THEN created + make_interval(secs => w.attempts) END
 FROM generate_series(1, %(rows)s) AS g,
      LATERAL (SELECT now() - make_interval(secs => 30.0 * (%(rows)s - g)) AS created,
-                     (g * 7919) %% 1000 AS h) AS r,
+                     (g::int8 * 7919) %% 1000 AS h) AS r,
      LATERAL (SELECT CASE WHEN g > %(rows)s - %(drain)s THEN
                               CASE WHEN h < 200 THEN 'failed' ELSE 'pending' END
                           WHEN h < %(dead_pct)s * 10 THEN 'dead_letter'

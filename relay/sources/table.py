@@ -656,16 +656,7 @@ def _compile(
         "ready": ready,
         "waiting": waiting,
         # No claim holds the row and no retry waits (unless the application moved the row).
-        "unleased": _unleased_in_place(spec)
-        if spec.lease_column is not None
-        else sql.SQL(
-            # One primary-key lookup per candidate row: written as NOT EXISTS, the planner
-            # (trusting statistics in which every lease is already due) scanned all of
-            # relay.leases per claim, 207 ms with 30,000 retries waiting (bench).
-            "NOT COALESCE((SELECT x.due > now() AND (x.token IS NOT NULL OR x.status IS NULL "
-            "OR x.status = t.{status}::text) FROM relay.leases AS x "
-            "WHERE x.source = {source} AND x.key = t.{key}::text), false)"
-        ).format(source=sql.Literal(source.name), key=ident(spec.key), status=ident(spec.status)),
+        "unleased": _unleased(source, spec),
         "filtered": filter_sql,
         "returning": returning,
         "claim_sets": sql.SQL(", ").join(claim_sets) if claim_sets else sql.SQL(""),
@@ -727,15 +718,31 @@ def _compile(
     )
 
 
-def _unleased_in_place(spec: TableSpec) -> sql.Composable:
-    """A row is not waiting out a retry (its lease column says when it falls due), unless the
-    application moved it out of the retry status to another pending one."""
-    assert spec.lease_column is not None
-    return sql.SQL("(t.{s} <> {retry} OR t.{c} IS NULL OR t.{c} <= now())").format(
-        s=sql.Identifier(spec.status),
-        retry=sql.Literal(spec.retry),
-        c=sql.Identifier(spec.lease_column),
-    )
+def _unleased(source: Source, spec: TableSpec) -> sql.Composable:
+    """No claim holds the row and no retry waits (unless the application moved the row out of
+    the retry status): what the claim asks of a candidate row, and the wake-up trigger of a
+    row a write left waiting."""
+    status, retry = sql.Identifier(spec.status), sql.Literal(spec.retry)
+    if spec.lease_column is not None:
+        # Kept in the row: the lease column says when a retry falls due.
+        return sql.SQL("(t.{s} <> {retry} OR t.{c} IS NULL OR t.{c} <= now())").format(
+            s=status, retry=retry, c=sql.Identifier(spec.lease_column)
+        )
+    # One primary-key lookup per candidate row: written as NOT EXISTS, the planner (trusting
+    # statistics in which every lease is already due) scanned all of relay.leases per claim,
+    # 207 ms with 30,000 retries waiting (bench).
+    lookup = sql.SQL(
+        "NOT COALESCE((SELECT x.due > now() AND (x.token IS NOT NULL OR x.status IS NULL "
+        "OR x.status = t.{status}::text) FROM relay.leases AS x "
+        "WHERE x.source = {source} AND x.key = t.{key}::text), false)"
+    ).format(source=sql.Literal(source.name), key=sql.Identifier(spec.key), status=status)
+    if spec.processing is None:
+        return lookup  # a claimed row keeps its status: only its lease tells
+    # A claimed row is in processing, not waiting, so a waiting row's lease can only be a
+    # retry's, in the retry status: rows in another status are not looked up (a lookup a
+    # candidate). A lease that holds one anyway (the application moved a claimed row back to
+    # pending) is found by the claim's insert of the lease, which leaves the row alone.
+    return sql.SQL("(t.{s} <> {retry} OR {lookup})").format(s=status, retry=retry, lookup=lookup)
 
 
 def _notify(

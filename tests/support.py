@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -185,6 +185,22 @@ async def install(config: Config) -> None:
     await store.open()
     try:
         await store.install()
+    finally:
+        await store.close()
+
+
+S = TypeVar("S", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def prepared_store(config: Config, kind: type[S] = Store) -> AsyncIterator[S]:  # type: ignore[assignment]
+    """relay's store for `config` (a `kind` of it), its statements prepared, as a relay's
+    claimer and settler use it (relay installed already)."""
+    store = kind(config.database_url, config.sources)
+    await store.open()
+    try:
+        await store.prepare()
+        yield store
     finally:
         await store.close()
 

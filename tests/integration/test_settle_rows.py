@@ -20,7 +20,7 @@ from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
 from relay.sources.documenso_jobs import WebhookCall
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
-from tests.support import install, raw_config
+from tests.support import install, prepared_store, raw_config
 
 
 def execute(url: str, statement: str, params: Any = None) -> None:
@@ -52,13 +52,8 @@ class CountingStore(Store):
 async def prepared(config: Config) -> AsyncIterator[CountingStore]:
     """relay installed for `config`, and a store ready to claim and settle."""
     await install(config)
-    store = CountingStore(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared_store(config, CountingStore) as store:
         yield store
-    finally:
-        await store.close()
 
 
 def delivered(claimed: list[Any]) -> list[Settlement]:

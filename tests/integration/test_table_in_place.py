@@ -20,6 +20,7 @@ from tests.support import (
     insert_rows,
     install,
     make_config,
+    prepared_store,
     queue_source,
     raw_config,
     refusal,
@@ -41,13 +42,8 @@ async def one_row(db: str) -> AsyncIterator[tuple[Store, int]]:
     config = make_config(db, sources={"deliveries": in_place()})
     await install(config)
     [row] = await insert_rows(db, "http://127.0.0.1:9/", 1)
-    store = Store(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared_store(config) as store:
         yield store, row
-    finally:
-        await store.close()
 
 
 async def test_an_expired_claim_is_rescued_and_its_late_settle_changes_nothing(db: str) -> None:

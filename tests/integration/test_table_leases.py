@@ -17,6 +17,7 @@ from tests.support import (
     insert_rows,
     install,
     make_config,
+    prepared_store,
     queue_source,
     running,
 )
@@ -200,15 +201,10 @@ async def test_a_claimed_row_moved_back_to_pending_is_not_claimed_while_its_leas
     # With a processing status mapped, a pending row's lease is not looked up before it is
     # locked (a claimed row is processing, not pending): the claim's insert of the lease must
     # still leave alone a row whose claim holds, and take it once the claim has expired.
-    from relay.db.store import Store
-
     config = make_config(db)
     await install(config)
     [row] = await insert_rows(db, "http://127.0.0.1:9/", 1)
-    store = Store(config.database_url, config.sources)
-    await store.open()
-    try:
-        await store.prepare()
+    async with prepared_store(config) as store:
         [first] = await store.claim("deliveries", 10, 30)
         await execute(
             db,
@@ -218,7 +214,5 @@ async def test_a_claimed_row_moved_back_to_pending_is_not_claimed_while_its_leas
         assert await store.claim("deliveries", 10, 30) == []
         await execute(db, "UPDATE relay.leases SET due = now() - interval '1 second'")
         [second] = await store.claim("deliveries", 10, 30)
-    finally:
-        await store.close()
     assert (first.key, first.attempt) == (row, 1)
     assert (second.key, second.attempt) == (row, 2)  # the expired claim counted

@@ -739,9 +739,10 @@ def _unleased(source: Source, spec: TableSpec) -> sql.Composable:
     if spec.processing is None:
         return lookup  # a claimed row keeps its status: only its lease tells
     # A claimed row is in processing, not waiting, so a waiting row's lease can only be a
-    # retry's, in the retry status: rows in another status are not looked up (a lookup a
-    # candidate). A lease that holds one anyway (the application moved a claimed row back to
-    # pending) is found by the claim's insert of the lease, which leaves the row alone.
+    # retry's, in the retry status: rows in another status are not looked up (one index probe
+    # less per candidate). A lease that holds such a row anyway (the application moved a
+    # claimed row back to pending) is found by the claim's insert of the lease, which then
+    # leaves the row alone.
     return sql.SQL("(t.{s} <> {retry} OR {lookup})").format(s=status, retry=retry, lookup=lookup)
 
 

@@ -58,6 +58,9 @@ class Claimer:
         self.claimed = 0
         self.failure: str | None = None  # why this source is failing, if it is
         self.failing = asyncio.Event()  # set while failing, for tests (as the listener's down)
+        # Set while it waits with no wake-up pending, for tests: a row written then is found
+        # only by a notification, the timer or a sweep.
+        self.idle = asyncio.Event()
 
     # -- called by the listener, the sweeper and the deliverer ---------------------------------
 
@@ -133,9 +136,11 @@ class Claimer:
                 await self.diagnose(exc)
                 continue
             if due is not None:
-                # A row already due that this pass did not get (it fell due just after the
-                # claim, or another relay holds it): look again shortly, never in a busy loop.
-                self.schedule(max(due, RECHECK_FLOOR))
+                # A row not due yet: claim it when it is (a wake-up may come a little early,
+                # see WAKE_AHEAD). One already due that this pass did not get (it fell due
+                # just after the claim, or another relay holds it): look again shortly, never
+                # in a busy loop.
+                self.schedule(due if due > 0 else RECHECK_FLOOR)
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -145,11 +150,14 @@ class Claimer:
             if timeout is not None and timeout <= 0:
                 return
             self._kick.clear()
+            self.idle.set()
             try:
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
             except TimeoutError:
                 return
+            finally:
+                self.idle.clear()
 
     async def _drain(self, stop: asyncio.Event) -> None:
         """Claim until the source has nothing claimable left (or we are stopping)."""

@@ -264,6 +264,12 @@ class Plain:
 
 _NOTIFY_SQL = (sqltext.sql_dir() / "triggers" / "notify.sql").read_text()
 
+# A row that falls due this soon by the database's clock wakes relay all the same: the writer's
+# clock may be ahead of the database's (an application server's "now" 20 ms ahead kept
+# Documenso's jobs waiting for the sweep), or its time rounded up (a timestamp(3) column). The
+# claim pass it wakes finds the row not due yet and sets its timer for it.
+WAKE_AHEAD = sql.SQL("interval '5 seconds'")
+
 
 def notify_trigger(
     source: str,

@@ -20,6 +20,7 @@ from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
     PRIVATE_HEADERS,
+    WAKE_AHEAD,
     Claimed,
     Compiled,
     DbContext,
@@ -232,8 +233,8 @@ class DocumensoJobs(Plain):
             source.name,
             jobs,
             sql.SQL(
-                't."status" = \'PENDING\' AND (t."updatedAt" IS NULL OR t."updatedAt" <= {})'
-            ).format(_NOW),
+                't."status" = \'PENDING\' AND (t."updatedAt" IS NULL OR t."updatedAt" <= {} + {})'
+            ).format(_NOW, WAKE_AHEAD),
             ctx.channel,
             ("documenso_jobs", ctx.channel),
         )

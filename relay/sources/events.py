@@ -14,7 +14,14 @@ from psycopg import sql
 from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
-from relay.sources.base import Compiled, DbContext, Source, bounded_values, notify_trigger
+from relay.sources.base import (
+    WAKE_AHEAD,
+    Compiled,
+    DbContext,
+    Source,
+    bounded_values,
+    notify_trigger,
+)
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
 QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
@@ -104,7 +111,9 @@ async def prepare(conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbCon
     notify = notify_trigger(
         source.name,
         events,
-        sql.SQL("t.status = 'pending' AND (t.due_at IS NULL OR t.due_at <= now())"),
+        sql.SQL("t.status = 'pending' AND (t.due_at IS NULL OR t.due_at <= now() + {})").format(
+            WAKE_AHEAD
+        ),
         ctx.channel,
         ("events", ctx.channel),
     )

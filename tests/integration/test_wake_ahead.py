@@ -8,7 +8,9 @@ from __future__ import annotations
 import psycopg
 
 from relay import config as config_mod
+from tests import systems
 from tests.integration.test_documenso_jobs import add_job, documenso_db
+from tests.integration.user_tables import execute, table_config, table_source
 from tests.support import Receiver, install, make_config, raw_config, running
 
 __all__ = ["documenso_db"]  # the fixture, used by name
@@ -54,3 +56,31 @@ async def test_a_job_written_by_a_server_whose_clock_is_ahead_goes_at_once(
         add_job(documenso_db, "ahead1", updated="50 milliseconds")
         await receiver.wait_count(1)
     assert receiver.received[0].json["event"] == "DOCUMENT_COMPLETED"
+
+
+async def test_a_row_due_a_moment_ahead_in_a_millisecond_column_goes_when_due(
+    db: str, receiver: Receiver
+) -> None:
+    # A timestamp(3) due column written with the application's "now" rounded up, or a few
+    # milliseconds ahead: the claim that its insert wakes finds it not due yet, and the
+    # claimer's timer takes it when it is.
+    execute(
+        db,
+        "CREATE TABLE jobs (id serial PRIMARY KEY, status text NOT NULL DEFAULT 'pending', "
+        "due timestamp(3))",
+    )
+    config = table_config(
+        db, {"jobs": table_source("jobs", receiver.url, due="due")}, relay=NO_SWEEP
+    )
+    await install(config)
+    async with running(config) as relay:
+        await relay.claimers["jobs"].idle.wait()  # its start-up passes done
+        execute(
+            db,
+            "INSERT INTO jobs (due) VALUES ((now() AT TIME ZONE 'UTC') + interval '30 ms')",
+        )
+        await receiver.wait_count(1)
+    [row] = await systems.rows(
+        db, "SELECT EXTRACT(EPOCH FROM due AT TIME ZONE 'UTC') AS t FROM jobs"
+    )
+    assert receiver.received[0].at >= float(row["t"])  # not before it fell due

@@ -31,10 +31,10 @@ from relay.sources.base import (
     Claimed,
     Dead,
     Detail,
+    Failed,
     Outcome,
     Request,
     Settlement,
-    Skip,
     Source,
 )
 
@@ -325,11 +325,10 @@ class Deliverer:
         request = source.kind.request(source, row, now)
         if isinstance(request, Dead):
             return self._dead(source, row, request.reason)
-        if isinstance(request, Skip):
-            log.info(
-                "delivery.skipped source=%s key=%s reason=%s", source.name, row.key, request.reason
-            )
-            return Settlement(row.key, row.lease, Outcome.done, attempt=row.attempt)
+        if isinstance(request, Failed):
+            # No request, no record: a failed attempt all the same (logged, retried or dead).
+            failed = Attempt(False, None, request.reason)
+            return self._settle_attempt(source, row, failed, None, None)
         target = self._checked(request.url, request.origin)
         if isinstance(target, Attempt):
             result = target

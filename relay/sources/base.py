@@ -154,8 +154,10 @@ class Dead:
 
 
 @dataclass(frozen=True, slots=True)
-class Skip:
-    """Nothing to deliver (Documenso does not call a disabled Webhook): settled done."""
+class Failed:
+    """This attempt fails before any request (Documenso's job for a deleted "Webhook" throws
+    before it calls anything): a failed attempt, retried as the source's retries say, with
+    nothing recorded of it."""
 
     reason: str
 
@@ -231,7 +233,7 @@ class Kind(Protocol):
         """Install what the kind needs besides relay's schema and its wake-up trigger."""
         ...
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         """The request for a claimed row."""
         ...
 

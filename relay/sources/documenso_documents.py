@@ -26,10 +26,10 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Failed,
     ParseContext,
     Plain,
     Request,
-    Skip,
     Source,
 )
 
@@ -176,7 +176,7 @@ class DocumensoDocuments(Plain):
             trigger.table,
         )
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: events.EventSpec = source.spec
         url = spec.topics["*"]
         body = outbox.json_body(source, row)

@@ -25,11 +25,11 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Failed,
     ParseContext,
     Plain,
     Request,
     Settlement,
-    Skip,
     Source,
     bounded_values,
     notify_trigger,
@@ -240,7 +240,7 @@ class DocumensoJobs(Plain):
         )
         return Compiled(queries=queries, notify=notify)
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: JobsSpec = source.spec
         try:
             job = orjson.loads(row.payload or "null")
@@ -265,8 +265,9 @@ class DocumensoJobs(Plain):
         if not isinstance(job, dict) or "event" not in job or "webhookId" not in job:
             return Dead('webhook job "payload" lacks "event" or "webhookId"')
         if row.url is None:
-            # Documenso does not call a disabled or deleted Webhook: nothing to deliver.
-            return Skip(f"the Webhook {job['webhookId']} is disabled or deleted")
+            # Documenso's handler looks the Webhook up with findUniqueOrThrow: the job fails
+            # (and is retried, then FAILED) without a call or a "WebhookCall" row.
+            return Failed(f'no "Webhook" {job["webhookId"]} (deleted?)')
         event = str(job["event"])
         body = documenso_body(event, orjson.dumps(job.get("data")), row.url, now)
         headers[SECRET_HEADER] = row.secret or ""
@@ -285,19 +286,25 @@ class DocumensoJobs(Plain):
         if row.topic != EXECUTE_WEBHOOK:
             return None
         job = orjson.loads(row.payload or "null")
-        if result.final:
-            # As Documenso records a call its own guard refused: code 0 and the reason.
-            stored: str | None = orjson.dumps(result.error).decode()
-        elif result.http_status is not None and not 300 <= result.http_status < 400:
+        headers = result.headers
+        if result.http_status is None:
+            # No answer (refused by relay's guard, or none came): as Documenso (v2.8.1 on)
+            # records one, code 0, the error as the body and no headers.
+            stored: str | None = orjson.dumps(result.error or "failed").decode()
+            headers = {}
+        elif not 300 <= result.http_status < 400:
             stored = _json_text(result.body)
         else:
-            stored = None  # no answer, or a redirect: nothing of it is kept
+            stored = None  # a redirect: nothing of it is kept
         return WebhookCall(
             status="SUCCESS" if result.ok else "FAILED",
             url=request.url,
             request=request.body.decode(),
             code=result.http_status or 0,
-            headers=orjson.dumps(result.headers).decode() if result.headers is not None else None,
+            # Names in lower case, as fetch's Headers give them to Documenso.
+            headers=None
+            if headers is None
+            else orjson.dumps({k.lower(): v for k, v in headers.items()}).decode(),
             body=stored,
             webhook_id=str(job["webhookId"]),
             event=str(job["event"]),

@@ -25,10 +25,10 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Failed,
     ParseContext,
     Plain,
     Request,
-    Skip,
     Source,
     bounded_values,
     claim_values,
@@ -258,7 +258,7 @@ class Functions(Plain):
             repeat_claim=True,
         )
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: FunctionsSpec = source.spec
         return shaped(spec.shape, source, row, now, spec.keyring, keep_headers=True)
 

@@ -20,10 +20,10 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Failed,
     ParseContext,
     Plain,
     Request,
-    Skip,
     Source,
 )
 
@@ -99,7 +99,7 @@ class Outbox(Plain):
     ) -> Compiled:
         return await events.prepare(conn, source, ctx)
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: events.EventSpec = source.spec
         url = spec.target_for_topic(row.topic or "")
         if url is None:

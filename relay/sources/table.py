@@ -28,12 +28,12 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Dead,
+    Failed,
     Notify,
     ParseContext,
     Plain,
     Request,
     Settlement,
-    Skip,
     Source,
     bounded_values,
     claim_values,
@@ -389,7 +389,7 @@ class Table(Plain):
 
     # -- the request --------------------------------------------------------------------------
 
-    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Skip:
+    def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: TableSpec = source.spec
         return shaped(
             spec.shape,

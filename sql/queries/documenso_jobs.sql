@@ -24,9 +24,10 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED))
     RETURNING t."id" AS key, t."updatedAt" AS lease, t."retried" + 1 AS attempt,
         t."maxRetries" + 1 AS max_attempts,
+        -- Looked up by id alone, as Documenso's handler does (a disabled one is called too).
         (SELECT w."webhookUrl" FROM {webhook} AS w
           WHERE t."jobId" = 'internal.execute-webhook'
-            AND w."id" = t."payload"->>'webhookId' AND w."enabled") AS url,
+            AND w."id" = t."payload"->>'webhookId') AS url,
         (SELECT COALESCE(w."secret", '') FROM {webhook} AS w
           WHERE t."jobId" = 'internal.execute-webhook'
             AND w."id" = t."payload"->>'webhookId') AS secret,

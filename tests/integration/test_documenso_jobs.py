@@ -12,6 +12,7 @@ from aiohttp import web
 from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.db.store import Store
+from tests import systems
 from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
 from tests.support import Receiver, install, raw_config, running
 
@@ -102,6 +103,9 @@ async def test_webhook_job_is_delivered_recorded_and_completed(
     assert call["url"] == receiver.url
     assert call["requestBody"] == request.json
     assert call["responseBody"] == "ok"
+    # Names in lower case, as fetch's Headers give them to Documenso.
+    assert call["responseHeaders"]["content-type"].startswith("text/plain")
+    assert all(name == name.lower() for name in call["responseHeaders"])
 
 
 async def test_failing_receiver_ends_failed_after_max_retries_as_documenso_would(
@@ -126,16 +130,65 @@ async def test_failing_receiver_ends_failed_after_max_retries_as_documenso_would
     assert len(receiver.received) == 3
 
 
-async def test_a_disabled_webhook_is_not_called(documenso_db: str, receiver: Receiver) -> None:
-    config = jobs_config(documenso_db, **{})
+async def test_a_disabled_webhook_is_called_as_documenso_s_handler_does(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    # Documenso's handler looks the Webhook up by id alone (findUniqueOrThrow): a job already
+    # queued for a webhook disabled since is still delivered.
+    config = jobs_config(documenso_db)
     await install(config)
-    add_job(documenso_db, "cjob_off", webhook="wh_off", updated="-1 second")
     async with running(config):
-        add_job(documenso_db, "cjob_on")
+        add_job(documenso_db, "cjob_off", webhook="wh_off")
         await receiver.wait_count(1)
-    assert receiver.ids() == ["jobs_cjob_on"]
+    assert receiver.received[0].headers["X-Documenso-Secret"] == ""  # its secret is NULL
     assert job(documenso_db, "cjob_off")["state"] == "COMPLETED"
-    assert [c["webhookId"] for c in calls(documenso_db)] == ["wh_1"]
+    assert [c["webhookId"] for c in calls(documenso_db)] == ["wh_off"]
+
+
+async def test_a_job_for_a_deleted_webhook_fails_as_documenso_s_does(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    # findUniqueOrThrow throws before any call: the attempt fails (no "WebhookCall"), the job
+    # is retried and ends FAILED after maxRetries + 1 attempts.
+    config = jobs_config(documenso_db)
+    await install(config)
+    await systems.watch(documenso_db, "BackgroundJob")
+    async with running(config):
+        add_job(documenso_db, "cjob_gone", webhook="wh_deleted", max_retries=1)
+        [row] = await systems.wait_rows(
+            documenso_db,
+            'SELECT status::text AS state, retried FROM "BackgroundJob" WHERE id = %(id)s',
+            {"id": "cjob_gone"},
+            lambda rows: rows[0]["state"] == "FAILED",
+        )
+    assert row["retried"] == 1
+    assert calls(documenso_db) == []
+    assert receiver.received == []
+
+
+async def test_an_attempt_with_no_answer_is_recorded_as_documenso_records_it(
+    documenso_db: str, receiver: Receiver
+) -> None:
+    # v2.8.1 on: code 0, the error message as the body, no headers.
+    execute(
+        documenso_db,
+        """INSERT INTO "Webhook" ("id", "webhookUrl", "secret", "enabled", "userId", "teamId")
+           VALUES ('wh_closed', 'http://127.0.0.1:9/hook', 's', true, 1, 1)""",
+    )
+    config = jobs_config(documenso_db)
+    await install(config)
+    await systems.watch(documenso_db, "BackgroundJob")
+    async with running(config):
+        add_job(documenso_db, "cjob_closed", webhook="wh_closed", max_retries=0)
+        await systems.wait_rows(
+            documenso_db,
+            'SELECT status::text AS state FROM "BackgroundJob" WHERE id = %(id)s',
+            {"id": "cjob_closed"},
+            lambda rows: rows[0]["state"] == "FAILED",
+        )
+    (call,) = calls(documenso_db)
+    assert (call["state"], call["responseCode"], call["responseHeaders"]) == ("FAILED", 0, {})
+    assert isinstance(call["responseBody"], str) and call["responseBody"]
 
 
 async def test_a_job_processing_under_another_runner_is_left_alone(

@@ -37,8 +37,8 @@ profile: $(STAMP)
 	$(BIN)/python -m bench.profile
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests bench
-	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/ruff check relay tests bench tools
+	$(BIN)/ruff format --check relay tests bench tools
 	$(BIN)/mypy
 
 # Known vulnerabilities in the installed dependencies (pip-audit asks PyPI's advisory data, so it
@@ -48,8 +48,8 @@ audit: $(STAMP)
 	$(BIN)/pip-audit --skip-editable
 
 format: $(STAMP)
-	$(BIN)/ruff format relay tests bench
-	$(BIN)/ruff check --fix relay tests bench
+	$(BIN)/ruff format relay tests bench tools
+	$(BIN)/ruff check --fix relay tests bench tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

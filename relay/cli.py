@@ -109,6 +109,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                     print(f"relay check: {len(problems)} source(s) need `relay install`")
                     return EXIT_FAILED
                 print(f"configuration OK for sources: {', '.join(store.sources)}")
+                await _about(store, failing)
             elif command == "status":
                 for name in store.sources:
                     if name in failing:
@@ -121,6 +122,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                     shown = shown or "empty"
                     age = "none" if oldest is None else f"{oldest:.1f}s"
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
+                await _about(store, failing)
                 if failing:
                     return EXIT_FAILED
             elif command == "retry-dead":
@@ -149,6 +151,13 @@ async def _unreachable(url: str) -> str | None:
         return logs.escape(lines[-1] if lines else type(exc).__name__)
     await conn.close()
     return None
+
+
+async def _about(store: Store, failing: dict[str, str]) -> None:
+    """What each source's kind says of it besides its rows (the Documenso release found)."""
+    for name in store.sources:
+        if name not in failing and (about := await store.about(name)) is not None:
+            print(f"sources.{name}: {logs.escape(about)}")
 
 
 async def _prepare(store: Store, each: bool) -> dict[str, str]:

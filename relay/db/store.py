@@ -404,6 +404,12 @@ class Store:
             await self._rowcount(cleanup)
         return rescued
 
+    async def about(self, source: str) -> str | None:
+        """What the source's kind says of it besides its rows (the Documenso release found)."""
+        spec = self.sources[source]
+        async with self._connection() as conn:
+            return await spec.kind.about(conn, spec)
+
     async def next_due(self, source: str) -> float | None:
         value = await self._scalar(self.compiled[source].queries["next_due"])
         return None if value is None else float(value)

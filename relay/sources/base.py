@@ -245,6 +245,11 @@ class Kind(Protocol):
         """The parameters of the `log` statement for settlements that carry a record."""
         ...
 
+    async def about(self, conn: psycopg.AsyncConnection[Any], source: Source) -> str | None:
+        """What `relay check` and `relay status` say of the source besides its rows (the
+        Documenso release found), or None."""
+        ...
+
 
 class Plain:
     """What most kinds do for the optional parts of `Kind`: nothing to install besides relay's
@@ -260,6 +265,9 @@ class Plain:
 
     def log_params(self, source: Source, records: list[Settlement]) -> dict[str, Any]:
         raise AssertionError(f"kind {source.kind_name} records no attempts of its own")
+
+    async def about(self, conn: psycopg.AsyncConnection[Any], source: Source) -> str | None:
+        return None
 
 
 # -- pieces several kinds share ------------------------------------------------------------------

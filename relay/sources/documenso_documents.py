@@ -19,7 +19,7 @@ from psycopg import sql
 from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
-from relay.sources import events, outbox
+from relay.sources import documenso_release, events, outbox
 from relay.sources.base import (
     PRIVATE_HEADERS,
     Claimed,
@@ -195,6 +195,10 @@ class DocumensoDocuments(Plain):
         if row.topic is not None:
             headers["relay-topic"] = row.topic
         return Request("POST", url, headers, body, f" of sources.{source.name}", private=_PRIVATE)
+
+    async def about(self, conn: psycopg.AsyncConnection[Any], source: Source) -> str | None:
+        spec: events.EventSpec = source.spec
+        return await documenso_release.release(conn, spec.app_schema)
 
 
 KIND = DocumensoDocuments()

@@ -18,6 +18,7 @@ from psycopg import sql
 from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
+from relay.sources import documenso_release
 from relay.sources.base import (
     PRIVATE_HEADERS,
     WAKE_AHEAD,
@@ -322,6 +323,10 @@ class DocumensoJobs(Plain):
             "webhooks": [c.webhook_id for c in calls],
             "events": [c.event for c in calls],
         }
+
+    async def about(self, conn: psycopg.AsyncConnection[Any], source: Source) -> str | None:
+        spec: JobsSpec = source.spec
+        return await documenso_release.release(conn, spec.schema)
 
 
 KIND = DocumensoJobs()

@@ -325,3 +325,38 @@ async def test_a_percent_sign_in_status_values_and_column_names_settles(
         row = conn.execute("""SELECT "st%(at)s", "tries%", "err%%" FROM "per%cent" """)
         assert row.fetchone() == ("done 100%", 2, None)
     assert await problems(config) == {}
+
+
+PRISMA_MIGRATIONS = """
+CREATE TABLE "_prisma_migrations" (
+    "id" varchar(36) PRIMARY KEY, "checksum" varchar(64) NOT NULL, "finished_at" timestamptz,
+    "migration_name" varchar(255) NOT NULL, "logs" text, "rolled_back_at" timestamptz,
+    "started_at" timestamptz NOT NULL DEFAULT now(),
+    "applied_steps_count" integer NOT NULL DEFAULT 0
+);
+INSERT INTO "_prisma_migrations" (id, checksum, finished_at, migration_name, rolled_back_at)
+VALUES ('1', 'x', now(), '20260302223702_optimize_recipient_indexes', NULL),
+       ('2', 'x', now(), '20260311000000_add_organisation_template_type', NULL),
+       -- rolled back, and one still running: neither is applied
+       ('3', 'x', now(), '20260408052212_add_set_null_for_audit_log_foreign_key', now()),
+       ('4', 'x', NULL, '20260504000000_add_allow_personal_organisations_to_auth_portal', NULL);
+"""
+
+
+async def test_check_and_status_name_the_documenso_release_found(db: str, tmp_config: Path) -> None:
+    from tests.integration.documenso_schema import JOBS, WEBHOOKS
+
+    execute(db, JOBS + WEBHOOKS)
+    write_config(tmp_config, raw_config(db, sources={"jobs": {"kind": "documenso_jobs"}}))
+    assert (await run_cli(tmp_config, "install"))[0] == 0
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 0, output
+    assert "sources.jobs: Documenso release unknown: no _prisma_migrations table" in output
+    execute(db, PRISMA_MIGRATIONS)
+    found = (
+        "sources.jobs: Documenso v2.8.1 "
+        "(newest migration 20260311000000_add_organisation_template_type)"
+    )
+    for command in ("check", "status"):
+        code, output = await run_cli(tmp_config, command)
+        assert (code, found in output.splitlines()) == (0, True), output

@@ -114,6 +114,8 @@ class Relay:
         return {
             "listener": "connected" if self.listener.connected else "disconnected",
             "failing": self.failing(),
+            # Sources whose triggers are missing and relay could not install them again.
+            "untriggered": dict(self.sweeper.untriggered),
             "worker_id": self.config.worker_id,
             "in_flight": self.deliverer.in_flight,
             "queued": self.deliverer.queued,
@@ -160,7 +162,8 @@ class Relay:
                 name,
                 problem,
                 self.config.sweep_interval,
-                "rows are found only by sweeps until `relay install` is run",
+                "a missing trigger is installed again at the first sweep if relay's role may; "
+                "until then, and for a stale one until `relay install`, see `relay check`",
             )
         self._checked = True
 

@@ -2,8 +2,8 @@
 
 - `/healthz` is liveness: 200 while the process's event loop runs. A lost database is not a
   reason to restart relay (it reconnects by itself), so it does not fail this probe.
-- `/readyz` is readiness: 503 while the listener is not connected or a source is failing, with
-  the reasons.
+- `/readyz` is readiness: 503 while the listener is not connected, a source is failing, or a
+  source's trigger is missing and relay could not install it again, with the reasons.
 - `/status` is everything `Relay.status()` reports.
 
 No answer names the server's software or versions.
@@ -36,8 +36,15 @@ def make_app(status: Callable[[], dict[str, Any]]) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         state = status()
-        ready = state["listener"] == "connected" and not state["failing"]
-        body = {"ready": ready, "listener": state["listener"], "failing": state["failing"]}
+        ready = (
+            state["listener"] == "connected" and not state["failing"] and not state["untriggered"]
+        )
+        body = {
+            "ready": ready,
+            "listener": state["listener"],
+            "failing": state["failing"],
+            "untriggered": state["untriggered"],
+        }
         return _json(body, 200 if ready else 503)
 
     async def status_view(_: web.Request) -> web.Response:

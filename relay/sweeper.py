@@ -6,6 +6,11 @@ heard is found here.
 
 It is also where a failing source (see relay.claimer) is checked again: its table and columns
 are checked and its queries compiled anew, and if that works its claimer tries again.
+
+And where relay's triggers are checked: a missing one (a migration dropped its table and made
+it anew, or moved the source to another table, as Documenso's "Document" became "Envelope") is
+installed again as `relay install` would, if relay's role may; if not, the source is
+`untriggered` (readiness fails naming why) and its rows are found by sweeps alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import psycopg
 
 from relay import logs
 from relay.config import ConfigError
+from relay.db import catalog
 from relay.db.store import RETRYABLE
 
 log = logging.getLogger("relay.sweeper")
@@ -27,6 +33,8 @@ log = logging.getLogger("relay.sweeper")
 class RescueStore(Protocol):
     async def rescue(self, source: str) -> int: ...
     async def prepare(self, names: Iterable[str] | None = None) -> None: ...
+    async def trigger_problems(self, names: Iterable[str] | None = None) -> dict[str, str]: ...
+    async def reinstall(self, name: str) -> None: ...
 
 
 class Sweepable(Protocol):
@@ -50,6 +58,8 @@ class Sweeper:
         self.sweeps = 0
         self._swept = asyncio.Condition()
         self._sweeping = False
+        # Sources whose triggers are missing or stale and could not be installed again: why.
+        self.untriggered: dict[str, str] = {}
 
     def sweep_now(self) -> None:
         self._kick.set()
@@ -93,6 +103,7 @@ class Sweeper:
                 continue
             if claimer.failure is not None:
                 claimer.retry()
+            await self._triggers(source)
             if rescued:
                 log.warning(
                     "sweep.rescued source=%s rows=%d reason=%s",
@@ -103,6 +114,39 @@ class Sweeper:
         self.sweeps += 1
         for claimer in self.claimers.values():
             claimer.wake()
+
+    async def _triggers(self, source: str) -> None:
+        try:
+            problem = (await self.store.trigger_problems([source])).get(source)
+        except (*RETRYABLE, psycopg.Error) as exc:
+            log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
+            return
+        if problem is None or catalog.STALE in problem:
+            # A stale trigger still wakes relay; it may be another relay version's (a rolling
+            # upgrade): `relay check` reports it, and `relay install` replaces it.
+            self.untriggered.pop(source, None)
+            return
+        try:
+            await self.store.reinstall(source)
+        except RETRYABLE as exc:
+            log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
+            return
+        except (ConfigError, psycopg.Error) as exc:
+            reason = f"{problem}; relay could not install it again: {logs.first_line(exc)}"
+            if self.untriggered.get(source) != reason:  # once per change
+                log.error(
+                    "source.untriggered source=%s problem=%s hint=%s",
+                    source,
+                    reason,
+                    "its rows are found by sweeps alone until `relay install` is run by a role "
+                    "that may create triggers on its table",
+                )
+            self.untriggered[source] = reason
+            return
+        self.untriggered.pop(source, None)
+        log.warning("source.reinstalled source=%s was=%s", source, problem)
+        # Rows written while the trigger was missing woke nobody: look for them now.
+        self.claimers[source].wake()
 
     async def quiet(self) -> None:
         """Wait until a sweep has run and none is asked for (used by tests and readiness)."""

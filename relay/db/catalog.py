@@ -310,9 +310,13 @@ async def trigger_problem(
     count, installed = row
     if not count:
         return f"its trigger on {schema}.{table} is not installed"
-    if count < 2 or installed != expected:
-        return (
-            f"its trigger on {schema}.{table} is stale: it was installed for another "
-            f"configuration or relay version"
-        )
+    if count < 2:
+        return f"one of its two triggers on {schema}.{table} is missing"
+    if installed != expected:
+        return f"its trigger on {schema}.{table} {STALE}"
     return None
+
+
+# Installed, but not as this relay would install it: by another configuration or another relay
+# version (during a rolling upgrade, the other relays' own), so not replaced behind their back.
+STALE = "is stale: it was installed for another configuration or relay version"

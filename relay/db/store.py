@@ -198,11 +198,12 @@ class Store:
                 compiled = await source.kind.prepare(conn, source, self.ctx)
                 self.compiled[source.name] = compiled.render(conn)
 
-    async def trigger_problems(self) -> dict[str, str]:
-        """Sources whose triggers are missing or stale (not what `relay install` would install
-        now), and why."""
+    async def trigger_problems(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Sources (all, or those named) whose triggers are missing or stale (not what `relay
+        install` would install now), and why."""
         problems: dict[str, str] = {}
-        for name, compiled in self.compiled.items():
+        chosen = self.compiled if names is None else {n: self.compiled[n] for n in names}
+        for name, compiled in chosen.items():
             async with self._connection(SETUP_BOUND) as conn:
                 problem = None
                 triggers = list(compiled.extra_triggers)
@@ -236,11 +237,23 @@ class Store:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
             await conn.execute(_SCHEMA_SQL)
             for source in self.sources.values():
-                await source.kind.install(conn, source, self.ctx)
-                compiled = await source.kind.prepare(conn, source, self.ctx)
-                self.compiled[source.name] = compiled.render(conn)
-                if compiled.notify is not None:
-                    await conn.execute(compiled.notify.install)
+                await self._install_source(conn, source)
+
+    async def reinstall(self, name: str) -> None:
+        """One source's triggers as `relay install` installs them, for the database as it is
+        now: a migration may have dropped them with their table, or moved the source to another
+        table (Documenso's "Document" became "Envelope")."""
+        async with self._connection(SETUP_BOUND) as conn, conn.transaction():
+            _check_encoding(conn)
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay.install'))")
+            await self._install_source(conn, self.sources[name])
+
+    async def _install_source(self, conn: psycopg.AsyncConnection[Any], source: Source) -> None:
+        await source.kind.install(conn, source, self.ctx)
+        compiled = await source.kind.prepare(conn, source, self.ctx)
+        self.compiled[source.name] = compiled.render(conn)
+        if compiled.notify is not None:
+            await conn.execute(compiled.notify.install)
 
     async def uninstall(self) -> None:
         async with self._connection() as conn, conn.transaction():

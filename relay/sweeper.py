@@ -58,7 +58,7 @@ class Sweeper:
         self.sweeps = 0
         self._swept = asyncio.Condition()
         self._sweeping = False
-        # Sources whose triggers are missing or stale and could not be installed again: why.
+        # Sources whose triggers are missing and could not be installed again: why.
         self.untriggered: dict[str, str] = {}
 
     def sweep_now(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from relay.db import catalog
 from relay.sources.documenso_versions import RELEASES
 
 _MIGRATIONS = [migration for migration, _, _ in RELEASES]
@@ -39,7 +40,7 @@ def describe(newest: str | None) -> str:
 
 async def release(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
     cur = await conn.execute(
-        "SELECT to_regclass(format('%%I._prisma_migrations', %s::text)) IS NOT NULL", (schema,)
+        catalog.CATALOG["table_exists"], {"schema": schema, "table": "_prisma_migrations"}
     )
     row = await cur.fetchone()
     if row is None or not row[0]:

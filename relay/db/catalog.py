@@ -286,32 +286,33 @@ async def check_statement(
         raise ConfigError(f"{key}: {what}: {logs.first_line(exc)}") from None
 
 
+async def table_exists(conn: psycopg.AsyncConnection[Any], schema: str, table: str) -> bool:
+    cur = await conn.execute(CATALOG["table_exists"], {"schema": schema, "table": table})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def trigger_problem(
     conn: psycopg.AsyncConnection[Any],
     schema: str,
     table: str,
     function: str,
-    triggers: tuple[str, str],
+    triggers: tuple[str, ...],
     expected: str,
 ) -> str | None:
-    """Why this trigger pair is not what `relay install` would install now, or None."""
+    """Why these triggers (all calling `function`) are not what `relay install` would install
+    now, or None."""
     cur = await conn.execute(
         CATALOG["installed_trigger"],
-        {
-            "schema": schema,
-            "table": table,
-            "function": function,
-            "insert_trigger": triggers[0],
-            "update_trigger": triggers[1],
-        },
+        {"schema": schema, "table": table, "function": function, "triggers": list(triggers)},
     )
     row = await cur.fetchone()
     assert row is not None
     count, installed = row
     if not count:
         return f"its trigger on {schema}.{table} is not installed"
-    if count < 2:
-        return f"one of its two triggers on {schema}.{table} is missing"
+    if count < len(triggers):
+        return f"one of its {len(triggers)} triggers on {schema}.{table} is missing"
     if installed != expected:
         return f"its trigger on {schema}.{table} {STALE}"
     return None

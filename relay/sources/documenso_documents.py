@@ -63,16 +63,39 @@ _PRIVATE = PRIVATE_HEADERS | {SECRET_HEADER.lower()}
 
 @dataclass(frozen=True, slots=True)
 class DocumensoTrigger:
-    """The document-event trigger that fits this Documenso schema version."""
+    """The document-event triggers that fit this Documenso schema version."""
 
     table: str  # "Envelope" or "Document"
-    function: str  # its function in schema relay
     install: sql.Composed
     fingerprint: str
 
 
+# What differs between the two schema versions, as SQL on a document row (`d` in expressions,
+# `t` in queries, `s` a relay.documenso_state row, `key` a document "id" as text).
+_ENVELOPE = {
+    "is_document": "d.\"type\"::text = 'DOCUMENT'",
+    "is_document_t": "t.\"type\"::text = 'DOCUMENT'",
+    "number": "substring(d.\"secondaryId\" FROM '^document_([0-9]+)$')::int",
+    "envelope_id": 'd."id"',
+    "by_key": 't."id" = key',
+    "by_number": "t.\"secondaryId\" = 'document_' || s.id",
+    "recipient_of": 'r."envelopeId" = d."id"',
+    "meta_of": 'm."id" = d."documentMetaId"',
+}
+_DOCUMENT = {
+    "is_document": "true",
+    "is_document_t": "true",
+    "number": 'd."id"',
+    "envelope_id": "NULL::text",
+    "by_key": 't."id" = key::int',
+    "by_number": 't."id" = s.id',
+    "recipient_of": 'r."documentId" = d."id"',
+    "meta_of": 'm."documentId" = d."id"',
+}
+
+
 async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) -> DocumensoTrigger:
-    """Detect Documenso's schema version and compose the matching document-event trigger."""
+    """Detect Documenso's schema version and compose the matching document-event triggers."""
     spec: events.EventSpec = source.spec
     schema = spec.app_schema
     cur = await conn.execute(catalog.CATALOG["documenso_probe"], {"schema": schema})
@@ -93,25 +116,22 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
             f"the document events need it for their recipients"
         )
     table = "Envelope" if envelope else "Document"
+    shape = _ENVELOPE if envelope else _DOCUMENT
     meta_expr: sql.Composable = sql.SQL("NULL::jsonb")
-    if meta and envelope and envelope_meta:
-        meta_expr = sql.SQL(
-            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."id" = NEW."documentMetaId")'
-        ).format(sql.Identifier(schema, "DocumentMeta"))
-    elif meta and not envelope and document_meta:
-        meta_expr = sql.SQL(
-            '(SELECT to_jsonb(m) FROM {} AS m WHERE m."documentId" = NEW."id")'
-        ).format(sql.Identifier(schema, "DocumentMeta"))
-    section = "envelope" if envelope else "document"
-    made_from = sqltext.fingerprint(_SQL["common"], _SQL[section], schema, row)
+    if meta and (envelope_meta if envelope else document_meta):
+        meta_expr = sql.SQL("(SELECT to_jsonb(m) FROM {} AS m WHERE {})").format(
+            sql.Identifier(schema, "DocumentMeta"), sql.SQL(shape["meta_of"])
+        )
+    made_from = sqltext.fingerprint(_SQL["common"], _SQL["shape"], schema, row)
     # Sections lose their last `;` when loaded: one goes back between the two.
-    install = sql.SQL(_SQL["common"] + ";\n").format() + sql.SQL(_SQL[section]).format(
+    install = sql.SQL(_SQL["common"] + ";\n").format() + sql.SQL(_SQL["shape"]).format(
         table=sql.Identifier(schema, table),
         recipient=sql.Identifier(schema, "Recipient"),
         meta=meta_expr,
         fingerprint=sql.Literal(made_from),
+        **{k: sql.SQL(v) for k, v in shape.items() if k != "meta_of"},
     )
-    return DocumensoTrigger(table, f"documenso_{section}_event", install, made_from)
+    return DocumensoTrigger(table, install, made_from)
 
 
 class DocumensoDocuments(Plain):
@@ -152,8 +172,15 @@ class DocumensoDocuments(Plain):
             (
                 spec.app_schema,
                 trigger.table,
-                trigger.function,
-                ("relay_documenso_created", "relay_documenso_status"),
+                "documenso_change",
+                ("relay_documenso_change", "relay_documenso_delete"),
+                trigger.fingerprint,
+            ),
+            (
+                "relay",
+                "documenso_changes",
+                "documenso_commit",
+                ("relay_documenso_commit",),
                 trigger.fingerprint,
             ),
         )
@@ -167,13 +194,20 @@ class DocumensoDocuments(Plain):
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
     ) -> None:
         trigger = await documenso_trigger(conn, source)
+        # Its statuses are recorded at the first install; from then on every install, and
+        # every reinstall after a migration dropped the trigger, sends what changed meanwhile.
+        known = await catalog.table_exists(conn, "relay", "documenso_state")
         await conn.execute(trigger.install)
+        cur = await conn.execute("SELECT relay.documenso_reconcile(%s)", [known])
+        row = await cur.fetchone()
+        assert row is not None
         spec: events.EventSpec = source.spec
         log.info(
-            "install.documenso source=%s schema=%s table=%s",
+            "install.documenso source=%s schema=%s table=%s missed_events=%d",
             source.name,
             spec.app_schema,
             trigger.table,
+            row[0],
         )
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:

@@ -166,11 +166,7 @@ class DocumensoJobs(Plain):
         webhooks = EXECUTE_WEBHOOK in spec.job_ids
         if webhooks:
             for name in ("Webhook", "WebhookCall"):
-                cur = await conn.execute(
-                    catalog.CATALOG["table_exists"], {"schema": spec.schema, "table": name}
-                )
-                found = await cur.fetchone()
-                if not found or not found[0]:
+                if not await catalog.table_exists(conn, spec.schema, name):
                     raise ConfigError(
                         f'{where}.webhooks: Documenso\'s "{name}" table is missing from schema '
                         f"{spec.schema!r} (webhooks arrived in Documenso v1.5); set "

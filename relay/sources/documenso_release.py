@@ -39,11 +39,7 @@ def describe(newest: str | None) -> str:
 
 
 async def release(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
-    cur = await conn.execute(
-        catalog.CATALOG["table_exists"], {"schema": schema, "table": "_prisma_migrations"}
-    )
-    row = await cur.fetchone()
-    if row is None or not row[0]:
+    if not await catalog.table_exists(conn, schema, "_prisma_migrations"):
         return f"Documenso release unknown: no _prisma_migrations table in schema {schema!r}"
     cur = await conn.execute(
         sql.SQL(

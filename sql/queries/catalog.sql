@@ -14,10 +14,10 @@ SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text)) IS NOT 
 SELECT enumlabel::text FROM pg_enum WHERE enumtypid = %(type_oid)s::oid ORDER BY enumsortorder;
 
 -- name: installed_trigger
--- How many of a source's triggers call its function, and what that function was made from
+-- How many of a source's triggers (by name) call its function, and what that function was made from
 -- (its comment, written by `relay install`; see relay.store.fingerprint).
 SELECT (SELECT count(*)::int FROM pg_trigger
-        WHERE tgname IN (%(insert_trigger)s, %(update_trigger)s)
+        WHERE tgname = ANY(%(triggers)s::text[])
           AND tgrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
           AND tgfoid = f.oid),
        obj_description(f.oid, 'pg_proc')

@@ -1,16 +1,30 @@
 -- Documenso document status events (preset `documenso_documents`), installed by `relay install`.
--- Sections are named; braces are filled by relay.store with quoted names and, where Documenso's
--- schema version lacks a table, with NULL in its place.
+-- Sections are named; braces are filled by relay.store with quoted names and with the SQL that
+-- fits Documenso's schema version ("Envelope" from v1.13, "Document" before).
 --
--- A row-level trigger on Documenso's document table captures each real status change (Prisma
--- rewrites "updatedAt" on every update, so only a changed status counts) into
--- relay.documenso_events, with the payload Documenso's own webhook carries, built at that moment
--- from the document and its recipients. relay then delivers it in Documenso's webhook shape.
--- The trigger must never break Documenso's own write: if building the payload fails, it records
--- the event with a minimal payload and the reason; if even that cannot be recorded (relay's table
--- dropped, a privilege taken away) it raises a WARNING, and the write goes on. Every function
--- runs as its owner (Documenso's role needs no privilege on relay's schema) with a pinned
--- search_path, so only the schema-qualified names written here are ever looked up.
+-- How a status change becomes an event:
+-- 1. relay_documenso_change, an ordinary row trigger on Documenso's document table, notes a
+--    document whose status may have changed in relay.documenso_changes. It fires on every write
+--    and names no column of Documenso's (no column list, no WHEN clause): PostgreSQL refuses to
+--    alter the type of a column a trigger names, and Prisma alters "status" whenever the
+--    DocumentStatus enum loses a value. The checks happen inside the function, which PostgreSQL
+--    does not tie to the columns it reads.
+-- 2. At commit, a deferred trigger on that relay table reads the document as the transaction
+--    leaves it, with the recipients and meta inserted after it, compares its status with the one
+--    last sent (relay.documenso_state) and records the event with Documenso's payload. Deferring
+--    on relay's own table, not Documenso's, keeps Documenso's migrations free to ALTER its
+--    tables after writing to them in the same transaction (PostgreSQL refuses that while a
+--    table has deferred trigger events pending).
+-- 3. Deleting a document: relay_documenso_delete, a BEFORE DELETE trigger, records what
+--    Documenso's delete-document.ts sends while the recipients are still there.
+-- 4. After every install (and every reinstall when a migration dropped the trigger), the
+--    documents whose status differs from relay.documenso_state get their event: no status
+--    change is lost while the trigger was missing.
+-- The triggers must never break Documenso's write: if building the payload fails, the event is
+-- recorded with a minimal payload and the reason; if even that cannot be recorded (relay's
+-- table dropped) a WARNING is raised, and the write goes on. Every function runs as its owner
+-- (Documenso's role needs no privilege on relay's schema) with a pinned search_path, so only the
+-- schema-qualified names written here are ever looked up.
 
 -- name: common
 CREATE TABLE IF NOT EXISTS relay.documenso_events (
@@ -31,6 +45,21 @@ CREATE INDEX IF NOT EXISTS documenso_events_pending_idx
     ON relay.documenso_events (id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS documenso_events_processing_idx
     ON relay.documenso_events (due_at) WHERE status = 'processing';
+
+-- The status each document last had an event for (or had when relay was installed), by
+-- Documenso's document number (the payload's "id", "Envelope"."secondaryId" = 'document_<n>'),
+-- which survives the move from "Document" to "Envelope". One small row per sent document.
+CREATE TABLE IF NOT EXISTS relay.documenso_state (
+    id      integer PRIMARY KEY,
+    status  text NOT NULL
+);
+
+-- Documents written in a transaction that has not committed yet; emptied at its commit.
+CREATE TABLE IF NOT EXISTS relay.documenso_changes (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    document  text    NOT NULL,   -- the document table's "id", as text
+    resend    boolean NOT NULL    -- written again as PENDING while PENDING: Documenso re-sent it
+);
 
 -- Documenso stores UTC in timestamp(3) without time zone and sends JavaScript's toISOString().
 CREATE OR REPLACE FUNCTION relay.documenso_iso(value jsonb) RETURNS jsonb
@@ -106,129 +135,229 @@ REVOKE ALL ON FUNCTION relay.documenso_event_name(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_recipient_json(jsonb, int, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_document_json(jsonb, int, text, jsonb, jsonb) FROM PUBLIC;
 
--- name: envelope
--- Documenso v1.13 and later: "Envelope" holds documents and templates; only documents count.
-CREATE OR REPLACE FUNCTION relay.documenso_envelope_event() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
+
+-- name: shape
+-- One schema version's functions and triggers. {table} is Documenso's document table; a row of
+-- it is `d` in expressions and `t` in queries; {by_key} finds the one whose "id" is `key`.
+
+-- Documenso's webhook payload for one document, as it is now; NULL if it is not a document.
+CREATE OR REPLACE FUNCTION relay.documenso_payload(key text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    event text;
-    legacy_id int;
+    d record;
+    number int;
+BEGIN
+    SELECT * INTO d FROM {table} AS t WHERE {by_key};
+    IF NOT FOUND OR NOT ({is_document}) THEN
+        RETURN NULL;
+    END IF;
+    number := {number};
+    RETURN relay.documenso_document_json(
+        to_jsonb(d), number, {envelope_id},
+        {meta},
+        (SELECT coalesce(jsonb_agg(
+                    relay.documenso_recipient_json(to_jsonb(r), number, {envelope_id})
+                    ORDER BY r."id"), '[]'::jsonb)
+         FROM {recipient} AS r WHERE {recipient_of}));
+END
+$$;
+
+-- The row trigger on Documenso's table (both the AFTER INSERT OR UPDATE and the BEFORE DELETE).
+CREATE OR REPLACE FUNCTION relay.documenso_change() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d record;
+    number int;
+    resend boolean := false;
     payload jsonb;
 BEGIN
     BEGIN
-        event := relay.documenso_event_name(NEW."status"::text);
-        IF event IS NULL OR NEW."type"::text <> 'DOCUMENT' THEN
-            RETURN NULL;
+        IF TG_OP = 'DELETE' THEN
+            d := OLD;
+            -- Deleted with its team or owner (a cascade, one trigger level down): not a
+            -- document Documenso's delete-document.ts deleted, and Documenso sends nothing.
+            IF pg_trigger_depth() > 1 OR NOT ({is_document}) THEN
+                RETURN OLD;
+            END IF;
+            number := {number};
+            -- Documenso hard-deletes drafts and pending documents; for a pending one it sends
+            -- DOCUMENT_CANCELLED with the document as it was.
+            IF d."status"::text = 'PENDING' THEN
+                BEGIN
+                    payload := relay.documenso_payload(d."id"::text);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'relay: DOCUMENT_CANCELLED for document % sent with a minimal '
+                        'payload: %', number, SQLERRM;
+                    payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
+                                                  'status', 'PENDING', 'relayError', SQLERRM);
+                END;
+            END IF;
+        ELSE
+            d := NEW;
+            IF NOT ({is_document}) THEN
+                RETURN NULL;
+            END IF;
+            IF TG_OP = 'INSERT' THEN
+                IF d."status"::text = 'DRAFT' THEN
+                    RETURN NULL;
+                END IF;
+            ELSIF OLD."status" IS NOT DISTINCT FROM NEW."status" THEN
+                -- Documenso's send-document.ts on a document already PENDING writes
+                -- status = 'PENDING' again (Prisma adds "updatedAt") and sends DOCUMENT_SENT
+                -- again. A row trigger cannot see which columns an UPDATE set, only what
+                -- changed: a PENDING row of which nothing but "updatedAt" changed is that.
+                IF NEW."status"::text <> 'PENDING'
+                   OR to_jsonb(OLD) - 'updatedAt' <> to_jsonb(NEW) - 'updatedAt' THEN
+                    RETURN NULL;
+                END IF;
+                resend := true;
+            END IF;
         END IF;
-        legacy_id := substring(NEW."secondaryId" FROM '^document_([0-9]+)$')::int;
-        BEGIN
-            payload := relay.documenso_document_json(
-                to_jsonb(NEW), legacy_id, NEW."id",
-                {meta},
-                (SELECT coalesce(jsonb_agg(
-                            relay.documenso_recipient_json(to_jsonb(r), legacy_id, NEW."id")
-                            ORDER BY r."id"), '[]'::jsonb)
-                 FROM {recipient} AS r WHERE r."envelopeId" = NEW."id"));
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
-                event, NEW."id", SQLERRM;
-            payload := jsonb_build_object('id', legacy_id, 'envelopeId', NEW."id",
-                                          'status', NEW."status"::text, 'relayError', SQLERRM);
-        END;
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
-            coalesce(event, 'the status change'), NEW."id", SQLERRM;
-        RETURN NULL;
+        RAISE WARNING 'relay: a change to a Documenso document not recorded, so no webhook is '
+            'sent for it: %', SQLERRM;
+        RETURN OLD;
     END;
-    -- The write stays outside any EXCEPTION block: a block that writes takes a subtransaction
+    -- The writes stay outside any EXCEPTION block: a block that writes takes a subtransaction
     -- id for every row, and a transaction changing more than 64 documents would overflow
     -- PostgreSQL's subtransaction cache, slowing every session while it runs. What could make
-    -- it fail is checked first instead (the table runs as its owner, so privileges cannot).
-    IF to_regclass('relay.documenso_events') IS NULL THEN
-        RAISE WARNING 'relay: % for document % not recorded: relay.documenso_events is missing; '
-            'run `relay install`', event, NEW."id";
-        RETURN NULL;
+    -- them fail is checked first instead (the tables run as their owner, so privileges cannot).
+    IF to_regclass('relay.documenso_changes') IS NULL OR to_regclass('relay.documenso_state') IS NULL
+       OR to_regclass('relay.documenso_events') IS NULL THEN
+        RAISE WARNING 'relay: a change to Documenso document % not recorded: one of '
+            'relay.documenso_changes, relay.documenso_state and relay.documenso_events is '
+            'missing; run `relay install`', d."id";
+        RETURN OLD;
     END IF;
-    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM relay.documenso_state WHERE id = number;
+        IF payload IS NOT NULL THEN
+            INSERT INTO relay.documenso_events (topic, payload)
+            VALUES ('DOCUMENT_CANCELLED', payload);
+        END IF;
+        RETURN OLD;
+    END IF;
+    INSERT INTO relay.documenso_changes (document, resend) VALUES (d."id"::text, resend);
     RETURN NULL;
 END
 $$;
 
-REVOKE ALL ON FUNCTION relay.documenso_envelope_event() FROM PUBLIC;
-COMMENT ON FUNCTION relay.documenso_envelope_event() IS {fingerprint};
-
-CREATE OR REPLACE TRIGGER relay_documenso_status
-    AFTER UPDATE OF "status" ON {table}
-    FOR EACH ROW WHEN (OLD."status" IS DISTINCT FROM NEW."status")
-    EXECUTE FUNCTION relay.documenso_envelope_event();
-
--- Documents created directly as PENDING (from a direct template link) were sent too.
-CREATE OR REPLACE TRIGGER relay_documenso_created
-    AFTER INSERT ON {table}
-    FOR EACH ROW WHEN (NEW."status"::text <> 'DRAFT')
-    EXECUTE FUNCTION relay.documenso_envelope_event();
-
--- name: document
--- Documenso v1.12 and earlier: "Document", integer ids; templates live in another table.
-CREATE OR REPLACE FUNCTION relay.documenso_document_event() RETURNS trigger
+-- At commit: the document as the transaction leaves it, sent if its status is not the one
+-- last sent (several writes to one document in a transaction make one event, or none).
+CREATE OR REPLACE FUNCTION relay.documenso_commit() RETURNS trigger
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    key text := NEW.document;
+    d record;
+    number int;
+    status text;
+    seen text;
+    changed boolean := false;
     event text;
     payload jsonb;
 BEGIN
     BEGIN
-        event := relay.documenso_event_name(NEW."status"::text);
-        IF event IS NULL THEN
-            RETURN NULL;
+        SELECT * INTO d FROM {table} AS t WHERE {by_key};
+        IF FOUND AND ({is_document}) THEN
+            number := {number};
+            status := d."status"::text;
+            -- A document relay has no status for is a draft (drafts send nothing).
+            SELECT coalesce(max(s.status), 'DRAFT') INTO seen
+            FROM relay.documenso_state AS s WHERE s.id = number;
+            IF status <> seen OR (NEW.resend AND status = 'PENDING') THEN
+                changed := true;
+                event := relay.documenso_event_name(status);
+            END IF;
+            IF event IS NOT NULL THEN
+                BEGIN
+                    payload := relay.documenso_payload(key);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
+                        event, number, SQLERRM;
+                    payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
+                                                  'status', status, 'relayError', SQLERRM);
+                END;
+            END IF;
         END IF;
-        BEGIN
-            payload := relay.documenso_document_json(
-                to_jsonb(NEW), NEW."id", NULL,
-                {meta},
-                (SELECT coalesce(jsonb_agg(
-                            relay.documenso_recipient_json(to_jsonb(r), NEW."id", NULL)
-                            ORDER BY r."id"), '[]'::jsonb)
-                 FROM {recipient} AS r WHERE r."documentId" = NEW."id"));
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
-                event, NEW."id", SQLERRM;
-            payload := jsonb_build_object('id', NEW."id", 'status', NEW."status"::text,
-                                          'relayError', SQLERRM);
-        END;
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'relay: % for document % not recorded, so no webhook is sent for it: %',
-            coalesce(event, 'the status change'), NEW."id", SQLERRM;
-        RETURN NULL;
+        RAISE WARNING 'relay: Documenso document % not read at commit, so no webhook is sent '
+            'for it: %', key, SQLERRM;
+        event := NULL;
+        changed := false;
     END;
-    -- The write stays outside any EXCEPTION block: a block that writes takes a subtransaction
-    -- id for every row, and a transaction changing more than 64 documents would overflow
-    -- PostgreSQL's subtransaction cache, slowing every session while it runs. What could make
-    -- it fail is checked first instead (the table runs as its owner, so privileges cannot).
-    IF to_regclass('relay.documenso_events') IS NULL THEN
-        RAISE WARNING 'relay: % for document % not recorded: relay.documenso_events is missing; '
-            'run `relay install`', event, NEW."id";
-        RETURN NULL;
+    DELETE FROM relay.documenso_changes WHERE id = NEW.id;
+    IF event IS NOT NULL THEN
+        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     END IF;
-    INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
+    IF changed THEN
+        INSERT INTO relay.documenso_state (id, status) VALUES (number, status)
+        ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status;
+    END IF;
     RETURN NULL;
 END
 $$;
 
-REVOKE ALL ON FUNCTION relay.documenso_document_event() FROM PUBLIC;
-COMMENT ON FUNCTION relay.documenso_document_event() IS {fingerprint};
+-- The events no trigger recorded (it was missing: a migration dropped its table): each document
+-- whose status is not the one relay.documenso_state holds. With emit false (the first install)
+-- it only records the statuses, so history is not sent again. Returns how many it sent.
+CREATE OR REPLACE FUNCTION relay.documenso_reconcile(emit boolean) RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d record;
+    number int;
+    event text;
+    payload jsonb;
+    sent int := 0;
+BEGIN
+    -- Deleted while no trigger watched: Documenso's payload cannot be rebuilt, so forgotten.
+    DELETE FROM relay.documenso_state AS s
+    WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {by_number});
+    FOR d IN
+        SELECT t.* FROM {table} AS t
+        WHERE {is_document_t} AND t."status"::text <> 'DRAFT'
+          AND NOT EXISTS (SELECT 1 FROM relay.documenso_state AS s
+                          WHERE {by_number} AND s.status = t."status"::text)
+    LOOP
+        number := {number};
+        event := relay.documenso_event_name(d."status"::text);
+        IF emit AND event IS NOT NULL THEN
+            payload := relay.documenso_payload(d."id"::text);
+            INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
+            sent := sent + 1;
+        END IF;
+        INSERT INTO relay.documenso_state (id, status) VALUES (number, d."status"::text)
+        ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status;
+    END LOOP;
+    RETURN sent;
+END
+$$;
 
-CREATE OR REPLACE TRIGGER relay_documenso_status
-    AFTER UPDATE OF "status" ON {table}
-    FOR EACH ROW WHEN (OLD."status" IS DISTINCT FROM NEW."status")
-    EXECUTE FUNCTION relay.documenso_document_event();
+REVOKE ALL ON FUNCTION relay.documenso_payload(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_change() FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_commit() FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_reconcile(boolean) FROM PUBLIC;
+COMMENT ON FUNCTION relay.documenso_change() IS {fingerprint};
+COMMENT ON FUNCTION relay.documenso_commit() IS {fingerprint};
 
-CREATE OR REPLACE TRIGGER relay_documenso_created
-    AFTER INSERT ON {table}
-    FOR EACH ROW WHEN (NEW."status"::text <> 'DRAFT')
-    EXECUTE FUNCTION relay.documenso_document_event();
+-- Earlier relay versions' triggers (named "status" in their WHEN clause, which blocks Prisma's
+-- enum migrations).
+DROP TRIGGER IF EXISTS relay_documenso_status ON {table};
+DROP TRIGGER IF EXISTS relay_documenso_created ON {table};
+
+CREATE OR REPLACE TRIGGER relay_documenso_change
+    AFTER INSERT OR UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION relay.documenso_change();
+CREATE OR REPLACE TRIGGER relay_documenso_delete
+    BEFORE DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION relay.documenso_change();
+
+-- A constraint trigger cannot be replaced in place.
+DROP TRIGGER IF EXISTS relay_documenso_commit ON relay.documenso_changes;
+CREATE CONSTRAINT TRIGGER relay_documenso_commit
+    AFTER INSERT ON relay.documenso_changes
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION relay.documenso_commit();

@@ -102,11 +102,11 @@ async def test_a_missing_documenso_document_trigger_is_reported(db: str) -> None
     config = config_mod.from_mapping(raw_config(db, sources={"documenso": source}), {})
     await install(config)
     assert await problems(config) == {}
-    execute(db, 'DROP TRIGGER relay_documenso_status ON "Envelope"')
+    execute(db, 'DROP TRIGGER relay_documenso_delete ON "Envelope"')
     assert await problems(config) == {
-        "documenso": "one of its two triggers on public.Envelope is missing"
+        "documenso": "one of its 2 triggers on public.Envelope is missing"
     }
-    execute(db, 'DROP TRIGGER relay_documenso_created ON "Envelope"')
+    execute(db, 'DROP TRIGGER relay_documenso_change ON "Envelope"')
     assert await problems(config) == {
         "documenso": "its trigger on public.Envelope is not installed"
     }

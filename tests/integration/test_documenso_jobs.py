@@ -270,7 +270,12 @@ async def test_uninstall_leaves_documenso_as_it_was(documenso_db: str) -> None:
             ).fetchall()
             return sorted({r[0] for r in rows})
 
-    assert relay_triggers() == ['"BackgroundJob"', '"Envelope"', "relay.documenso_events"]
+    assert relay_triggers() == [
+        '"BackgroundJob"',
+        '"Envelope"',
+        "relay.documenso_changes",
+        "relay.documenso_events",
+    ]
     store = Store(config.database_url, config.sources)
     await store.open()
     try:

@@ -1,0 +1,212 @@
+"""Documenso's document events are decided when Documenso's transaction commits, from the
+document as the transaction leaves it; deletes send what Documenso's delete-document.ts sends; a
+status change made while relay's trigger was missing is sent when it comes back; and no trigger
+of relay's names a Documenso column, so Prisma's migrations may alter any of them."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from relay import config as config_mod
+from tests.integration.documenso_schema import LEGACY_DOCUMENT
+from tests.integration.test_documenso_documents import (
+    COMPLETE,
+    SEND,
+    documenso_config,
+    envelope_db,
+    events,
+    execute,
+)
+from tests.integration.test_triggers_come_back import NO_SWEEP, sweep
+from tests.support import Receiver, install, raw_config, running
+
+__all__ = ["envelope_db"]  # a fixture, used by name
+
+DOCUMENT = "envelope_abcdefhiklmnorst"
+
+# What Prisma Migrate generates when an enum loses a value, after the data step a developer adds
+# to move the rows that hold it. Before relay's triggers named no column, the ALTER COLUMN ...
+# TYPE failed: "cannot alter type of a column used in a trigger definition".
+ENUM_MIGRATION = """
+UPDATE "Envelope" SET "status" = 'COMPLETED', "updatedAt" = now() WHERE "status" = 'REJECTED';
+CREATE TYPE "DocumentStatus_new" AS ENUM ('DRAFT', 'PENDING', 'COMPLETED', 'CANCELLED');
+ALTER TABLE "Envelope" ALTER COLUMN "status" DROP DEFAULT;
+ALTER TABLE "Envelope" ALTER COLUMN "status" TYPE "DocumentStatus_new"
+    USING ("status"::text::"DocumentStatus_new");
+ALTER TYPE "DocumentStatus" RENAME TO "DocumentStatus_old";
+ALTER TYPE "DocumentStatus_new" RENAME TO "DocumentStatus";
+DROP TYPE "DocumentStatus_old";
+ALTER TABLE "Envelope" ALTER COLUMN "status" SET DEFAULT 'DRAFT';
+"""
+
+
+def topics(db: str) -> list[str]:
+    return [topic for topic, _ in events(db)]
+
+
+async def test_a_prisma_enum_migration_runs_with_relay_installed(envelope_db: str) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, SEND)
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "status" = 'REJECTED' WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    # One transaction, as Prisma Migrate runs a migration file.
+    with psycopg.connect(envelope_db) as conn, conn.transaction():
+        conn.execute(ENUM_MIGRATION)
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "status" = 'CANCELLED' WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    assert topics(envelope_db) == [
+        "DOCUMENT_SENT",
+        "DOCUMENT_REJECTED",
+        "DOCUMENT_COMPLETED",  # the migration's own data step, sent like any other write
+        "DOCUMENT_CANCELLED",
+    ]
+
+
+def relay_dependencies_on_documenso_columns(db: str) -> list[str]:
+    with psycopg.connect(db) as conn:
+        cur = conn.execute(
+            """SELECT t.tgname::text FROM pg_depend AS dep
+               JOIN pg_trigger AS t ON dep.classid = 'pg_trigger'::regclass AND dep.objid = t.oid
+               WHERE dep.refobjsubid > 0 AND t.tgname LIKE 'relay%'"""
+        )
+        return [r[0] for r in cur.fetchall()]
+
+
+@pytest.mark.parametrize("shape", ["envelope", "legacy"])
+async def test_no_trigger_of_relays_depends_on_a_documenso_column(
+    db: str, envelope_db: str, shape: str
+) -> None:
+    if shape == "legacy":
+        execute(db, 'DROP TABLE "Recipient", "Envelope", "DocumentMeta" CASCADE; ' + _TYPES)
+        execute(db, LEGACY_DOCUMENT)
+    await install(documenso_config(db, "http://127.0.0.1:9/unused"))
+    assert relay_dependencies_on_documenso_columns(db) == []
+
+
+_TYPES = """DROP TYPE "DocumentStatus", "DocumentSource", "DocumentVisibility", "RecipientRole",
+    "ReadStatus", "SigningStatus", "SendStatus", "EnvelopeType";"""
+
+
+async def test_the_payload_is_the_document_as_its_transaction_commits(envelope_db: str) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    # Documenso's create-document-from-direct-template.ts inserts the document as PENDING first,
+    # its recipients and meta after it, in one transaction.
+    with psycopg.connect(envelope_db) as conn, conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO "DocumentMeta" ("id") VALUES ('meta_9');
+            INSERT INTO "Envelope" ("id", "secondaryId", "type", "status", "updatedAt", "title",
+                                    "source", "internalVersion", "userId", "teamId",
+                                    "documentMetaId")
+            VALUES ('envelope_direct', 'document_9', 'DOCUMENT', 'PENDING', now(), 'Direct',
+                    'TEMPLATE_DIRECT_LINK', 2, 1, 7, 'meta_9');
+            INSERT INTO "Recipient" ("envelopeId", "email", "name", "token")
+            VALUES ('envelope_direct', 'cy@example.com', 'Cy', 'tok9');
+            UPDATE "DocumentMeta" SET "subject" = 'Signed by link' WHERE "id" = 'meta_9';
+            """
+        )
+    ((topic, payload),) = events(envelope_db)
+    assert topic == "DOCUMENT_SENT"
+    assert [r["email"] for r in payload["recipients"]] == ["cy@example.com"]
+    assert payload["documentMeta"]["subject"] == "Signed by link"
+
+
+async def test_several_changes_in_one_transaction_make_one_event_of_the_last_state(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    with psycopg.connect(envelope_db) as conn, conn.transaction():
+        conn.execute(SEND)
+        conn.execute(COMPLETE)
+    ((topic, payload),) = events(envelope_db)
+    assert (topic, payload["status"]) == ("DOCUMENT_COMPLETED", "COMPLETED")
+    # And a change undone before the commit sends nothing.
+    with psycopg.connect(envelope_db) as conn, conn.transaction():
+        conn.execute("""UPDATE "Envelope" SET "status" = 'REJECTED' WHERE "id" = %s""", [DOCUMENT])
+        conn.execute("""UPDATE "Envelope" SET "status" = 'COMPLETED' WHERE "id" = %s""", [DOCUMENT])
+    assert topics(envelope_db) == ["DOCUMENT_COMPLETED"]
+
+
+async def test_sending_a_pending_document_again_sends_document_sent_again(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, SEND)
+    # send-document.ts on a PENDING document: status written again, Prisma bumps "updatedAt".
+    execute(envelope_db, SEND)
+    # Any other write to a pending document is not a send.
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "title" = 'Renamed', "updatedAt" = now() WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    assert topics(envelope_db) == ["DOCUMENT_SENT", "DOCUMENT_SENT"]
+
+
+async def test_deleting_a_pending_document_sends_document_cancelled_as_it_was(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, SEND)
+    execute(envelope_db, """DELETE FROM "Envelope" WHERE "id" = %(id)s""", {"id": DOCUMENT})
+    (_, (topic, payload)) = events(envelope_db)
+    assert (topic, payload["status"], payload["id"]) == ("DOCUMENT_CANCELLED", "PENDING", 42)
+    assert [r["name"] for r in payload["recipients"]] == ["Ann", "Bob"]
+
+
+async def test_deleting_a_draft_or_deleting_with_the_team_sends_nothing(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(
+        envelope_db,
+        """
+        CREATE TABLE "Team" ("id" integer PRIMARY KEY);
+        INSERT INTO "Team" VALUES (7);
+        ALTER TABLE "Envelope" ADD FOREIGN KEY ("teamId") REFERENCES "Team" ON DELETE CASCADE;
+        INSERT INTO "DocumentMeta" ("id") VALUES ('meta_d');
+        INSERT INTO "Envelope" ("id", "secondaryId", "type", "updatedAt", "title", "source",
+                                "internalVersion", "userId", "teamId", "documentMetaId")
+        VALUES ('envelope_draft', 'document_43', 'DOCUMENT', now(), 'Draft', 'DOCUMENT', 2, 1, 7,
+                'meta_d');
+        """,
+    )
+    execute(envelope_db, """DELETE FROM "Envelope" WHERE "id" = 'envelope_draft'""")
+    execute(envelope_db, SEND)
+    execute(envelope_db, """DELETE FROM "Team" WHERE "id" = 7""")
+    assert topics(envelope_db) == ["DOCUMENT_SENT"]
+
+
+async def test_a_status_change_made_while_the_trigger_was_missing_is_sent_when_it_returns(
+    envelope_db: str, receiver: Receiver
+) -> None:
+    execute(envelope_db, SEND)  # before relay was installed: history, not sent
+    source = {"kind": "documenso_documents", "url": receiver.url, "secret": "s3cret"}
+    config = config_mod.from_mapping(
+        raw_config(envelope_db, relay=NO_SWEEP, sources={"documenso": source}), {}
+    )
+    await install(config)
+    assert events(envelope_db) == []
+    async with running(config) as relay:
+        # A migration that drops the trigger with its table (here: only the trigger), while
+        # Documenso goes on.
+        execute(envelope_db, 'DROP TRIGGER relay_documenso_change ON "Envelope"')
+        execute(envelope_db, COMPLETE)
+        await sweep(relay)
+        await receiver.wait_count(1)
+    body = receiver.received[0].json
+    assert (body["event"], body["payload"]["status"]) == ("DOCUMENT_COMPLETED", "COMPLETED")
+    assert [r["email"] for r in body["payload"]["recipients"]] == [
+        "ann@example.com",
+        "bob@example.com",
+    ]
+    # Sent once: the next install finds nothing missed.
+    await install(config)
+    assert topics(envelope_db) == ["DOCUMENT_COMPLETED"]

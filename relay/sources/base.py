@@ -192,7 +192,7 @@ class Compiled:
     # write-backs or attempt log read.
     detail_on: frozenset[str] = frozenset()
     settle_each: Mapping[str, sqltext.Query] | None = None  # outcome -> statement
-    extra_triggers: tuple[tuple[str, str, str, tuple[str, str], str], ...] = ()
+    extra_triggers: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = ()
     # The claim may return fewer rows than asked while more are there (a user's function that
     # claims one job per call): it is run again until it returns none or the batch is full.
     repeat_claim: bool = False

@@ -19,7 +19,7 @@ from psycopg import sql
 from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
-from relay.sources import documenso_release, events, outbox
+from relay.sources import documenso_payload, documenso_release, events
 from relay.sources.base import (
     PRIVATE_HEADERS,
     Claimed,
@@ -101,7 +101,7 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
     cur = await conn.execute(catalog.CATALOG["documenso_probe"], {"schema": schema})
     row = await cur.fetchone()
     assert row is not None
-    envelope, document, recipient, meta, envelope_meta, document_meta = row
+    envelope, document, recipient, meta, envelope_meta, document_meta, audit = row
     where = f"sources.{source.name}"
     if not envelope and not document:
         raise ConfigError(
@@ -122,6 +122,20 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
         meta_expr = sql.SQL("(SELECT to_jsonb(m) FROM {} AS m WHERE {})").format(
             sql.Identifier(schema, "DocumentMeta"), sql.SQL(shape["meta_of"])
         )
+    # A re-send and a document created as PENDING. Documenso's sendDocument writes an "Envelope"
+    # of internalVersion 2 with a DOCUMENT_FIELDS_AUTO_INSERTED audit row, in the same
+    # transaction, which no other write to a pending document does; it sends DOCUMENT_SENT for a
+    # direct-template document that way too. Nothing tells an earlier version's re-send from an
+    # edit that changed nothing, so there the document created as PENDING is the one sent.
+    resend_check: sql.Composable = sql.SQL("false")
+    sent_later: sql.Composable = sql.SQL("false")
+    if envelope and audit:
+        sent_later = sql.SQL('d."internalVersion" = 2')
+        resend_check = sql.SQL(
+            'd."internalVersion" = 2 AND EXISTS (SELECT 1 FROM {} AS a '
+            'WHERE a."envelopeId" = d."id" AND a."type" = \'DOCUMENT_FIELDS_AUTO_INSERTED\' '
+            "AND a.xmin = (pg_current_xact_id()::text::bigint % 4294967296)::text::xid)"
+        ).format(sql.Identifier(schema, "DocumentAuditLog"))
     made_from = sqltext.fingerprint(_SQL["common"], _SQL["shape"], schema, row)
     # Sections lose their last `;` when loaded: one goes back between the two.
     install = sql.SQL(_SQL["common"] + ";\n").format() + sql.SQL(_SQL["shape"]).format(
@@ -129,6 +143,8 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
         recipient=sql.Identifier(schema, "Recipient"),
         meta=meta_expr,
         fingerprint=sql.Literal(made_from),
+        resend_check=resend_check,
+        sent_later=sent_later,
         **{k: sql.SQL(v) for k, v in shape.items() if k != "meta_of"},
     )
     return DocumensoTrigger(table, install, made_from)
@@ -213,10 +229,13 @@ class DocumensoDocuments(Plain):
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: events.EventSpec = source.spec
         url = spec.topics["*"]
-        body = outbox.json_body(source, row)
-        if isinstance(body, Dead):
-            return body
-        body = documenso_body(row.topic or "", body, url, now)
+        try:
+            payload = documenso_payload.body(row.payload or "null")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return Dead(
+                f"its captured document could not be mapped to Documenso's payload: {exc!r}"
+            )
+        body = documenso_body(row.topic or "", payload, url, now)
         headers = {
             "Content-Type": "application/json",
             # relay's stable id, the same on every attempt, as on every source.

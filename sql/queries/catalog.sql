@@ -68,4 +68,7 @@ SELECT to_regclass(format('%%I.%%I', %(schema)s::text, 'Envelope')) IS NOT NULL,
                  AND attname = 'documentMetaId' AND NOT attisdropped),
        EXISTS (SELECT 1 FROM pg_attribute
                WHERE attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, 'DocumentMeta'))
-                 AND attname = 'documentId' AND NOT attisdropped);
+                 AND attname = 'documentId' AND NOT attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, 'DocumentAuditLog'))
+                 AND attname = 'envelopeId' AND NOT attisdropped);

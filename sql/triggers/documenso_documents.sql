@@ -57,18 +57,11 @@ CREATE TABLE IF NOT EXISTS relay.documenso_state (
 -- Documents written in a transaction that has not committed yet; emptied at its commit.
 CREATE TABLE IF NOT EXISTS relay.documenso_changes (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    document  text    NOT NULL,   -- the document table's "id", as text
-    resend    boolean NOT NULL    -- written again as PENDING while PENDING: Documenso re-sent it
+    document  text    NOT NULL,   -- the document table's "id", as text (indexed below)
+    resend    boolean NOT NULL,   -- written again as PENDING while PENDING: Documenso re-sent it
+    updated_before jsonb          -- "updatedAt" before this write (NULL for an INSERT)
 );
-
--- Documenso stores UTC in timestamp(3) without time zone and sends JavaScript's toISOString().
-CREATE OR REPLACE FUNCTION relay.documenso_iso(value jsonb) RETURNS jsonb
-LANGUAGE sql STABLE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE WHEN value IS NULL OR jsonb_typeof(value) = 'null' THEN 'null'::jsonb
-           ELSE to_jsonb(to_char((value #>> ARRAY[]::text[])::timestamp,
-                                 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')) END
-$$;
+CREATE INDEX IF NOT EXISTS documenso_changes_document_idx ON relay.documenso_changes (document);
 
 CREATE OR REPLACE FUNCTION relay.documenso_event_name(status text) RETURNS text
 LANGUAGE sql IMMUTABLE
@@ -81,85 +74,32 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     END
 $$;
 
--- Fields are read with -> so a column a Documenso version lacks comes out null, not an error.
-CREATE OR REPLACE FUNCTION relay.documenso_recipient_json(r jsonb, document_id int, envelope_id text)
-RETURNS jsonb
-LANGUAGE sql STABLE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT jsonb_build_object(
-        'id', r->'id', 'envelopeId', to_jsonb(envelope_id), 'documentId', to_jsonb(document_id),
-        'templateId', r->'templateId', 'email', r->'email', 'name', r->'name',
-        'token', r->'token', 'documentDeletedAt', relay.documenso_iso(r->'documentDeletedAt'),
-        'expiresAt', relay.documenso_iso(r->'expiresAt'),
-        'expirationNotifiedAt', relay.documenso_iso(r->'expirationNotifiedAt'),
-        'signedAt', relay.documenso_iso(r->'signedAt'), 'authOptions', r->'authOptions',
-        'signingOrder', r->'signingOrder', 'rejectionReason', r->'rejectionReason',
-        'role', r->'role', 'readStatus', r->'readStatus', 'signingStatus', r->'signingStatus',
-        'sendStatus', r->'sendStatus')
-$$;
-
-CREATE OR REPLACE FUNCTION relay.documenso_document_json(
-    d jsonb, document_id int, envelope_id text, meta jsonb, recipients jsonb)
-RETURNS jsonb
-LANGUAGE sql STABLE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT jsonb_build_object(
-        'id', to_jsonb(document_id), 'envelopeId', to_jsonb(envelope_id),
-        'externalId', d->'externalId', 'userId', d->'userId', 'authOptions', d->'authOptions',
-        'formValues', d->'formValues', 'visibility', d->'visibility', 'title', d->'title',
-        'status', d->'status',
-        'createdAt', relay.documenso_iso(d->'createdAt'),
-        'updatedAt', relay.documenso_iso(d->'updatedAt'),
-        'completedAt', relay.documenso_iso(d->'completedAt'),
-        'deletedAt', relay.documenso_iso(d->'deletedAt'),
-        'teamId', d->'teamId', 'templateId', d->'templateId', 'source', d->'source',
-        'documentMeta', CASE WHEN meta IS NULL THEN 'null'::jsonb ELSE jsonb_build_object(
-            'id', meta->'id', 'subject', meta->'subject', 'message', meta->'message',
-            'timezone', meta->'timezone', 'dateFormat', meta->'dateFormat',
-            'redirectUrl', meta->'redirectUrl', 'signingOrder', meta->'signingOrder',
-            'allowDictateNextSigner', meta->'allowDictateNextSigner',
-            'typedSignatureEnabled', meta->'typedSignatureEnabled',
-            'uploadSignatureEnabled', meta->'uploadSignatureEnabled',
-            'drawSignatureEnabled', meta->'drawSignatureEnabled', 'language', meta->'language',
-            'distributionMethod', meta->'distributionMethod',
-            'emailSettings', meta->'emailSettings') END,
-        'recipients', recipients,
-        'Recipient', recipients)
-    || CASE WHEN d ? 'documentDataId'
-            THEN jsonb_build_object('documentDataId', d->'documentDataId')
-            ELSE '{{}}'::jsonb END
-$$;
-
-REVOKE ALL ON FUNCTION relay.documenso_iso(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_event_name(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION relay.documenso_recipient_json(jsonb, int, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION relay.documenso_document_json(jsonb, int, text, jsonb, jsonb) FROM PUBLIC;
 
 
 -- name: shape
 -- One schema version's functions and triggers. {table} is Documenso's document table; a row of
 -- it is `d` in expressions and `t` in queries; {by_key} finds the one whose "id" is `key`.
 
--- Documenso's webhook payload for one document, as it is now; NULL if it is not a document.
+-- One document as it is now, with its meta and recipients, as rows: relay maps them to the
+-- payload of the Documenso version whose columns they have when it sends the event
+-- (relay/sources/documenso_payload.py). NULL if it is not a document. Documenso does not order
+-- the recipients; by id is what an unordered read of them most often gives.
 CREATE OR REPLACE FUNCTION relay.documenso_payload(key text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     d record;
-    number int;
 BEGIN
     SELECT * INTO d FROM {table} AS t WHERE {by_key};
     IF NOT FOUND OR NOT ({is_document}) THEN
         RETURN NULL;
     END IF;
-    number := {number};
-    RETURN relay.documenso_document_json(
-        to_jsonb(d), number, {envelope_id},
-        {meta},
-        (SELECT coalesce(jsonb_agg(
-                    relay.documenso_recipient_json(to_jsonb(r), number, {envelope_id})
-                    ORDER BY r."id"), '[]'::jsonb)
-         FROM {recipient} AS r WHERE {recipient_of}));
+    RETURN jsonb_build_object(
+        'capture', 1, 'id', {number}, 'envelopeId', {envelope_id}, 'document', to_jsonb(d),
+        'meta', {meta},
+        'recipients', (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY r."id"), '[]'::jsonb)
+                       FROM {recipient} AS r WHERE {recipient_of}));
 END
 $$;
 
@@ -207,7 +147,9 @@ BEGIN
                 -- Documenso's send-document.ts on a document already PENDING writes
                 -- status = 'PENDING' again (Prisma adds "updatedAt") and sends DOCUMENT_SENT
                 -- again. A row trigger cannot see which columns an UPDATE set, only what
-                -- changed: a PENDING row of which nothing but "updatedAt" changed is that.
+                -- changed, and other writes change nothing but "updatedAt" too (an edit that
+                -- keeps every value, a move to the same folder): relay.documenso_commit tells
+                -- them apart at commit.
                 IF NEW."status"::text <> 'PENDING'
                    OR to_jsonb(OLD) - 'updatedAt' <> to_jsonb(NEW) - 'updatedAt' THEN
                     RETURN NULL;
@@ -239,19 +181,25 @@ BEGIN
         END IF;
         RETURN OLD;
     END IF;
-    INSERT INTO relay.documenso_changes (document, resend) VALUES (d."id"::text, resend);
+    INSERT INTO relay.documenso_changes (document, resend, updated_before)
+    VALUES (d."id"::text, resend, CASE WHEN TG_OP = 'UPDATE' THEN to_jsonb(OLD)->'updatedAt' END);
     RETURN NULL;
 END
 $$;
 
 -- At commit: the document as the transaction leaves it, sent if its status is not the one
--- last sent (several writes to one document in a transaction make one event, or none).
+-- last sent. The first of a document's changes to fire takes all of them (several writes to one
+-- document in a transaction make one event, or none); the others find theirs gone.
 CREATE OR REPLACE FUNCTION relay.documenso_commit() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key text := NEW.document;
     d record;
+    found_changes int;
+    resend boolean;
+    inserted boolean;
+    updated_before jsonb;
     number int;
     status text;
     seen text;
@@ -259,6 +207,17 @@ DECLARE
     event text;
     payload jsonb;
 BEGIN
+    WITH taken AS (
+        DELETE FROM relay.documenso_changes AS c WHERE c.document = key
+        RETURNING c.id, c.resend, c.updated_before
+    )
+    SELECT count(*), bool_or(taken.resend), bool_or(taken.updated_before IS NULL),
+           (array_agg(taken.updated_before ORDER BY taken.id))[1]
+    INTO found_changes, resend, inserted, updated_before
+    FROM taken;
+    IF found_changes = 0 THEN
+        RETURN NULL;
+    END IF;
     BEGIN
         SELECT * INTO d FROM {table} AS t WHERE {by_key};
         IF FOUND AND ({is_document}) THEN
@@ -267,13 +226,29 @@ BEGIN
             -- A document relay has no status for is a draft (drafts send nothing).
             SELECT coalesce(max(s.status), 'DRAFT') INTO seen
             FROM relay.documenso_state AS s WHERE s.id = number;
-            IF status <> seen OR (NEW.resend AND status = 'PENDING') THEN
+            IF status <> seen THEN
                 changed := true;
                 event := relay.documenso_event_name(status);
+                -- Created as PENDING: a document from a direct template link. Documenso's
+                -- sendDocument sends DOCUMENT_SENT after that transaction, by writing it again
+                -- (below), and only if someone is left to sign; otherwise it seals it at once.
+                IF inserted AND status = 'PENDING' AND ({sent_later} OR NOT EXISTS (
+                        SELECT 1 FROM {recipient} AS r
+                        WHERE {recipient_of} AND r."role"::text <> 'CC'
+                          AND r."signingStatus"::text = 'NOT_SIGNED')) THEN
+                    event := NULL;
+                END IF;
+            ELSIF resend AND status = 'PENDING' AND ({resend_check}) THEN
+                event := 'DOCUMENT_SENT';
             END IF;
             IF event IS NOT NULL THEN
                 BEGIN
                     payload := relay.documenso_payload(key);
+                    -- cancel-document.ts maps the document as it read it before cancelling,
+                    -- with the new status and completedAt: updatedAt is the earlier one.
+                    IF event = 'DOCUMENT_CANCELLED' AND updated_before IS NOT NULL THEN
+                        payload := jsonb_set(payload, '{{document,updatedAt}}', updated_before);
+                    END IF;
                 EXCEPTION WHEN OTHERS THEN
                     RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
                         event, number, SQLERRM;
@@ -288,7 +263,6 @@ BEGIN
         event := NULL;
         changed := false;
     END;
-    DELETE FROM relay.documenso_changes WHERE id = NEW.id;
     IF event IS NOT NULL THEN
         INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
     END IF;

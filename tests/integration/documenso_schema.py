@@ -50,8 +50,19 @@ CREATE TABLE "Envelope" (
     "templateId" integer,
     "userId" integer NOT NULL,
     "teamId" integer NOT NULL,
-    "documentMetaId" text NOT NULL UNIQUE REFERENCES "DocumentMeta" ("id")
+    "documentMetaId" text NOT NULL UNIQUE REFERENCES "DocumentMeta" ("id"),
+    -- v2.13.0's column (Documenso dropped its default after the backfill; kept here so the
+    -- tests' inserts stay short).
+    "signatureLevel" text NOT NULL DEFAULT 'SES'
 );
+CREATE TABLE "DocumentAuditLog" (
+    "id" text PRIMARY KEY,
+    "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "type" text NOT NULL,
+    "data" jsonb NOT NULL,
+    "envelopeId" text REFERENCES "Envelope" ("id") ON DELETE SET NULL
+);
+CREATE INDEX "DocumentAuditLog_envelopeId_idx" ON "DocumentAuditLog" ("envelopeId");
 CREATE TABLE "Recipient" (
     "id" serial PRIMARY KEY,
     "envelopeId" text NOT NULL REFERENCES "Envelope" ("id") ON DELETE CASCADE,
@@ -60,6 +71,7 @@ CREATE TABLE "Recipient" (
     "token" text NOT NULL,
     "documentDeletedAt" timestamp(3),
     "expiresAt" timestamp(3),
+    "expirationNotifiedAt" timestamp(3),
     "signedAt" timestamp(3),
     "authOptions" jsonb,
     "signingOrder" integer,

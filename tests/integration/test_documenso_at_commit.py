@@ -94,28 +94,81 @@ _TYPES = """DROP TYPE "DocumentStatus", "DocumentSource", "DocumentVisibility", 
     "ReadStatus", "SigningStatus", "SendStatus", "EnvelopeType";"""
 
 
+def create_from_direct_template(db: str, internal_version: int, others: str) -> None:
+    """What Documenso's create-document-from-direct-template.ts writes, in one transaction: the
+    document as PENDING first, its recipients (the direct one already SIGNED) after it."""
+    params = {
+        "version": internal_version,
+        "role": "CC" if others == "cc" else "SIGNER",
+        "signing": "SIGNED" if others == "cc" else "NOT_SIGNED",
+    }
+    with psycopg.connect(db) as conn, conn.transaction():
+        conn.execute("""INSERT INTO "DocumentMeta" ("id") VALUES ('meta_9')""")
+        conn.execute(
+            """INSERT INTO "Envelope" ("id", "secondaryId", "type", "status", "updatedAt",
+                                       "title", "source", "internalVersion", "userId", "teamId",
+                                       "documentMetaId")
+               VALUES ('envelope_direct', 'document_9', 'DOCUMENT', 'PENDING', now(), 'Direct',
+                       'TEMPLATE_DIRECT_LINK', %(version)s, 1, 7, 'meta_9')""",
+            params,
+        )
+        conn.execute(
+            """INSERT INTO "Recipient" ("envelopeId", "email", "name", "token", "role",
+                                        "signingStatus")
+               VALUES ('envelope_direct', 'other@example.com', 'Other', 'tok8', %(role)s,
+                       %(signing)s),
+                      ('envelope_direct', 'cy@example.com', 'Cy', 'tok9', 'SIGNER', 'SIGNED')""",
+            params,
+        )
+        conn.execute(
+            """UPDATE "DocumentMeta" SET "subject" = 'Signed by link' WHERE "id" = 'meta_9'"""
+        )
+
+
+def send_document(db: str, envelope: str) -> None:
+    """send-document.ts on a PENDING "Envelope" of internalVersion 2: the audit row of the
+    fields it auto-inserted (always written, even for none) and the status written again."""
+    with psycopg.connect(db) as conn, conn.transaction():
+        conn.execute(
+            """INSERT INTO "DocumentAuditLog" ("id", "type", "data", "envelopeId")
+               VALUES (gen_random_uuid()::text, 'DOCUMENT_FIELDS_AUTO_INSERTED', '{}', %(id)s)""",
+            {"id": envelope},
+        )
+        conn.execute(
+            """UPDATE "Envelope" SET "status" = 'PENDING', "updatedAt" = now()
+               WHERE "id" = %(id)s""",
+            {"id": envelope},
+        )
+
+
 async def test_the_payload_is_the_document_as_its_transaction_commits(envelope_db: str) -> None:
     await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
-    # Documenso's create-document-from-direct-template.ts inserts the document as PENDING first,
-    # its recipients and meta after it, in one transaction.
-    with psycopg.connect(envelope_db) as conn, conn.transaction():
-        conn.execute(
-            """
-            INSERT INTO "DocumentMeta" ("id") VALUES ('meta_9');
-            INSERT INTO "Envelope" ("id", "secondaryId", "type", "status", "updatedAt", "title",
-                                    "source", "internalVersion", "userId", "teamId",
-                                    "documentMetaId")
-            VALUES ('envelope_direct', 'document_9', 'DOCUMENT', 'PENDING', now(), 'Direct',
-                    'TEMPLATE_DIRECT_LINK', 2, 1, 7, 'meta_9');
-            INSERT INTO "Recipient" ("envelopeId", "email", "name", "token")
-            VALUES ('envelope_direct', 'cy@example.com', 'Cy', 'tok9');
-            UPDATE "DocumentMeta" SET "subject" = 'Signed by link' WHERE "id" = 'meta_9';
-            """
-        )
+    # internalVersion 1: no audit row tells Documenso's send that follows from an edit, so the
+    # document created as PENDING is the one sent, with someone left to sign.
+    create_from_direct_template(envelope_db, 1, others="signer")
     ((topic, payload),) = events(envelope_db)
     assert topic == "DOCUMENT_SENT"
-    assert [r["email"] for r in payload["recipients"]] == ["cy@example.com"]
+    assert [r["email"] for r in payload["recipients"]] == ["other@example.com", "cy@example.com"]
     assert payload["documentMeta"]["subject"] == "Signed by link"
+
+
+async def test_a_direct_template_document_nobody_is_left_to_sign_sends_no_document_sent(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    create_from_direct_template(envelope_db, 1, others="cc")
+    assert events(envelope_db) == []
+
+
+async def test_a_direct_template_document_is_sent_by_the_send_that_follows_it(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    create_from_direct_template(envelope_db, 2, others="signer")
+    assert events(envelope_db) == []
+    send_document(envelope_db, "envelope_direct")
+    ((topic, payload),) = events(envelope_db)
+    assert (topic, payload["id"]) == ("DOCUMENT_SENT", 9)
 
 
 async def test_several_changes_in_one_transaction_make_one_event_of_the_last_state(
@@ -138,16 +191,38 @@ async def test_sending_a_pending_document_again_sends_document_sent_again(
     envelope_db: str,
 ) -> None:
     await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
-    execute(envelope_db, SEND)
-    # send-document.ts on a PENDING document: status written again, Prisma bumps "updatedAt".
-    execute(envelope_db, SEND)
-    # Any other write to a pending document is not a send.
+    send_document(envelope_db, DOCUMENT)  # DRAFT -> PENDING, with its audit row: one event
+    send_document(envelope_db, DOCUMENT)  # PENDING again: Documenso sends it again
+    # An edit that keeps every value (update-envelope.ts always writes authOptions) changes
+    # nothing but "updatedAt" too, without the audit row: not a send.
     execute(
         envelope_db,
-        """UPDATE "Envelope" SET "title" = 'Renamed', "updatedAt" = now() WHERE "id" = %(id)s""",
+        """UPDATE "Envelope" SET "authOptions" = "authOptions", "updatedAt" = now()
+           WHERE "id" = %(id)s""",
         {"id": DOCUMENT},
     )
     assert topics(envelope_db) == ["DOCUMENT_SENT", "DOCUMENT_SENT"]
+
+
+async def test_cancelling_sends_the_document_as_it_was_read_before(envelope_db: str) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, SEND)
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "updatedAt" = '2026-01-02 03:04:05.678' WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "status" = 'CANCELLED', "completedAt" = now(),
+           "updatedAt" = now() WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    (_, (topic, payload)) = events(envelope_db)
+    assert (topic, payload["status"]) == ("DOCUMENT_CANCELLED", "CANCELLED")
+    # cancel-document.ts maps the envelope it read before its update.
+    assert payload["updatedAt"] == "2026-01-02T03:04:05.678Z"
+    assert payload["completedAt"] is not None
 
 
 async def test_deleting_a_pending_document_sends_document_cancelled_as_it_was(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
+from relay.sources import documenso_payload
 from tests.integration.documenso_schema import ENVELOPE, LEGACY_DOCUMENT
 from tests.support import Receiver, install, raw_config, running
 
@@ -27,9 +29,10 @@ def execute(db: str, statements: str, params: dict[str, Any] | None = None) -> N
 
 
 def events(db: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events recorded, each with the payload relay will send for it."""
     with psycopg.connect(db) as conn:
-        rows = conn.execute("SELECT topic, payload FROM relay.documenso_events ORDER BY id")
-        return [(r[0], r[1]) for r in rows.fetchall()]
+        rows = conn.execute("SELECT topic, payload::text FROM relay.documenso_events ORDER BY id")
+        return [(r[0], orjson.loads(documenso_payload.body(r[1]))) for r in rows.fetchall()]
 
 
 @pytest.fixture
@@ -86,6 +89,10 @@ async def test_draft_to_pending_to_completed_sends_documenso_webhooks(
     assert completed.json["event"] == "DOCUMENT_COMPLETED"
 
     payload = completed.json["payload"]
+    # v2.13's shape, in its order: the schema has "signatureLevel".
+    assert list(payload) == V2_13_KEYS
+    assert list(payload["documentMeta"]) == V2_13_META_KEYS
+    assert list(payload["recipients"][0]) == V2_13_RECIPIENT_KEYS
     assert payload["id"] == 42
     assert payload["envelopeId"] == "envelope_abcdefhiklmnorst"
     assert payload["status"] == "COMPLETED"
@@ -181,10 +188,132 @@ async def test_legacy_document_schema(db: str, receiver: Receiver) -> None:
     body = receiver.received[0].json
     assert body["event"] == "DOCUMENT_SENT"
     payload = body["payload"]
-    assert (payload["id"], payload["envelopeId"], payload["documentDataId"]) == (1, None, "data_1")
-    assert payload["documentMeta"]["subject"] == "Sign it"
-    assert payload["recipients"][0]["email"] == "cy@example.com"
-    assert payload["recipients"][0]["documentId"] == 1
+    # Documenso v1.10 to v1.12's payload (its zod schema's order), not the Envelope one.
+    assert list(payload) == LEGACY_KEYS
+    assert (payload["id"], payload["documentDataId"]) == (1, "data_1")
+    meta = payload["documentMeta"]
+    assert list(meta) == LEGACY_META_KEYS
+    assert (meta["subject"], meta["timezone"], meta["dateFormat"]) == (
+        "Sign it",
+        "Etc/UTC",
+        "yyyy-MM-dd hh:mm a",
+    )
+    (recipient,) = payload["recipients"]
+    assert list(recipient) == LEGACY_RECIPIENT_KEYS
+    assert (recipient["email"], recipient["documentId"]) == ("cy@example.com", 1)
+
+
+# From Documenso's webhook-payload.ts at v1.12.10 and v2.17.0 (docs/research/documenso-payloads.md).
+LEGACY_KEYS = [
+    "id",
+    "externalId",
+    "userId",
+    "authOptions",
+    "formValues",
+    "visibility",
+    "title",
+    "status",
+    "documentDataId",
+    "createdAt",
+    "updatedAt",
+    "completedAt",
+    "deletedAt",
+    "teamId",
+    "templateId",
+    "source",
+    "documentMeta",
+    "recipients",
+    "Recipient",
+]
+LEGACY_META_KEYS = [
+    "id",
+    "subject",
+    "message",
+    "timezone",
+    "password",
+    "dateFormat",
+    "redirectUrl",
+    "signingOrder",
+    "typedSignatureEnabled",
+    "language",
+    "distributionMethod",
+    "emailSettings",
+]
+LEGACY_RECIPIENT_KEYS = [
+    "id",
+    "documentId",
+    "templateId",
+    "email",
+    "name",
+    "token",
+    "documentDeletedAt",
+    "expired",
+    "signedAt",
+    "authOptions",
+    "signingOrder",
+    "rejectionReason",
+    "role",
+    "readStatus",
+    "signingStatus",
+    "sendStatus",
+]
+V2_13_KEYS = [
+    "id",
+    "envelopeId",
+    "externalId",
+    "userId",
+    "authOptions",
+    "formValues",
+    "visibility",
+    "title",
+    "status",
+    "createdAt",
+    "updatedAt",
+    "completedAt",
+    "deletedAt",
+    "teamId",
+    "templateId",
+    "source",
+    "documentMeta",
+    "recipients",
+    "Recipient",
+]
+V2_13_META_KEYS = [
+    "id",
+    "subject",
+    "message",
+    "timezone",
+    "dateFormat",
+    "redirectUrl",
+    "signingOrder",
+    "allowDictateNextSigner",
+    "typedSignatureEnabled",
+    "uploadSignatureEnabled",
+    "drawSignatureEnabled",
+    "language",
+    "distributionMethod",
+    "emailSettings",
+]
+V2_13_RECIPIENT_KEYS = [
+    "id",
+    "envelopeId",
+    "documentId",
+    "templateId",
+    "email",
+    "name",
+    "token",
+    "documentDeletedAt",
+    "expiresAt",
+    "expirationNotifiedAt",
+    "signedAt",
+    "authOptions",
+    "signingOrder",
+    "rejectionReason",
+    "role",
+    "readStatus",
+    "signingStatus",
+    "sendStatus",
+]
 
 
 async def test_install_on_a_database_without_documenso_says_what_is_missing(db: str) -> None:

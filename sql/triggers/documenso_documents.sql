@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS relay.documenso_state (
 CREATE TABLE IF NOT EXISTS relay.documenso_changes (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     document  text    NOT NULL,   -- the document table's "id", as text (indexed below)
-    resend    boolean NOT NULL,   -- written again as PENDING while PENDING: Documenso re-sent it
+    signal    text,               -- 'resend': written again as PENDING while PENDING;
+                                  -- 'deleted': its "deletedAt" set (a soft delete)
     updated_before jsonb          -- "updatedAt" before this write (NULL for an INSERT)
 );
 CREATE INDEX IF NOT EXISTS documenso_changes_document_idx ON relay.documenso_changes (document);
@@ -110,7 +111,7 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     d record;
     number int;
-    resend boolean := false;
+    signal text;
     payload jsonb;
 BEGIN
     BEGIN
@@ -122,18 +123,18 @@ BEGIN
                 RETURN OLD;
             END IF;
             number := {number};
-            -- Documenso hard-deletes drafts and pending documents; for a pending one it sends
-            -- DOCUMENT_CANCELLED with the document as it was.
-            IF d."status"::text = 'PENDING' THEN
-                BEGIN
-                    payload := relay.documenso_payload(d."id"::text);
-                EXCEPTION WHEN OTHERS THEN
-                    RAISE WARNING 'relay: DOCUMENT_CANCELLED for document % sent with a minimal '
-                        'payload: %', number, SQLERRM;
-                    payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
-                                                  'status', 'PENDING', 'relayError', SQLERRM);
-                END;
-            END IF;
+            -- Documenso's delete-document.ts hard-deletes drafts and pending documents and
+            -- sends DOCUMENT_CANCELLED (v1.10 on, whatever the status) with the document as it
+            -- was. Its admin delete writes the same and sends nothing: relay cannot tell them
+            -- apart, and sends it for both.
+            BEGIN
+                payload := relay.documenso_payload(d."id"::text);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'relay: DOCUMENT_CANCELLED for document % sent with a minimal '
+                    'payload: %', number, SQLERRM;
+                payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
+                                              'status', d."status"::text, 'relayError', SQLERRM);
+            END;
         ELSE
             d := NEW;
             IF NOT ({is_document}) THEN
@@ -143,6 +144,9 @@ BEGIN
                 IF d."status"::text = 'DRAFT' THEN
                     RETURN NULL;
                 END IF;
+            ELSIF OLD."deletedAt" IS NULL AND NEW."deletedAt" IS NOT NULL THEN
+                -- A completed document is deleted softly; Documenso sends DOCUMENT_CANCELLED.
+                signal := 'deleted';
             ELSIF OLD."status" IS NOT DISTINCT FROM NEW."status" THEN
                 -- Documenso's send-document.ts on a document already PENDING writes
                 -- status = 'PENDING' again (Prisma adds "updatedAt") and sends DOCUMENT_SENT
@@ -154,7 +158,7 @@ BEGIN
                    OR to_jsonb(OLD) - 'updatedAt' <> to_jsonb(NEW) - 'updatedAt' THEN
                     RETURN NULL;
                 END IF;
-                resend := true;
+                signal := 'resend';
             END IF;
         END IF;
     EXCEPTION WHEN OTHERS THEN
@@ -181,8 +185,8 @@ BEGIN
         END IF;
         RETURN OLD;
     END IF;
-    INSERT INTO relay.documenso_changes (document, resend, updated_before)
-    VALUES (d."id"::text, resend, CASE WHEN TG_OP = 'UPDATE' THEN to_jsonb(OLD)->'updatedAt' END);
+    INSERT INTO relay.documenso_changes (document, signal, updated_before)
+    VALUES (d."id"::text, signal, CASE WHEN TG_OP = 'UPDATE' THEN to_jsonb(OLD)->'updatedAt' END);
     RETURN NULL;
 END
 $$;
@@ -198,6 +202,7 @@ DECLARE
     d record;
     found_changes int;
     resend boolean;
+    deleted boolean;
     inserted boolean;
     updated_before jsonb;
     number int;
@@ -209,11 +214,12 @@ DECLARE
 BEGIN
     WITH taken AS (
         DELETE FROM relay.documenso_changes AS c WHERE c.document = key
-        RETURNING c.id, c.resend, c.updated_before
+        RETURNING c.id, c.signal, c.updated_before
     )
-    SELECT count(*), bool_or(taken.resend), bool_or(taken.updated_before IS NULL),
+    SELECT count(*), bool_or(taken.signal = 'resend'), bool_or(taken.signal = 'deleted'),
+           bool_or(taken.updated_before IS NULL),
            (array_agg(taken.updated_before ORDER BY taken.id))[1]
-    INTO found_changes, resend, inserted, updated_before
+    INTO found_changes, resend, deleted, inserted, updated_before
     FROM taken;
     IF found_changes = 0 THEN
         RETURN NULL;
@@ -240,6 +246,9 @@ BEGIN
                 END IF;
             ELSIF resend AND status = 'PENDING' AND ({resend_check}) THEN
                 event := 'DOCUMENT_SENT';
+            ELSIF deleted THEN
+                -- As v2.15 and later send it: the document after its deletedAt was set.
+                event := 'DOCUMENT_CANCELLED';
             END IF;
             IF event IS NOT NULL THEN
                 BEGIN

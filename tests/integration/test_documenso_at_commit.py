@@ -236,7 +236,22 @@ async def test_deleting_a_pending_document_sends_document_cancelled_as_it_was(
     assert [r["name"] for r in payload["recipients"]] == ["Ann", "Bob"]
 
 
-async def test_deleting_a_draft_or_deleting_with_the_team_sends_nothing(
+async def test_deleting_a_completed_document_softly_sends_document_cancelled(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, COMPLETE)
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "deletedAt" = now(), "updatedAt" = now() WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    (_, (topic, payload)) = events(envelope_db)
+    assert (topic, payload["status"]) == ("DOCUMENT_CANCELLED", "COMPLETED")
+    assert payload["deletedAt"] is not None
+
+
+async def test_deleting_a_draft_sends_document_cancelled_deleting_with_the_team_nothing(
     envelope_db: str,
 ) -> None:
     await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
@@ -255,8 +270,12 @@ async def test_deleting_a_draft_or_deleting_with_the_team_sends_nothing(
     )
     execute(envelope_db, """DELETE FROM "Envelope" WHERE "id" = 'envelope_draft'""")
     execute(envelope_db, SEND)
+    # Deleted with its team (a cascade, as orphan-envelopes.ts and FK cascades do): nothing.
     execute(envelope_db, """DELETE FROM "Team" WHERE "id" = 7""")
-    assert topics(envelope_db) == ["DOCUMENT_SENT"]
+    assert [(t, p["id"], p["status"]) for t, p in events(envelope_db)] == [
+        ("DOCUMENT_CANCELLED", 43, "DRAFT"),
+        ("DOCUMENT_SENT", 42, "PENDING"),
+    ]
 
 
 async def test_a_status_change_made_while_the_trigger_was_missing_is_sent_when_it_returns(

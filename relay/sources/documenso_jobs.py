@@ -210,7 +210,18 @@ class DocumensoJobs(Plain):
             base=sql.Literal(float(policy.base)),
             factor=sql.Literal(float(policy.factor)),
         )
+        # Attempts per job as the detected Documenso makes them: maxRetries + 1 (v2.2.7 on);
+        # a webhook job's 3 runs of io.runTask up to v2.0.x. v2.1.0 to v2.2.6 retried a failing
+        # webhook forever (Documenso's bug #2295); relay gives those v2.2.7's count.
+        newest = await documenso_release.newest_migration(conn, spec.schema)
+        max_attempts = sql.SQL('"maxRetries" + 1')
+        if newest is not None and newest <= documenso_release.LAST_RUN_TASK:
+            max_attempts = sql.SQL(
+                """CASE WHEN "jobId" = 'internal.execute-webhook' THEN 3 """
+                """ELSE "maxRetries" + 1 END"""
+            )
         names: dict[str, sql.Composable] = {
+            "max_attempts": max_attempts,
             "table": jobs.ident,
             "webhook": sql.Identifier(spec.schema, "Webhook"),
             "bounded": bounded_values(ctx.max_payload_bytes),

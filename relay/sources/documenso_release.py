@@ -38,9 +38,16 @@ def describe(newest: str | None) -> str:
     )
 
 
-async def release(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
+# The newest migration of the last releases whose webhook jobs ran their call in io.runTask,
+# which gives up after 3 runs whatever "maxRetries" says (v1.10.0 to v2.0.x; v2.1.0 ships the
+# same newest migration as v2.0.11).
+LAST_RUN_TASK = "20251112224336_add_database_indexes"
+
+
+async def newest_migration(conn: psycopg.AsyncConnection[Any], schema: str) -> str | None:
+    """The newest migration applied; None if none is, or there is no _prisma_migrations."""
     if not await catalog.table_exists(conn, schema, "_prisma_migrations"):
-        return f"Documenso release unknown: no _prisma_migrations table in schema {schema!r}"
+        return None
     cur = await conn.execute(
         sql.SQL(
             "SELECT max(migration_name) FROM {} "
@@ -48,4 +55,10 @@ async def release(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
         ).format(sql.Identifier(schema, "_prisma_migrations"))
     )
     row = await cur.fetchone()
-    return describe(None if row is None else row[0])
+    return None if row is None else row[0]
+
+
+async def release(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
+    if not await catalog.table_exists(conn, schema, "_prisma_migrations"):
+        return f"Documenso release unknown: no _prisma_migrations table in schema {schema!r}"
+    return describe(await newest_migration(conn, schema))

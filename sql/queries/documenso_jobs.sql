@@ -3,7 +3,8 @@
 -- one job. The same names and result columns as source.sql, so the rest of relay is unchanged.
 -- Placeholders: {table}, {webhook}, {call} (quoted names), {now} (UTC, for timestamp(3)
 -- columns), {job_ids}, {pending_after}, {stuck_after}, {backoff} (literals from the config),
--- {status_type}, {bounded} (the claim's bounded values, see source.sql).
+-- {status_type}, {bounded} (the claim's bounded values, see source.sql), {max_attempts} (a
+-- job's attempts as the detected Documenso version makes them, from the row's columns).
 --
 -- Differences from a generic queue, forced by Documenso's schema: there is no due column, so
 -- "updatedAt" (which Documenso's own claim also sets) is the claim's token, and a retry waits
@@ -23,7 +24,7 @@ WITH claimed AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED))
     RETURNING t."id" AS key, t."updatedAt" AS lease, t."retried" + 1 AS attempt,
-        t."maxRetries" + 1 AS max_attempts,
+        {max_attempts} AS max_attempts,
         -- Looked up by id alone, as Documenso's handler does (a disabled one is called too).
         (SELECT w."webhookUrl" FROM {webhook} AS w
           WHERE t."jobId" = 'internal.execute-webhook'
@@ -39,7 +40,7 @@ SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
 
 -- name: settle
 -- done: COMPLETED. retry: back to PENDING with "retried" + 1. dead: FAILED once "retried"
--- reaches "maxRetries". Each with the columns Documenso's runner sets; only if still ours.
+-- reaches its last attempt. Each with the columns Documenso's runner sets; only if still ours.
 UPDATE {table} AS t
 SET "status" = CAST(CASE s.outcome
                         WHEN 'done' THEN 'COMPLETED'
@@ -47,7 +48,8 @@ SET "status" = CAST(CASE s.outcome
                         ELSE 'PENDING' END AS {status_type}),
     "retried" = CASE s.outcome
                     WHEN 'retry' THEN t."retried" + 1
-                    WHEN 'dead' THEN GREATEST(t."retried", LEAST(t."retried" + 1, t."maxRetries"))
+                    WHEN 'dead' THEN GREATEST(t."retried",
+                                              LEAST(t."retried" + 1, {max_attempts} - 1))
                     ELSE t."retried" END,
     "lastRetriedAt" = CASE WHEN s.outcome IN ('retry', 'dead') THEN {now}
                            ELSE t."lastRetriedAt" END,
@@ -75,11 +77,11 @@ FROM unnest(%(statuses)b::text[], %(urls)b::text[], %(requests)b::text[], %(code
 -- Jobs left PROCESSING by a runner that died (Documenso's or a relay): after {stuck_after}
 -- their run counts as a failed attempt, and they are tried again or given up as FAILED.
 UPDATE {table}
-SET "status" = CAST(CASE WHEN "retried" >= "maxRetries" THEN 'FAILED' ELSE 'PENDING' END
+SET "status" = CAST(CASE WHEN "retried" + 1 >= {max_attempts} THEN 'FAILED' ELSE 'PENDING' END
                     AS {status_type}),
-    "retried" = LEAST("retried" + 1, GREATEST("maxRetries", "retried")),
+    "retried" = LEAST("retried" + 1, GREATEST({max_attempts} - 1, "retried")),
     "lastRetriedAt" = {now},
-    "completedAt" = CASE WHEN "retried" >= "maxRetries" THEN {now} ELSE "completedAt" END,
+    "completedAt" = CASE WHEN "retried" + 1 >= {max_attempts} THEN {now} ELSE "completedAt" END,
     "updatedAt" = {now}
 WHERE "status" = 'PROCESSING' AND "jobId" = ANY({job_ids})
   AND "updatedAt" < {now} - {stuck_after};

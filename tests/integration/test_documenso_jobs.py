@@ -130,6 +130,51 @@ async def test_failing_receiver_ends_failed_after_max_retries_as_documenso_would
     assert len(receiver.received) == 3
 
 
+@pytest.mark.parametrize(
+    ("newest_migration", "attempts"),
+    [
+        # v1.12.10: the call ran in io.runTask, which gives up after 3 runs.
+        ("20250917042725_remove_recipient_unique_email_constraints", 3),
+        # v2.17.0: maxRetries + 1.
+        ("20260622120000_add_recipient_reminder_count", 4),
+    ],
+)
+async def test_a_failing_webhook_gets_the_attempts_the_detected_documenso_gives_it(
+    documenso_db: str, receiver: Receiver, newest_migration: str, attempts: int
+) -> None:
+    async def fail(_: web.Request, __: int) -> web.Response:
+        return web.json_response({"error": "nope"}, status=500)
+
+    receiver.behaviour = fail
+    execute(
+        documenso_db,
+        """CREATE TABLE "_prisma_migrations" (
+               id varchar(36) PRIMARY KEY, checksum varchar(64) NOT NULL,
+               finished_at timestamptz, migration_name varchar(255) NOT NULL, logs text,
+               rolled_back_at timestamptz, started_at timestamptz NOT NULL DEFAULT now(),
+               applied_steps_count integer NOT NULL DEFAULT 0)""",
+    )
+    execute(
+        documenso_db,
+        """INSERT INTO "_prisma_migrations" (id, checksum, finished_at, migration_name)
+           VALUES ('m1', 'x', now(), %(name)s)""",
+        {"name": newest_migration},
+    )
+    config = jobs_config(documenso_db)
+    await install(config)
+    await systems.watch(documenso_db, "BackgroundJob")
+    async with running(config):
+        add_job(documenso_db, "cjob5", max_retries=3)
+        await systems.wait_rows(
+            documenso_db,
+            'SELECT status::text AS state FROM "BackgroundJob" WHERE id = %(id)s',
+            {"id": "cjob5"},
+            lambda rows: rows[0]["state"] == "FAILED",
+        )
+    assert len(receiver.received) == attempts
+    assert len(calls(documenso_db)) == attempts
+
+
 async def test_a_disabled_webhook_is_called_as_documenso_s_handler_does(
     documenso_db: str, receiver: Receiver
 ) -> None:

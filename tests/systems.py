@@ -74,7 +74,8 @@ async def value(url: str, query: str, params: Any = None) -> Any:
 
 
 async def watch(url: str, *tables: str) -> None:
-    """Make every committed change to these tables notify CHANGED (wait_rows wakes on it)."""
+    """Make every committed change to these tables ("name" or "schema.name") notify CHANGED
+    (wait_rows wakes on it)."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(
             f"CREATE OR REPLACE FUNCTION test_rows_changed() RETURNS trigger LANGUAGE plpgsql "
@@ -85,7 +86,7 @@ async def watch(url: str, *tables: str) -> None:
                 sql.SQL(
                     "CREATE TRIGGER test_rows_changed AFTER INSERT OR UPDATE OR DELETE ON {} "
                     "FOR EACH STATEMENT EXECUTE FUNCTION test_rows_changed()"
-                ).format(sql.Identifier(table))
+                ).format(sql.Identifier(*table.split(".")))
             )
 
 

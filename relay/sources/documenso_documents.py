@@ -35,7 +35,27 @@ from relay.sources.base import (
 
 log = logging.getLogger("relay.sources.documenso_documents")
 
-KEYS = events.COMMON_KEYS | {"schema"}
+KEYS = events.COMMON_KEYS | {"schema", "webhooks", "events", "fixed_credentials_for_row_urls"}
+# Documenso's WebhookTriggerEvents (v2.17.0), and those relay derives from the database.
+EVENTS = (
+    "DOCUMENT_CREATED",
+    "DOCUMENT_SENT",
+    "DOCUMENT_OPENED",
+    "DOCUMENT_SIGNED",
+    "DOCUMENT_RECIPIENT_COMPLETED",
+    "DOCUMENT_COMPLETED",
+    "DOCUMENT_REJECTED",
+    "DOCUMENT_CANCELLED",
+    "RECIPIENT_EXPIRED",
+    "TEMPLATE_CREATED",
+    "TEMPLATE_DELETED",
+    "TEMPLATE_USED",
+)
+# Not derivable from the database (see README): a reminder (a manual resend fires it even when
+# no email goes out) and a template update (any write to a template row looks the same).
+NOT_DERIVED = ("DOCUMENT_REMINDER_SENT", "TEMPLATE_UPDATED")
+# With one URL, what earlier relay versions sent: the status events.
+DEFAULT_EVENTS = ("DOCUMENT_SENT", "DOCUMENT_COMPLETED", "DOCUMENT_REJECTED", "DOCUMENT_CANCELLED")
 _SQL = sqltext.load_queries(sqltext.sql_dir() / "triggers" / "documenso_documents.sql")
 SECRET_HEADER = "X-Documenso-Secret"
 
@@ -73,9 +93,11 @@ class DocumensoTrigger:
 # What differs between the two schema versions, as SQL on a document row (`d` in expressions,
 # `t` in queries, `s` a relay.documenso_state row, `key` a document "id" as text).
 _ENVELOPE = {
-    "is_document": "d.\"type\"::text = 'DOCUMENT'",
+    "kind": 'd."type"::text',
     "is_document_t": "t.\"type\"::text = 'DOCUMENT'",
-    "number": "substring(d.\"secondaryId\" FROM '^document_([0-9]+)$')::int",
+    # document_<n> or template_<n>
+    "number": "substring(d.\"secondaryId\" FROM '_([0-9]+)$')::int",
+    "recipient_key": "r->>'envelopeId'",
     "envelope_id": 'd."id"',
     "by_key": 't."id" = key',
     "by_number": "t.\"secondaryId\" = 'document_' || s.id",
@@ -83,9 +105,10 @@ _ENVELOPE = {
     "meta_of": 'm."id" = d."documentMetaId"',
 }
 _DOCUMENT = {
-    "is_document": "true",
+    "kind": "'DOCUMENT'",
     "is_document_t": "true",
     "number": 'd."id"',
+    "recipient_key": "r->>'documentId'",
     "envelope_id": "NULL::text",
     "by_key": 't."id" = key::int',
     "by_number": 't."id" = s.id',
@@ -136,7 +159,10 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
             'WHERE a."envelopeId" = d."id" AND a."type" = \'DOCUMENT_FIELDS_AUTO_INSERTED\' '
             "AND a.xmin = (pg_current_xact_id()::text::bigint % 4294967296)::text::xid)"
         ).format(sql.Identifier(schema, "DocumentAuditLog"))
-    made_from = sqltext.fingerprint(_SQL["common"], _SQL["shape"], schema, row)
+    emit = _emit(source)
+    made_from = sqltext.fingerprint(
+        _SQL["common"], _SQL["shape"], schema, row, emit.as_string(conn)
+    )
     # Sections lose their last `;` when loaded: one goes back between the two.
     install = sql.SQL(_SQL["common"] + ";\n").format() + sql.SQL(_SQL["shape"]).format(
         table=sql.Identifier(schema, table),
@@ -145,9 +171,37 @@ async def documenso_trigger(conn: psycopg.AsyncConnection[Any], source: Source) 
         fingerprint=sql.Literal(made_from),
         resend_check=resend_check,
         sent_later=sent_later,
+        emit=emit,
         **{k: sql.SQL(v) for k, v in shape.items() if k != "meta_of"},
     )
     return DocumensoTrigger(table, install, made_from)
+
+
+def _emit(source: Source) -> sql.Composed:
+    """The body of relay.documenso_emit(event, payload, team, owner) for this source."""
+    spec: events.EventSpec = source.spec
+    if not spec.webhooks:
+        return sql.SQL(
+            "IF event = ANY({}) THEN "
+            "INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload); "
+            "END IF;"
+        ).format(sql.SQL("ARRAY[{}]::text[]").format(sqltext.literal_list(spec.events)))
+    # Documenso's getAllWebhooksByEventTrigger: enabled, subscribed to the event, of the
+    # document's team (before v1.12, a document without a team: its owner's own webhooks).
+    # Read in its own block, so an unreadable "Webhook" costs the event, not Documenso's write.
+    return sql.SQL(
+        "BEGIN "
+        'SELECT array_agg(w."id" ORDER BY w."createdAt", w."id") INTO hooks FROM {} AS w '
+        'WHERE w."enabled" AND event = ANY(w."eventTriggers"::text[]) '
+        'AND (w."teamId" = team '
+        'OR (team IS NULL AND w."teamId" IS NULL AND w."userId" = owner)); '
+        "EXCEPTION WHEN OTHERS THEN "
+        "RAISE WARNING 'relay: % not sent: Documenso''s webhooks could not be read: %', "
+        "event, SQLERRM; "
+        "END; "
+        "INSERT INTO relay.documenso_events (topic, payload, webhook_id) "
+        "SELECT event, payload, h FROM unnest(hooks) AS h;"
+    ).format(sql.Identifier(spec.app_schema, "Webhook"))
 
 
 class DocumensoDocuments(Plain):
@@ -157,15 +211,36 @@ class DocumensoDocuments(Plain):
     def parse(self, name: str, data: Mapping[str, Any], ctx: ParseContext) -> Source:
         where = f"sources.{name}"
         readers.unknown(where, data, set(KEYS))
-        if "url" not in data:
-            raise ConfigError(
-                f"{where}.url: required: the endpoint Documenso's webhooks should reach"
+        webhooks = readers.boolean(f"{where}.webhooks", data.get("webhooks", False))
+        if webhooks:
+            for key in ("url", "secret", "events"):
+                if key in data:
+                    raise ConfigError(
+                        f"{where}.{key}: with webhooks = true each event goes to the URL, with "
+                        f'the secret, of each of Documenso\'s "Webhook" rows subscribed to it; '
+                        f"remove {key}, or set webhooks = false to send to one URL"
+                    )
+            readers.fixed_credentials(
+                where,
+                data,
+                ("headers",),
+                "with webhooks = true, events go to the URL each Webhook row names",
             )
-        url = readers.http_url(f"{where}.url", data["url"])
+            url = None
+        elif "url" not in data:
+            raise ConfigError(
+                f"{where}.url: required: the endpoint Documenso's webhooks should reach (or set "
+                f'webhooks = true to send each event to Documenso\'s own "Webhook" rows)'
+            )
+        else:
+            url = readers.http_url(f"{where}.url", data["url"])
+        chosen = _events(f"{where}.events", data.get("events", list(DEFAULT_EVENTS)))
         spec = events.EventSpec(
             table=("relay", "documenso_events"),
             max_attempts=events.max_attempts(where, data, ctx.max_attempts),
-            topics={"*": url},
+            topics={} if url is None else {"*": url},
+            webhooks=webhooks,
+            events=chosen,
             headers=readers.headers(f"{where}.headers", data.get("headers", {})),
             # Documenso's convention: the secret as it is, not a Standard Webhooks signature,
             # so it is not held to the whsec_ rule.
@@ -175,21 +250,42 @@ class DocumensoDocuments(Plain):
             app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
         )
         return Source(
-            name=name, kind=self, spec=spec, retry=ctx.retry, targets={f"{where}.url": url}
+            name=name,
+            kind=self,
+            spec=spec,
+            retry=ctx.retry,
+            targets={} if url is None else {f"{where}.url": url},
         )
 
     async def prepare(
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
     ) -> Compiled:
-        compiled = await events.prepare(conn, source, ctx)
-        trigger = await documenso_trigger(conn, source)
         spec: events.EventSpec = source.spec
+        url_secret: sql.Composable = events.NO_URL
+        if spec.webhooks:
+            await _check_webhooks(conn, source)
+            webhook = sql.Identifier(spec.app_schema, "Webhook")
+            # Looked up at each attempt by id alone, as Documenso's handler does.
+            url_secret = sql.SQL(
+                '(SELECT w."webhookUrl" FROM {w} AS w WHERE w."id" = t.webhook_id) AS url, '
+                '(SELECT COALESCE(w."secret", \'\') FROM {w} AS w WHERE w."id" = t.webhook_id) '
+                "AS secret"
+            ).format(w=webhook)
+        compiled = await events.prepare(conn, source, ctx, url_secret)
+        trigger = await documenso_trigger(conn, source)
         extra = (
             (
                 spec.app_schema,
                 trigger.table,
                 "documenso_change",
                 ("relay_documenso_change", "relay_documenso_delete"),
+                trigger.fingerprint,
+            ),
+            (
+                spec.app_schema,
+                "Recipient",
+                "documenso_recipient",
+                ("relay_documenso_recipient",),
                 trigger.fingerprint,
             ),
             (
@@ -209,6 +305,8 @@ class DocumensoDocuments(Plain):
     async def install(
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
     ) -> None:
+        if source.spec.webhooks:
+            await _check_webhooks(conn, source)
         trigger = await documenso_trigger(conn, source)
         # Its statuses are recorded at the first install; from then on every install, and
         # every reinstall after a migration dropped the trigger, sends what changed meanwhile.
@@ -228,7 +326,14 @@ class DocumensoDocuments(Plain):
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:
         spec: events.EventSpec = source.spec
-        url = spec.topics["*"]
+        if spec.webhooks:
+            if row.url is None:
+                # Documenso's handler looks the Webhook up with findUniqueOrThrow: the job
+                # fails, is retried, then FAILED.
+                return Failed('the "Webhook" this event was for is gone (deleted?)')
+            url, secret = row.url, row.secret or ""
+        else:
+            url, secret = spec.topics["*"], spec.secret or ""
         try:
             payload = documenso_payload.body(row.payload or "null")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -243,15 +348,56 @@ class DocumensoDocuments(Plain):
             "webhook-timestamp": str(int(time.time())),
             "relay-attempt": str(row.attempt),
             **spec.headers,
-            SECRET_HEADER: spec.secret or "",
+            SECRET_HEADER: secret,
         }
         if row.topic is not None:
             headers["relay-topic"] = row.topic
-        return Request("POST", url, headers, body, f" of sources.{source.name}", private=_PRIVATE)
+        return Request(
+            "POST",
+            url,
+            headers,
+            body,
+            f" of sources.{source.name}",
+            keep_headers=spec.webhooks,
+            private=_PRIVATE,
+        )
 
     async def about(self, conn: psycopg.AsyncConnection[Any], source: Source) -> str | None:
         spec: events.EventSpec = source.spec
         return await documenso_release.release(conn, spec.app_schema)
+
+
+def _events(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"{where}: expected a list of Documenso event names, e.g. {list(DEFAULT_EVENTS)}"
+        )
+    for name in value:
+        if name in NOT_DERIVED:
+            raise ConfigError(
+                f"{where}: {name!r} cannot be told from Documenso's database, so relay cannot "
+                f"send it; the events it can: {', '.join(EVENTS)}"
+            )
+        if name not in EVENTS:
+            raise ConfigError(
+                f"{where}: {name!r} is not a Documenso event; one of {', '.join(EVENTS)}"
+            )
+    return tuple(value)
+
+
+async def _check_webhooks(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
+    spec: events.EventSpec = source.spec
+    where = f"sources.{source.name}.webhooks"
+    if not await catalog.table_exists(conn, spec.app_schema, "Webhook"):
+        raise ConfigError(
+            f'{where}: Documenso\'s "Webhook" table is missing from schema {spec.app_schema!r} '
+            f"(webhooks arrived in Documenso v1.5); set url instead to send to one endpoint"
+        )
+    await catalog.check_privileges(
+        conn,
+        f"sources.{source.name}",
+        [catalog.Need(spec.app_schema, "Webhook", ["id", "webhookUrl", "secret"])],
+    )
 
 
 KIND = DocumensoDocuments()

@@ -1,5 +1,6 @@
-"""Documenso's webhook payload, field for field as the Documenso version that wrote the rows
-would send it (docs/research/documenso-payloads.md has the evidence, tag by tag).
+"""Documenso's webhook payload (a document's, or a template's), field for field as the
+Documenso version that wrote the rows would send it (docs/research/documenso-payloads.md has
+the evidence, tag by tag).
 
 The trigger captures the document, its meta and its recipients as rows (relay.documenso_payload
 in sql/triggers/documenso_documents.sql); this module maps them the way Documenso's
@@ -161,12 +162,16 @@ def payload(capture: dict[str, Any]) -> dict[str, Any]:
             if recipients and "expiresAt" in recipients[0]
             else ENVELOPE_RECIPIENT
         )
-    # On "Envelope" a recipient's documentId and templateId are computed: the document's number.
-    computed = (
-        {}
-        if envelope_id is None
-        else {"envelopeId": envelope_id, "documentId": number, "templateId": None}
-    )
+    # On "Envelope" a recipient's documentId and templateId are computed: the envelope's number,
+    # under the name of its type (a template's events carry the template, TEMPLATE_* from v2.8.1).
+    computed: dict[str, Any] = {}
+    if envelope_id is not None:
+        template = document.get("type") == "TEMPLATE"
+        computed = {
+            "envelopeId": envelope_id,
+            "documentId": None if template else number,
+            "templateId": number if template else None,
+        }
     recipients = [_pick(r, recipient_keys, computed) for r in capture["recipients"]]
     return _pick(
         document,

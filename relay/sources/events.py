@@ -40,6 +40,10 @@ class EventSpec:
     keys: tuple[bytes, ...] = field(default=(), repr=False)  # the secrets decoded, once
     secret: str | None = field(default=None, repr=False)  # sent as it is (Documenso)
     app_schema: str = "public"
+    # Documenso: to the "Webhook" rows each event names (webhooks = true), or to the URL with
+    # only these events.
+    webhooks: bool = False
+    events: tuple[str, ...] = ()
 
     def target_for_topic(self, topic: str) -> str | None:
         if topic in self.topics:
@@ -62,7 +66,17 @@ def table(source: Source) -> catalog.Table:
     return catalog.Table(where, *spec.table)
 
 
-async def prepare(conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext) -> Compiled:
+# The claim's URL and secret: none, the source's own (or, for Documenso's webhooks, the
+# "Webhook" row the event names: documenso_documents passes its lookup).
+NO_URL = sql.SQL("NULL::text AS url, NULL::text AS secret")
+
+
+async def prepare(
+    conn: psycopg.AsyncConnection[Any],
+    source: Source,
+    ctx: DbContext,
+    url_secret: sql.Composable = NO_URL,
+) -> Compiled:
     spec: EventSpec = source.spec
     events = table(source)
     columns = await catalog.columns(conn, events)
@@ -95,10 +109,9 @@ async def prepare(conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbCon
         "due_type": sql.SQL("timestamptz"),
         "returning_named": sql.SQL(
             "t.id AS key, t.due_at AS lease, t.attempts::int AS attempt, "
-            "COALESCE(t.max_attempts, {})::int AS max_attempts, NULL::text AS url, "
-            "NULL::text AS secret, t.topic::text AS topic, t.payload::text AS payload, "
-            "NULL::text AS values"
-        ).format(sql.Literal(spec.max_attempts)),
+            "COALESCE(t.max_attempts, {})::int AS max_attempts, {}, "
+            "t.topic::text AS topic, t.payload::text AS payload, NULL::text AS values"
+        ).format(sql.Literal(spec.max_attempts), url_secret),
         "bounded": bounded_values(ctx.max_payload_bytes),
         "extra_sets": sql.SQL(
             ", last_error = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.last_error "

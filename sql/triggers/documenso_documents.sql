@@ -1,22 +1,24 @@
--- Documenso document status events (preset `documenso_documents`), installed by `relay install`.
+-- Documenso's webhook events (preset `documenso_documents`), installed by `relay install`.
 -- Sections are named; braces are filled by relay.store with quoted names and with the SQL that
--- fits Documenso's schema version ("Envelope" from v1.13, "Document" before).
+-- fits Documenso's schema version ("Envelope" from v1.13, "Document" before) and the source's
+-- configuration (one URL, or Documenso's own "Webhook" rows).
 --
--- How a status change becomes an event:
--- 1. relay_documenso_change, an ordinary row trigger on Documenso's document table, notes a
---    document whose status may have changed in relay.documenso_changes. It fires on every write
---    and names no column of Documenso's (no column list, no WHEN clause): PostgreSQL refuses to
---    alter the type of a column a trigger names, and Prisma alters "status" whenever the
---    DocumentStatus enum loses a value. The checks happen inside the function, which PostgreSQL
---    does not tie to the columns it reads.
+-- How a change becomes an event:
+-- 1. relay_documenso_change, an ordinary row trigger on Documenso's document table, and
+--    relay_documenso_recipient on "Recipient", note what may be an event in
+--    relay.documenso_changes. They fire on every write and name no column of Documenso's (no
+--    column list, no WHEN clause): PostgreSQL refuses to alter the type of a column a trigger
+--    names, and Prisma alters "status" whenever the DocumentStatus enum loses a value. The
+--    checks happen inside the functions, which PostgreSQL does not tie to the columns they read.
 -- 2. At commit, a deferred trigger on that relay table reads the document as the transaction
 --    leaves it, with the recipients and meta inserted after it, compares its status with the one
---    last sent (relay.documenso_state) and records the event with Documenso's payload. Deferring
---    on relay's own table, not Documenso's, keeps Documenso's migrations free to ALTER its
---    tables after writing to them in the same transaction (PostgreSQL refuses that while a
+--    last sent (relay.documenso_state) and records the events with Documenso's payload.
+--    Deferring on relay's own table, not Documenso's, keeps Documenso's migrations free to ALTER
+--    its tables after writing to them in the same transaction (PostgreSQL refuses that while a
 --    table has deferred trigger events pending).
--- 3. Deleting a document: relay_documenso_delete, a BEFORE DELETE trigger, records what
---    Documenso's delete-document.ts sends while the recipients are still there.
+-- 3. Deleting a document or template: relay_documenso_delete, a BEFORE DELETE trigger, records
+--    what Documenso's delete-document.ts / delete-template.ts send while the recipients are
+--    still there.
 -- 4. After every install (and every reinstall when a migration dropped the trigger), the
 --    documents whose status differs from relay.documenso_state get their event: no status
 --    change is lost while the trigger was missing.
@@ -24,7 +26,11 @@
 -- recorded with a minimal payload and the reason; if even that cannot be recorded (relay's
 -- table dropped) a WARNING is raised, and the write goes on. Every function runs as its owner
 -- (Documenso's role needs no privilege on relay's schema) with a pinned search_path, so only the
--- schema-qualified names written here are ever looked up.
+-- schema-qualified names written here are ever looked up. The writes stay outside EXCEPTION
+-- blocks: a block that writes takes a subtransaction id for every row, and a transaction
+-- changing more than 64 documents would overflow PostgreSQL's subtransaction cache, slowing
+-- every session while it runs. What could make them fail is checked first instead (the tables
+-- run as their owner, so privileges cannot).
 
 -- name: common
 CREATE TABLE IF NOT EXISTS relay.documenso_events (
@@ -45,6 +51,9 @@ CREATE INDEX IF NOT EXISTS documenso_events_pending_idx
     ON relay.documenso_events (id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS documenso_events_processing_idx
     ON relay.documenso_events (due_at) WHERE status = 'processing';
+-- With webhooks = true: the Documenso "Webhook" the event goes to, looked up at each attempt
+-- (its URL and secret as they are then), as Documenso's execute-webhook job does.
+ALTER TABLE relay.documenso_events ADD COLUMN IF NOT EXISTS webhook_id text;
 
 -- The status each document last had an event for (or had when relay was installed), by
 -- Documenso's document number (the payload's "id", "Envelope"."secondaryId" = 'document_<n>'),
@@ -54,15 +63,20 @@ CREATE TABLE IF NOT EXISTS relay.documenso_state (
     status  text NOT NULL
 );
 
--- Documents written in a transaction that has not committed yet; emptied at its commit.
+-- What a transaction that has not committed yet did to documents; emptied at its commit.
 CREATE TABLE IF NOT EXISTS relay.documenso_changes (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     document  text    NOT NULL,   -- the document table's "id", as text (indexed below)
-    signal    text,               -- 'resend': written again as PENDING while PENDING;
-                                  -- 'deleted': its "deletedAt" set (a soft delete)
-    updated_before jsonb          -- "updatedAt" before this write (NULL for an INSERT)
+    -- NULL: its status may have changed. 'created': inserted. 'resend': written again as
+    -- PENDING while PENDING. 'deleted': its "deletedAt" set (a soft delete). A recipient's:
+    -- 'opened', 'signed', 'signed_created' (inserted as signed: a direct-template link's
+    -- signer), 'expired'.
+    signal    text,
+    updated_before jsonb,         -- the document's "updatedAt" before this write
+    recipient integer             -- the recipient's "id", for a recipient's signal
 );
 CREATE INDEX IF NOT EXISTS documenso_changes_document_idx ON relay.documenso_changes (document);
+ALTER TABLE relay.documenso_changes ADD COLUMN IF NOT EXISTS recipient integer;
 
 CREATE OR REPLACE FUNCTION relay.documenso_event_name(status text) RETURNS text
 LANGUAGE sql IMMUTABLE
@@ -82,10 +96,10 @@ REVOKE ALL ON FUNCTION relay.documenso_event_name(text) FROM PUBLIC;
 -- One schema version's functions and triggers. {table} is Documenso's document table; a row of
 -- it is `d` in expressions and `t` in queries; {by_key} finds the one whose "id" is `key`.
 
--- One document as it is now, with its meta and recipients, as rows: relay maps them to the
--- payload of the Documenso version whose columns they have when it sends the event
--- (relay/sources/documenso_payload.py). NULL if it is not a document. Documenso does not order
--- the recipients; by id is what an unordered read of them most often gives.
+-- One document or template as it is now, with its meta and recipients, as rows: relay maps them
+-- to the payload of the Documenso version whose columns they have when it sends the event
+-- (relay/sources/documenso_payload.py). Documenso does not order the recipients; by id is what
+-- an unordered read of them most often gives.
 CREATE OR REPLACE FUNCTION relay.documenso_payload(key text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -93,7 +107,7 @@ DECLARE
     d record;
 BEGIN
     SELECT * INTO d FROM {table} AS t WHERE {by_key};
-    IF NOT FOUND OR NOT ({is_document}) THEN
+    IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     RETURN jsonb_build_object(
@@ -104,12 +118,27 @@ BEGIN
 END
 $$;
 
+-- Record one event: {emit} (to the configured URL if it is one of the configured events, or
+-- to each of the team's enabled "Webhook" rows that subscribed to it, as Documenso's
+-- triggerWebhook picks them).
+CREATE OR REPLACE FUNCTION relay.documenso_emit(event text, payload jsonb, team int, owner int)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hooks text[];
+BEGIN
+    {emit}
+END
+$$;
+
 -- The row trigger on Documenso's table (both the AFTER INSERT OR UPDATE and the BEFORE DELETE).
 CREATE OR REPLACE FUNCTION relay.documenso_change() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     d record;
+    kind text;
     number int;
     signal text;
     payload jsonb;
@@ -117,33 +146,32 @@ BEGIN
     BEGIN
         IF TG_OP = 'DELETE' THEN
             d := OLD;
-            -- Deleted with its team or owner (a cascade, one trigger level down): not a
-            -- document Documenso's delete-document.ts deleted, and Documenso sends nothing.
-            IF pg_trigger_depth() > 1 OR NOT ({is_document}) THEN
+            -- Deleted with its team or owner (a cascade, one trigger level down): not one
+            -- Documenso's delete-document.ts or delete-template.ts deleted; it sends nothing.
+            IF pg_trigger_depth() > 1 THEN
                 RETURN OLD;
             END IF;
+            kind := {kind};
             number := {number};
-            -- Documenso's delete-document.ts hard-deletes drafts and pending documents and
-            -- sends DOCUMENT_CANCELLED (v1.10 on, whatever the status) with the document as it
-            -- was. Its admin delete writes the same and sends nothing: relay cannot tell them
-            -- apart, and sends it for both.
+            -- delete-document.ts hard-deletes drafts and pending documents and sends
+            -- DOCUMENT_CANCELLED (v1.10 on, whatever the status) with the document as it was;
+            -- delete-template.ts sends TEMPLATE_DELETED (v2.8.1 on). Documenso's admin delete
+            -- writes the same and sends nothing: relay cannot tell them apart.
             BEGIN
                 payload := relay.documenso_payload(d."id"::text);
             EXCEPTION WHEN OTHERS THEN
-                RAISE WARNING 'relay: DOCUMENT_CANCELLED for document % sent with a minimal '
-                    'payload: %', number, SQLERRM;
+                RAISE WARNING 'relay: the deletion of Documenso % % sent with a minimal '
+                    'payload: %', lower(kind), number, SQLERRM;
                 payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
-                                              'status', d."status"::text, 'relayError', SQLERRM);
+                                              'relayError', SQLERRM);
             END;
         ELSE
             d := NEW;
-            IF NOT ({is_document}) THEN
-                RETURN NULL;
-            END IF;
+            kind := {kind};
             IF TG_OP = 'INSERT' THEN
-                IF d."status"::text = 'DRAFT' THEN
-                    RETURN NULL;
-                END IF;
+                signal := 'created';
+            ELSIF kind <> 'DOCUMENT' THEN
+                RETURN NULL;
             ELSIF OLD."deletedAt" IS NULL AND NEW."deletedAt" IS NOT NULL THEN
                 -- A completed document is deleted softly; Documenso sends DOCUMENT_CANCELLED.
                 signal := 'deleted';
@@ -166,10 +194,6 @@ BEGIN
             'sent for it: %', SQLERRM;
         RETURN OLD;
     END;
-    -- The writes stay outside any EXCEPTION block: a block that writes takes a subtransaction
-    -- id for every row, and a transaction changing more than 64 documents would overflow
-    -- PostgreSQL's subtransaction cache, slowing every session while it runs. What could make
-    -- them fail is checked first instead (the tables run as their owner, so privileges cannot).
     IF to_regclass('relay.documenso_changes') IS NULL OR to_regclass('relay.documenso_state') IS NULL
        OR to_regclass('relay.documenso_events') IS NULL THEN
         RAISE WARNING 'relay: a change to Documenso document % not recorded: one of '
@@ -178,10 +202,11 @@ BEGIN
         RETURN OLD;
     END IF;
     IF TG_OP = 'DELETE' THEN
-        DELETE FROM relay.documenso_state WHERE id = number;
-        IF payload IS NOT NULL THEN
-            INSERT INTO relay.documenso_events (topic, payload)
-            VALUES ('DOCUMENT_CANCELLED', payload);
+        IF kind = 'DOCUMENT' THEN
+            DELETE FROM relay.documenso_state WHERE id = number;
+            PERFORM relay.documenso_emit('DOCUMENT_CANCELLED', payload, d."teamId", d."userId");
+        ELSE
+            PERFORM relay.documenso_emit('TEMPLATE_DELETED', payload, d."teamId", d."userId");
         END IF;
         RETURN OLD;
     END IF;
@@ -191,54 +216,135 @@ BEGIN
 END
 $$;
 
--- At commit: the document as the transaction leaves it, sent if its status is not the one
--- last sent. The first of a document's changes to fire takes all of them (several writes to one
--- document in a transaction make one event, or none); the others find theirs gone.
+-- The row trigger on "Recipient": what Documenso's viewed-document.ts (readStatus becomes
+-- OPENED), complete-document-with-token.ts (signingStatus becomes SIGNED; CC recipients, which
+-- the seal job marks SIGNED, send nothing), create-document-from-direct-template.ts (its signer
+-- inserted as SIGNED) and the expiry job (expirationNotifiedAt set) write before their webhook.
+-- Read through jsonb so that a column an older Documenso lacks reads as NULL.
+CREATE OR REPLACE FUNCTION relay.documenso_recipient() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r jsonb;
+    o jsonb;
+    key text;
+    signals text[] := ARRAY[]::text[];
+BEGIN
+    BEGIN
+        r := to_jsonb(NEW);
+        key := {recipient_key};
+        IF key IS NULL OR r->>'role' = 'CC' THEN
+            RETURN NULL;
+        END IF;
+        IF TG_OP = 'INSERT' THEN
+            IF r->>'signingStatus' = 'SIGNED' THEN
+                signals := ARRAY['signed_created'];
+            END IF;
+        ELSE
+            o := to_jsonb(OLD);
+            IF o->>'readStatus' = 'NOT_OPENED' AND r->>'readStatus' = 'OPENED' THEN
+                signals := signals || 'opened'::text;
+            END IF;
+            IF o->>'signingStatus' <> 'SIGNED' AND r->>'signingStatus' = 'SIGNED' THEN
+                signals := signals || 'signed'::text;
+            END IF;
+            IF o->>'expirationNotifiedAt' IS NULL AND r->>'expirationNotifiedAt' IS NOT NULL THEN
+                signals := signals || 'expired'::text;
+            END IF;
+        END IF;
+        IF cardinality(signals) = 0 THEN
+            RETURN NULL;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'relay: a change to a Documenso recipient not recorded, so no webhook is '
+            'sent for it: %', SQLERRM;
+        RETURN NULL;
+    END;
+    IF to_regclass('relay.documenso_changes') IS NULL THEN
+        RAISE WARNING 'relay: a change to Documenso recipient % not recorded: '
+            'relay.documenso_changes is missing; run `relay install`', r->>'id';
+        RETURN NULL;
+    END IF;
+    INSERT INTO relay.documenso_changes (document, signal, recipient)
+    SELECT key, s, (r->>'id')::int FROM unnest(signals) AS s;
+    RETURN NULL;
+END
+$$;
+
+-- At commit: the document as the transaction leaves it and the events Documenso sends for
+-- what the transaction did, in the order Documenso sends them. The first of a document's
+-- changes to fire takes all of them (several writes to one document in a transaction make one
+-- status event, or none); the others find theirs gone.
 CREATE OR REPLACE FUNCTION relay.documenso_commit() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     key text := NEW.document;
     d record;
+    kind text;
     found_changes int;
     resend boolean;
     deleted boolean;
     inserted boolean;
     updated_before jsonb;
+    recipient_signals text[];
+    s text;
     number int;
     status text;
     seen text;
     changed boolean := false;
     event text;
+    events text[] := ARRAY[]::text[];
     payload jsonb;
+    cancelled jsonb;
 BEGIN
     WITH taken AS (
         DELETE FROM relay.documenso_changes AS c WHERE c.document = key
-        RETURNING c.id, c.signal, c.updated_before
+        RETURNING c.id, c.signal, c.updated_before, c.recipient
     )
-    SELECT count(*), bool_or(taken.signal = 'resend'), bool_or(taken.signal = 'deleted'),
-           bool_or(taken.updated_before IS NULL),
-           (array_agg(taken.updated_before ORDER BY taken.id))[1]
-    INTO found_changes, resend, deleted, inserted, updated_before
+    SELECT count(*), coalesce(bool_or(taken.signal = 'resend'), false),
+           coalesce(bool_or(taken.signal = 'deleted'), false),
+           coalesce(bool_or(taken.signal = 'created'), false),
+           (array_agg(taken.updated_before ORDER BY taken.id)
+                FILTER (WHERE taken.updated_before IS NOT NULL))[1],
+           coalesce(array_agg(taken.signal ORDER BY taken.id)
+                FILTER (WHERE taken.recipient IS NOT NULL), ARRAY[]::text[])
+    INTO found_changes, resend, deleted, inserted, updated_before, recipient_signals
     FROM taken;
     IF found_changes = 0 THEN
         RETURN NULL;
     END IF;
     BEGIN
         SELECT * INTO d FROM {table} AS t WHERE {by_key};
-        IF FOUND AND ({is_document}) THEN
-            number := {number};
+        IF NOT FOUND THEN
+            RETURN NULL;  -- deleted in the same transaction: its deletion said what there was
+        END IF;
+        kind := {kind};
+        number := {number};
+        -- Created: create-envelope.ts, create-document-from-template.ts (also TEMPLATE_USED,
+        -- with the new document); a direct-template link's document sends neither.
+        IF inserted AND kind = 'TEMPLATE' THEN
+            events := events || 'TEMPLATE_CREATED'::text;
+        ELSIF inserted AND d."source"::text <> 'TEMPLATE_DIRECT_LINK' THEN
+            events := events || 'DOCUMENT_CREATED'::text;
+            IF d."source"::text = 'TEMPLATE' THEN
+                events := events || 'TEMPLATE_USED'::text;
+            END IF;
+        END IF;
+        IF kind = 'DOCUMENT' THEN
             status := d."status"::text;
             -- A document relay has no status for is a draft (drafts send nothing).
-            SELECT coalesce(max(s.status), 'DRAFT') INTO seen
-            FROM relay.documenso_state AS s WHERE s.id = number;
+            SELECT coalesce(max(st.status), 'DRAFT') INTO seen
+            FROM relay.documenso_state AS st WHERE st.id = number;
+            event := NULL;
             IF status <> seen THEN
                 changed := true;
                 event := relay.documenso_event_name(status);
                 -- Created as PENDING: a document from a direct template link. Documenso's
                 -- sendDocument sends DOCUMENT_SENT after that transaction, by writing it again
                 -- (below), and only if someone is left to sign; otherwise it seals it at once.
-                IF inserted AND status = 'PENDING' AND ({sent_later} OR NOT EXISTS (
+                IF inserted AND status = 'PENDING'
+                   AND d."source"::text = 'TEMPLATE_DIRECT_LINK' AND ({sent_later} OR NOT EXISTS (
                         SELECT 1 FROM {recipient} AS r
                         WHERE {recipient_of} AND r."role"::text <> 'CC'
                           AND r."signingStatus"::text = 'NOT_SIGNED')) THEN
@@ -251,30 +357,47 @@ BEGIN
                 event := 'DOCUMENT_CANCELLED';
             END IF;
             IF event IS NOT NULL THEN
-                BEGIN
-                    payload := relay.documenso_payload(key);
-                    -- cancel-document.ts maps the document as it read it before cancelling,
-                    -- with the new status and completedAt: updatedAt is the earlier one.
-                    IF event = 'DOCUMENT_CANCELLED' AND updated_before IS NOT NULL THEN
-                        payload := jsonb_set(payload, '{{document,updatedAt}}', updated_before);
-                    END IF;
-                EXCEPTION WHEN OTHERS THEN
-                    RAISE WARNING 'relay: % for document % sent with a minimal payload: %',
-                        event, number, SQLERRM;
-                    payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
-                                                  'status', status, 'relayError', SQLERRM);
-                END;
+                events := events || event;
+            END IF;
+            FOREACH s IN ARRAY recipient_signals LOOP
+                events := events || CASE s
+                    WHEN 'opened' THEN ARRAY['DOCUMENT_OPENED']
+                    -- complete-document-with-token.ts: DOCUMENT_RECIPIENT_COMPLETED (v2.8.1 on),
+                    -- then DOCUMENT_SIGNED.
+                    WHEN 'signed' THEN ARRAY['DOCUMENT_RECIPIENT_COMPLETED', 'DOCUMENT_SIGNED']
+                    WHEN 'signed_created' THEN ARRAY['DOCUMENT_SIGNED']
+                    WHEN 'expired' THEN ARRAY['RECIPIENT_EXPIRED']
+                    ELSE ARRAY[]::text[] END;
+            END LOOP;
+        END IF;
+        IF cardinality(events) > 0 THEN
+            BEGIN
+                payload := relay.documenso_payload(key);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'relay: % for Documenso % % sent with a minimal payload: %',
+                    array_to_string(events, ', '), lower(kind), number, SQLERRM;
+                payload := jsonb_build_object('id', number, 'envelopeId', {envelope_id},
+                                              'status', status, 'relayError', SQLERRM);
+            END;
+            -- cancel-document.ts maps the document as it read it before cancelling, with the
+            -- new status and completedAt: updatedAt is the earlier one.
+            cancelled := payload;
+            IF updated_before IS NOT NULL AND payload ? 'capture' THEN
+                cancelled := jsonb_set(payload, '{{document,updatedAt}}', updated_before);
             END IF;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'relay: Documenso document % not read at commit, so no webhook is sent '
             'for it: %', key, SQLERRM;
-        event := NULL;
+        events := ARRAY[]::text[];
         changed := false;
     END;
-    IF event IS NOT NULL THEN
-        INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
-    END IF;
+    FOREACH event IN ARRAY events LOOP
+        PERFORM relay.documenso_emit(
+            event,
+            CASE WHEN event = 'DOCUMENT_CANCELLED' AND NOT deleted THEN cancelled ELSE payload END,
+            d."teamId", d."userId");
+    END LOOP;
     IF changed THEN
         INSERT INTO relay.documenso_state (id, status) VALUES (number, status)
         ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status;
@@ -293,7 +416,6 @@ DECLARE
     d record;
     number int;
     event text;
-    payload jsonb;
     sent int := 0;
 BEGIN
     -- Deleted while no trigger watched: Documenso's payload cannot be rebuilt, so forgotten.
@@ -308,8 +430,8 @@ BEGIN
         number := {number};
         event := relay.documenso_event_name(d."status"::text);
         IF emit AND event IS NOT NULL THEN
-            payload := relay.documenso_payload(d."id"::text);
-            INSERT INTO relay.documenso_events (topic, payload) VALUES (event, payload);
+            PERFORM relay.documenso_emit(event, relay.documenso_payload(d."id"::text),
+                                         d."teamId", d."userId");
             sent := sent + 1;
         END IF;
         INSERT INTO relay.documenso_state (id, status) VALUES (number, d."status"::text)
@@ -320,10 +442,13 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION relay.documenso_payload(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_emit(text, jsonb, int, int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_change() FROM PUBLIC;
+REVOKE ALL ON FUNCTION relay.documenso_recipient() FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_commit() FROM PUBLIC;
 REVOKE ALL ON FUNCTION relay.documenso_reconcile(boolean) FROM PUBLIC;
 COMMENT ON FUNCTION relay.documenso_change() IS {fingerprint};
+COMMENT ON FUNCTION relay.documenso_recipient() IS {fingerprint};
 COMMENT ON FUNCTION relay.documenso_commit() IS {fingerprint};
 
 -- Earlier relay versions' triggers (named "status" in their WHEN clause, which blocks Prisma's
@@ -337,6 +462,9 @@ CREATE OR REPLACE TRIGGER relay_documenso_change
 CREATE OR REPLACE TRIGGER relay_documenso_delete
     BEFORE DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION relay.documenso_change();
+CREATE OR REPLACE TRIGGER relay_documenso_recipient
+    AFTER INSERT OR UPDATE ON {recipient}
+    FOR EACH ROW EXECUTE FUNCTION relay.documenso_recipient();
 
 -- A constraint trigger cannot be replaced in place.
 DROP TRIGGER IF EXISTS relay_documenso_commit ON relay.documenso_changes;

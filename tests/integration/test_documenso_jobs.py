@@ -318,6 +318,7 @@ async def test_uninstall_leaves_documenso_as_it_was(documenso_db: str) -> None:
     assert relay_triggers() == [
         '"BackgroundJob"',
         '"Envelope"',
+        '"Recipient"',
         "relay.documenso_changes",
         "relay.documenso_events",
     ]

@@ -292,7 +292,7 @@ def test_documenso_documents_preset_needs_only_a_url() -> None:
             },
         }
     )
-    assert msg.startswith("sources.doc.events: unknown key")
+    assert msg.startswith("sources.doc.events: expected a list of Documenso event names")
 
 
 def test_a_prisma_database_url_works_as_it_is() -> None:

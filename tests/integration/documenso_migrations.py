@@ -207,39 +207,53 @@ def role_password(name: str) -> str:
     return f"{name}-test-password"
 
 
-async def documenso_role(admin_url: str, db_url: str, name: str = "documenso") -> str:
+def documenso_role(admin_url: str, db_url: str, name: str = "documenso") -> str:
     """Make sure the cluster has `name`, a LOGIN role that is no superuser (Documenso's own
     database user), and that it owns the public schema of `db_url`'s database (so it may create
     and alter everything there, as Prisma Migrate must); return a URL to that database as it.
-    Idempotent: roles are cluster-wide and outlive the per-test databases."""
-    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
+    Idempotent: roles are cluster-wide and outlive the per-test databases. Synchronous, so the
+    tests' plain helpers can write as Documenso too."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         attributes = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
             sql.Literal(role_password(name))
         )
-        cur = await conn.execute(
+        row = conn.execute(
             "SELECT rolsuper OR rolcreatedb OR rolcreaterole OR NOT rolcanlogin "
             "FROM pg_roles WHERE rolname = %s",
             [name],
-        )
-        row = await cur.fetchone()
+        ).fetchone()
         if row is None:
             # Another test process may create it first: then it is there, as wanted.
             with contextlib.suppress(
                 psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation
             ):
-                await conn.execute(
+                conn.execute(
                     sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(name), attributes)
                 )
         elif row[0]:  # left by something else with more rights than Documenso's user has
-            await conn.execute(
-                sql.SQL("ALTER ROLE {} WITH {}").format(sql.Identifier(name), attributes)
-            )
+            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(sql.Identifier(name), attributes))
     database = dbname(db_url)
-    async with await psycopg.AsyncConnection.connect(
-        with_conninfo(admin_url, dbname=database), autocommit=True
-    ) as conn:
-        await conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(name)))
+    with psycopg.connect(with_conninfo(admin_url, dbname=database), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(name)))
     return with_conninfo(admin_url, dbname=database, user=name, password=role_password(name))
+
+
+_AS_DOCUMENSO: dict[str, str] = {}
+
+
+def as_documenso(db: str) -> str:
+    """The test database `db` (an admin URL) as Documenso's own role: no superuser, no privilege
+    on relay's schema, owning Documenso's tables, so that Documenso's writes go through relay's
+    triggers as they do in production. Each test has its own database; the URL is kept."""
+    if db not in _AS_DOCUMENSO:
+        _AS_DOCUMENSO[db] = documenso_role(db, db)
+    return _AS_DOCUMENSO[db]
+
+
+def documenso_execute(db: str, statements: str, params: Any = None) -> None:
+    """Documenso's DDL and writes on the test database, as Documenso's role."""
+    with psycopg.connect(as_documenso(db), autocommit=True) as conn:
+        conn.execute(statements, params)
 
 
 async def install_extensions(admin_url: str, db_url: str) -> None:
@@ -307,7 +321,7 @@ async def documenso_database(
     be: Documenso's role (`documenso_role`), the extensions an admin creates for it
     (`install_extensions`), then its migrations replayed as it. Returns the role's URL; pass it
     to `migrate` to upgrade."""
-    url = await documenso_role(admin_url, db_url, role)
+    url = documenso_role(admin_url, db_url, role)
     await install_extensions(admin_url, db_url)
     await migrate(url, release)
     return url

@@ -12,6 +12,7 @@ import psycopg
 from relay import config as config_mod
 from relay.db.store import Store
 from relay.sources.base import MAX_FIELD_BYTES, Claimed
+from tests.integration.documenso_migrations import documenso_execute
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
 from tests.support import Receiver, fetch_rows, install, raw_config, running
 
@@ -113,8 +114,8 @@ async def test_rows_too_large_end_dead_with_the_reason_and_the_rest_is_delivered
 async def test_a_documenso_job_too_large_fails_without_being_sent(
     db: str, receiver: Receiver
 ) -> None:
-    execute(db, JOBS + WEBHOOKS)
-    execute(
+    documenso_execute(db, JOBS + WEBHOOKS)
+    documenso_execute(
         db,
         """INSERT INTO "Webhook" ("id", "webhookUrl", "userId", "teamId")
            VALUES ('wh_1', %s, 1, 1)""",
@@ -128,7 +129,7 @@ async def test_a_documenso_job_too_large_fails_without_being_sent(
     )
     await install(config)
     async with running(config):
-        execute(
+        documenso_execute(
             db,
             """
             INSERT INTO "BackgroundJob" ("id", "jobId", "name", "version", "updatedAt", "payload",

@@ -18,6 +18,7 @@ from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.db.store import Store
 from tests.conftest import Server
+from tests.integration.documenso_migrations import documenso_execute
 from tests.integration.documenso_schema import ENVELOPE
 from tests.support import (
     Receiver,
@@ -97,16 +98,16 @@ async def test_triggers_installed_for_another_configuration_are_stale(
 
 
 async def test_a_missing_documenso_document_trigger_is_reported(db: str) -> None:
-    execute(db, ENVELOPE)
+    documenso_execute(db, ENVELOPE)
     source = {"kind": "documenso_documents", "url": "http://127.0.0.1:9/hook"}
     config = config_mod.from_mapping(raw_config(db, sources={"documenso": source}), {})
     await install(config)
     assert await problems(config) == {}
-    execute(db, 'DROP TRIGGER relay_documenso_delete ON "Envelope"')
+    documenso_execute(db, 'DROP TRIGGER relay_documenso_delete ON "Envelope"')
     assert await problems(config) == {
         "documenso": "one of its 2 triggers on public.Envelope is missing"
     }
-    execute(db, 'DROP TRIGGER relay_documenso_change ON "Envelope"')
+    documenso_execute(db, 'DROP TRIGGER relay_documenso_change ON "Envelope"')
     assert await problems(config) == {
         "documenso": "its trigger on public.Envelope is not installed"
     }
@@ -345,13 +346,13 @@ VALUES ('1', 'x', now(), '20260302223702_optimize_recipient_indexes', NULL),
 async def test_check_and_status_name_the_documenso_release_found(db: str, tmp_config: Path) -> None:
     from tests.integration.documenso_schema import JOBS, WEBHOOKS
 
-    execute(db, JOBS + WEBHOOKS)
+    documenso_execute(db, JOBS + WEBHOOKS)
     write_config(tmp_config, raw_config(db, sources={"jobs": {"kind": "documenso_jobs"}}))
     assert (await run_cli(tmp_config, "install"))[0] == 0
     code, output = await run_cli(tmp_config, "check")
     assert code == 0, output
     assert "sources.jobs: Documenso release unknown: no _prisma_migrations table" in output
-    execute(db, PRISMA_MIGRATIONS)
+    documenso_execute(db, PRISMA_MIGRATIONS)
     found = (
         "sources.jobs: Documenso v2.8.1 "
         "(newest migration 20260311000000_add_organisation_template_type)"

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from relay import config as config_mod
+from tests.integration.documenso_migrations import as_documenso
 from tests.integration.documenso_schema import LEGACY_DOCUMENT
 from tests.integration.test_documenso_documents import (
     COMPLETE,
@@ -54,7 +55,7 @@ async def test_a_prisma_enum_migration_runs_with_relay_installed(envelope_db: st
         {"id": DOCUMENT},
     )
     # One transaction, as Prisma Migrate runs a migration file.
-    with psycopg.connect(envelope_db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(envelope_db)) as conn, conn.transaction():
         conn.execute(ENUM_MIGRATION)
     execute(
         envelope_db,
@@ -102,7 +103,7 @@ def create_from_direct_template(db: str, internal_version: int, others: str) -> 
         "role": "CC" if others == "cc" else "SIGNER",
         "signing": "SIGNED" if others == "cc" else "NOT_SIGNED",
     }
-    with psycopg.connect(db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(db)) as conn, conn.transaction():
         conn.execute("""INSERT INTO "DocumentMeta" ("id") VALUES ('meta_9')""")
         conn.execute(
             """INSERT INTO "Envelope" ("id", "secondaryId", "type", "status", "updatedAt",
@@ -128,7 +129,7 @@ def create_from_direct_template(db: str, internal_version: int, others: str) -> 
 def send_document(db: str, envelope: str) -> None:
     """send-document.ts on a PENDING "Envelope" of internalVersion 2: the audit row of the
     fields it auto-inserted (always written, even for none) and the status written again."""
-    with psycopg.connect(db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(db)) as conn, conn.transaction():
         conn.execute(
             """INSERT INTO "DocumentAuditLog" ("id", "type", "data", "envelopeId")
                VALUES (gen_random_uuid()::text, 'DOCUMENT_FIELDS_AUTO_INSERTED', '{}', %(id)s)""",
@@ -175,13 +176,13 @@ async def test_several_changes_in_one_transaction_make_one_event_of_the_last_sta
     envelope_db: str,
 ) -> None:
     await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
-    with psycopg.connect(envelope_db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(envelope_db)) as conn, conn.transaction():
         conn.execute(SEND)
         conn.execute(COMPLETE)
     ((topic, payload),) = events(envelope_db)
     assert (topic, payload["status"]) == ("DOCUMENT_COMPLETED", "COMPLETED")
     # And a change undone before the commit sends nothing.
-    with psycopg.connect(envelope_db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(envelope_db)) as conn, conn.transaction():
         conn.execute("""UPDATE "Envelope" SET "status" = 'REJECTED' WHERE "id" = %s""", [DOCUMENT])
         conn.execute("""UPDATE "Envelope" SET "status" = 'COMPLETED' WHERE "id" = %s""", [DOCUMENT])
     assert topics(envelope_db) == ["DOCUMENT_COMPLETED"]

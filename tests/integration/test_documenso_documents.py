@@ -12,6 +12,7 @@ import pytest
 from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.sources import documenso_payload
+from tests.integration.documenso_migrations import as_documenso, documenso_execute
 from tests.integration.documenso_schema import ENVELOPE, LEGACY_DOCUMENT
 from tests.support import Receiver, install, raw_config, running
 
@@ -24,8 +25,8 @@ def documenso_config(db: str, url: str, **extra: Any) -> Config:
 
 
 def execute(db: str, statements: str, params: dict[str, Any] | None = None) -> None:
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(statements, params)
+    """Documenso's DDL and writes, as Documenso's role."""
+    documenso_execute(db, statements, params)
 
 
 def events(db: str) -> list[tuple[str, dict[str, Any]]]:
@@ -366,11 +367,13 @@ async def test_sending_many_documents_in_one_transaction_takes_no_subtransaction
         FROM generate_series(1, 100) g;
         """,
     )
-    with psycopg.connect(envelope_db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(envelope_db)) as conn, conn.transaction():
         conn.execute(
             """UPDATE "Envelope" SET "status" = 'PENDING', "updatedAt" = now()
                WHERE "id" LIKE 'bulk_%'"""
         )
+        # What relay does at commit, done now, so that it is counted too.
+        conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
         row = conn.execute(
             "SELECT s.subxact_count, s.subxact_overflowed "
             "FROM pg_stat_get_backend_idset() AS b(id), pg_stat_get_backend_subxact(b.id) AS s "

@@ -13,6 +13,7 @@ from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.db.store import Store
 from tests import systems
+from tests.integration.documenso_migrations import documenso_execute
 from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
 from tests.support import Receiver, install, raw_config, running
 
@@ -33,8 +34,8 @@ def jobs_config(db: str, **extra: Any) -> Config:
 
 
 def execute(db: str, statements: str, params: dict[str, Any] | None = None) -> None:
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(statements, params)
+    """Documenso's DDL and writes, as Documenso's role."""
+    documenso_execute(db, statements, params)
 
 
 def add_job(db: str, job_id: str, webhook: str = "wh_1", **overrides: Any) -> None:

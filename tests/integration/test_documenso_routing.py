@@ -13,6 +13,7 @@ from relay import config as config_mod
 from relay.config import ConfigError
 from relay.sources.documenso_documents import EVENTS
 from tests import systems
+from tests.integration.documenso_migrations import as_documenso
 from tests.integration.documenso_schema import WEBHOOKS
 from tests.integration.test_documenso_documents import (
     COMPLETE,
@@ -36,7 +37,7 @@ def recipient(db: str, email: str, sets: str) -> None:
 
 def create_envelope(db: str, envelope: str, number: int, kind: str, source: str) -> None:
     """What create-envelope.ts / create-document-from-template.ts write in one transaction."""
-    with psycopg.connect(db) as conn, conn.transaction():
+    with psycopg.connect(as_documenso(db)) as conn, conn.transaction():
         params = {
             "id": envelope,
             "meta": f"meta_{envelope}",

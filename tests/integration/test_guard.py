@@ -26,6 +26,7 @@ from relay.deliverer import excerpt
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
 from tests.integration.test_delivery import insert_values
 from tests.integration.test_documenso_jobs import add_job, calls, execute, job
+from tests.integration.user_tables import execute as admin_execute
 from tests.network import network
 from tests.support import (
     WAIT,
@@ -379,7 +380,7 @@ async def test_the_official_standardwebhooks_library_verifies_relays_requests(
     config = make_config(db, sources={"events": source})
     await install(config)
     async with running(config):
-        execute(db, """SELECT relay.publish('order.created', '{"id": 7}'::jsonb)""")
+        admin_execute(db, """SELECT relay.publish('order.created', '{"id": 7}'::jsonb)""")
         await receiver.wait_count(1)
     [got] = receiver.received
     assert len(got.headers["webhook-signature"].split(" ")) == len(secrets)
@@ -430,7 +431,7 @@ async def test_secrets_and_header_values_never_show_in_logs_or_status(
     config = make_config(db, sources={"events": source})
     await install(config)
     async with serving(config) as service:
-        execute(db, """SELECT relay.publish('order.created', '{"id": 7}'::jsonb)""")
+        admin_execute(db, """SELECT relay.publish('order.created', '{"id": 7}'::jsonb)""")
         await receiver.wait_count(2)
         async with (
             aiohttp.ClientSession() as session,

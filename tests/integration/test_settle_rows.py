@@ -19,6 +19,7 @@ from relay.db.store import Store
 from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
 from relay.sources.documenso_jobs import WebhookCall
+from tests.integration.documenso_migrations import documenso_execute
 from tests.integration.documenso_schema import JOBS, WEBHOOKS
 from tests.support import install, prepared_store, raw_config
 
@@ -89,8 +90,8 @@ def call(webhook: str) -> WebhookCall:
 async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
     db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    execute(db, JOBS + WEBHOOKS)
-    execute(
+    documenso_execute(db, JOBS + WEBHOOKS)
+    documenso_execute(
         db,
         """
         INSERT INTO "Webhook" ("id", "webhookUrl", "userId", "teamId")
@@ -109,7 +110,7 @@ async def test_a_webhook_deleted_mid_flight_holds_back_no_other_tenants_job(
         claimed = await store.claim("jobs", 10, 30.0)
         assert sorted(r.key for r in claimed) == ["job_a", "job_b"]
         # Tenant b deletes its webhook while both requests are in flight.
-        execute(db, """DELETE FROM "Webhook" WHERE "id" = 'wh_b'""")
+        documenso_execute(db, """DELETE FROM "Webhook" WHERE "id" = 'wh_b'""")
         batch = [
             Settlement(
                 r.key, r.lease, Outcome.done, http_status=200, record=call(f"wh_{r.key[-1]}")

@@ -11,6 +11,7 @@ import psycopg
 
 from relay import config as config_mod
 from relay.app import Relay
+from tests.integration.documenso_migrations import documenso_execute
 from tests.integration.documenso_schema import ENUMS, ENVELOPE, LEGACY_DOCUMENT
 from tests.integration.test_health import get
 from tests.support import (
@@ -70,7 +71,7 @@ async def test_a_trigger_dropped_while_relay_runs_is_installed_again_at_the_next
 async def test_documenso_s_upgrade_to_envelopes_moves_the_trigger_to_the_new_table(
     db: str, receiver: Receiver
 ) -> None:
-    execute(db, LEGACY_DOCUMENT)
+    documenso_execute(db, LEGACY_DOCUMENT)
     source = {"kind": "documenso_documents", "url": receiver.url, "secret": "s3cret"}
     config = config_mod.from_mapping(
         raw_config(db, relay=NO_SWEEP, sources={"documenso": source}), {}
@@ -79,7 +80,7 @@ async def test_documenso_s_upgrade_to_envelopes_moves_the_trigger_to_the_new_tab
     async with serving(config) as service:
         relay = service.relay
         # Migration 20250918070645_add_envelopes, in two steps: the legacy tables go...
-        execute(db, 'DROP TABLE "Recipient", "DocumentMeta", "Document" CASCADE')
+        documenso_execute(db, 'DROP TABLE "Recipient", "DocumentMeta", "Document" CASCADE')
         await sweep(relay)
         # ... and while no document table is there, readiness says so.
         status, body, _ = await get(service.health_port, "/readyz")
@@ -88,12 +89,12 @@ async def test_documenso_s_upgrade_to_envelopes_moves_the_trigger_to_the_new_tab
         assert "relay could not install it again" in reason
         assert "no Documenso document table" in reason
         # ... then the new ones come.
-        execute(db, ENVELOPE[len(ENUMS) :])
+        documenso_execute(db, ENVELOPE[len(ENUMS) :])
         assert (await sweep(relay))["untriggered"] == {}
         assert (await get(service.health_port, "/readyz"))[0] == 200
         assert triggers(db, '"Envelope"') != []
         await relay.claimers["documenso"].idle.wait()
-        execute(
+        documenso_execute(
             db,
             """
             INSERT INTO "DocumentMeta" ("id") VALUES ('meta_1');

@@ -1,4 +1,5 @@
-"""Documenso's tables as the tests need them, written from shared/reference/documenso.md:
+"""Documenso's tables as the tests need them, a subset of what Documenso's own migrations make
+(test_documenso_schema_matches.py checks each column against them, replayed):
 the current "Envelope" shape (v1.13 and later) and the legacy "Document" shape (v1.12 and
 earlier). Enum labels are in install-history order on purpose; relay must compare them as text."""
 
@@ -10,6 +11,8 @@ CREATE TYPE "RecipientRole" AS ENUM ('CC', 'SIGNER', 'VIEWER', 'APPROVER', 'ASSI
 CREATE TYPE "ReadStatus" AS ENUM ('NOT_OPENED', 'OPENED');
 CREATE TYPE "SigningStatus" AS ENUM ('NOT_SIGNED', 'SIGNED', 'REJECTED');
 CREATE TYPE "SendStatus" AS ENUM ('NOT_SENT', 'SENT');
+CREATE TYPE "DocumentSigningOrder" AS ENUM ('PARALLEL', 'SEQUENTIAL');
+CREATE TYPE "DocumentDistributionMethod" AS ENUM ('EMAIL', 'NONE');
 """
 
 DOCUMENT_META = """
@@ -17,9 +20,11 @@ CREATE TABLE "DocumentMeta" (
     "id" text PRIMARY KEY,
     "subject" text, "message" text, "timezone" text DEFAULT 'Etc/UTC',
     "dateFormat" text DEFAULT 'yyyy-MM-dd hh:mm a', "redirectUrl" text,
-    "signingOrder" text NOT NULL DEFAULT 'PARALLEL', "language" text NOT NULL DEFAULT 'en',
+    "signingOrder" "DocumentSigningOrder" NOT NULL DEFAULT 'PARALLEL',
+    "language" text NOT NULL DEFAULT 'en',
     "typedSignatureEnabled" boolean NOT NULL DEFAULT true,
-    "distributionMethod" text NOT NULL DEFAULT 'EMAIL', "emailSettings" jsonb
+    "distributionMethod" "DocumentDistributionMethod" NOT NULL DEFAULT 'EMAIL',
+    "emailSettings" jsonb
     {extra}
 );
 """
@@ -97,7 +102,7 @@ CREATE TABLE "Document" (
     "documentDataId" text NOT NULL UNIQUE,
     "completedAt" timestamp(3),
     "deletedAt" timestamp(3),
-    "teamId" integer,
+    "teamId" integer NOT NULL,
     "authOptions" jsonb,
     "formValues" jsonb,
     "source" "DocumentSource" NOT NULL,
@@ -107,7 +112,8 @@ CREATE TABLE "Document" (
 );
 """
     + DOCUMENT_META.format(
-        extra=', "documentId" integer UNIQUE REFERENCES "Document" ("id") ON DELETE CASCADE'
+        extra=', "documentId" integer NOT NULL UNIQUE '
+        'REFERENCES "Document" ("id") ON DELETE CASCADE'
     )
     + """
 CREATE TABLE "Recipient" (

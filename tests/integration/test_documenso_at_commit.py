@@ -92,7 +92,8 @@ async def test_no_trigger_of_relays_depends_on_a_documenso_column(
 
 
 _TYPES = """DROP TYPE "DocumentStatus", "DocumentSource", "DocumentVisibility", "RecipientRole",
-    "ReadStatus", "SigningStatus", "SendStatus", "EnvelopeType";"""
+    "ReadStatus", "SigningStatus", "SendStatus", "DocumentSigningOrder",
+    "DocumentDistributionMethod", "EnvelopeType";"""
 
 
 def create_from_direct_template(db: str, internal_version: int, others: str) -> None:

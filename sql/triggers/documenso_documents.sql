@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS relay.documenso_changes (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     document  text    NOT NULL,   -- the document table's "id", as text (indexed below)
     -- NULL: its status may have changed. 'created': inserted. 'resend': written again as
-    -- PENDING while PENDING. 'deleted': its "deletedAt" set (a soft delete). A recipient's:
+    -- PENDING while PENDING. 'deleted': its "deletedAt" set (a soft delete). 'resealed': a
+    -- new "completedAt" while COMPLETED or REJECTED. A recipient's:
     -- 'opened', 'signed', 'signed_created' (inserted as signed: a direct-template link's
     -- signer), 'expired'.
     signal    text,
@@ -175,6 +176,11 @@ BEGIN
             ELSIF OLD."deletedAt" IS NULL AND NEW."deletedAt" IS NOT NULL THEN
                 -- A completed document is deleted softly; Documenso sends DOCUMENT_CANCELLED.
                 signal := 'deleted';
+            ELSIF OLD."status" = NEW."status" AND NEW."status"::text IN ('COMPLETED', 'REJECTED')
+                  AND OLD."completedAt" IS DISTINCT FROM NEW."completedAt" THEN
+                -- Sealed again (an admin's reseal, the seal sweep): the seal job writes a new
+                -- completedAt and sends DOCUMENT_COMPLETED or DOCUMENT_REJECTED again.
+                signal := 'resealed';
             ELSIF OLD."status" IS NOT DISTINCT FROM NEW."status" THEN
                 -- Documenso's send-document.ts on a document already PENDING writes
                 -- status = 'PENDING' again (Prisma adds "updatedAt") and sends DOCUMENT_SENT
@@ -285,6 +291,7 @@ DECLARE
     found_changes int;
     resend boolean;
     deleted boolean;
+    resealed boolean;
     inserted boolean;
     updated_before jsonb;
     recipient_signals text[];
@@ -304,12 +311,13 @@ BEGIN
     )
     SELECT count(*), coalesce(bool_or(taken.signal = 'resend'), false),
            coalesce(bool_or(taken.signal = 'deleted'), false),
+           coalesce(bool_or(taken.signal = 'resealed'), false),
            coalesce(bool_or(taken.signal = 'created'), false),
            (array_agg(taken.updated_before ORDER BY taken.id)
                 FILTER (WHERE taken.updated_before IS NOT NULL))[1],
            coalesce(array_agg(taken.signal ORDER BY taken.id)
                 FILTER (WHERE taken.recipient IS NOT NULL), ARRAY[]::text[])
-    INTO found_changes, resend, deleted, inserted, updated_before, recipient_signals
+    INTO found_changes, resend, deleted, resealed, inserted, updated_before, recipient_signals
     FROM taken;
     IF found_changes = 0 THEN
         RETURN NULL;
@@ -355,6 +363,8 @@ BEGIN
             ELSIF deleted THEN
                 -- As v2.15 and later send it: the document after its deletedAt was set.
                 event := 'DOCUMENT_CANCELLED';
+            ELSIF resealed THEN
+                event := relay.documenso_event_name(status);
             END IF;
             IF event IS NOT NULL THEN
                 events := events || event;

@@ -206,6 +206,27 @@ async def test_sending_a_pending_document_again_sends_document_sent_again(
     assert topics(envelope_db) == ["DOCUMENT_SENT", "DOCUMENT_SENT"]
 
 
+async def test_sealing_a_completed_document_again_sends_document_completed_again(
+    envelope_db: str,
+) -> None:
+    await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
+    execute(envelope_db, COMPLETE)
+    # An admin's reseal (or the seal sweep) runs the seal job again: a new completedAt.
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "completedAt" = now() + interval '1 second',
+           "updatedAt" = now() WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    # Any other write to a completed document sends nothing.
+    execute(
+        envelope_db,
+        """UPDATE "Envelope" SET "title" = 'Renamed', "updatedAt" = now() WHERE "id" = %(id)s""",
+        {"id": DOCUMENT},
+    )
+    assert topics(envelope_db) == ["DOCUMENT_COMPLETED", "DOCUMENT_COMPLETED"]
+
+
 async def test_cancelling_sends_the_document_as_it_was_read_before(envelope_db: str) -> None:
     await install(documenso_config(envelope_db, "http://127.0.0.1:9/unused"))
     execute(envelope_db, SEND)

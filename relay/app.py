@@ -26,6 +26,7 @@ from relay.config import Config, ConfigError
 from relay.db.store import RETRYABLE, Store
 from relay.deliverer import Deliverer
 from relay.listener import Listener
+from relay.scheduler import Scheduler
 from relay.server import serve
 from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
@@ -76,6 +77,7 @@ class Relay:
             for s in config.sources
         }
         self.sweeper = Sweeper(self.store, self.claimers, config.sweep_interval)
+        self.scheduler = Scheduler(self.store, config.jobs)
         self.listener = Listener(
             config.listen_url,
             config.notify_channel,
@@ -127,6 +129,7 @@ class Relay:
                 n: {"claimed": c.claimed, "failing": c.failure} for n, c in self.claimers.items()
             },
             "severed_connections": self.store.watchdog.severed + self.listener.watchdog.severed,
+            "jobs": self.scheduler.status(),
         }
 
     async def _report(self, stop: asyncio.Event) -> None:
@@ -153,6 +156,8 @@ class Relay:
         """Open the pool and check every source against the database (ConfigError if wrong)."""
         await self.store.open()
         await self.store.prepare()
+        if self.config.jobs:
+            await self.store.check_jobs()
         for name, compiled in self.store.compiled.items():
             self.deliverer.wants_detail(name, compiled.detail_on)
         problems = await self.store.trigger_problems()
@@ -221,15 +226,17 @@ class Relay:
                 tg.create_task(self.listener.run(stop), name="listener"),
                 tg.create_task(self.sweeper.run(stop), name="sweeper"),
                 tg.create_task(self._report(stop), name="progress"),
+                tg.create_task(self.scheduler.run(stop), name="scheduler"),
                 *(
                     tg.create_task(c.run(stop), name=f"claimer:{n}")
                     for n, c in self.claimers.items()
                 ),
             ]
             log.info(
-                "relay.started worker=%s sources=%s max_in_flight=%d",
+                "relay.started worker=%s sources=%s jobs=%s max_in_flight=%d",
                 self.config.worker_id,
                 ",".join(self.claimers),
+                ",".join(self.scheduler.jobs),
                 self.config.max_in_flight,
             )
             self.ready.set()

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 import psycopg
 import psycopg_pool
@@ -99,6 +100,8 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
             print("removed relay's triggers and functions (relay.outbox and its rows are kept)")
         else:
             failing = await _prepare(store, each=command == "status")
+            if config.jobs:
+                await store.check_jobs()
             if command == "check":
                 problems = await store.trigger_problems()
                 for name, problem in problems.items():
@@ -123,6 +126,7 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                     age = "none" if oldest is None else f"{oldest:.1f}s"
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
                 await _about(store, failing)
+                await _job_lines(store, config)
                 if failing:
                     return EXIT_FAILED
             elif command == "retry-dead":
@@ -158,6 +162,27 @@ async def _about(store: Store, failing: dict[str, str]) -> None:
     for name in store.sources:
         if name not in failing and (about := await store.about(name)) is not None:
             print(f"sources.{name}: {logs.escape(about)}")
+
+
+async def _job_lines(store: Store, config: Config) -> None:
+    """Each scheduled job: its schedule, its newest run (by any relay) and the next one."""
+    if not config.jobs:
+        return
+    last = await store.last_runs([job.name for job in config.jobs])
+    now = datetime.now(UTC)
+    for job in config.jobs:
+        shown = f"jobs.{job.name}: {job.describe()}; next {job.following(now).isoformat()}"
+        run = last.get(job.name)
+        if run is None:
+            print(f"{shown}; not run yet")
+            continue
+        result = (
+            f"failed: {logs.escape(run.error)}" if run.error is not None else run.counted() or "ok"
+        )
+        print(
+            f"{shown}; last run {run.scheduled_for.isoformat()} by {logs.field(run.worker)} "
+            f"in {run.duration_ms:.1f} ms: {result}"
+        )
 
 
 async def _prepare(store: Store, each: bool) -> dict[str, str]:

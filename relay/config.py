@@ -21,7 +21,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 
 from relay import guard, readers, sources
+from relay import jobs as jobs_mod
 from relay import retry as retry_policy
+from relay.jobs import Job
 from relay.readers import ConfigError as ConfigError
 from relay.readers import duration
 from relay.retry import RetryPolicy as RetryPolicy
@@ -64,6 +66,7 @@ class Config:
     notify_channel: str = "relay"
     # database.url goes through PgBouncer in transaction mode: no server-side prepared statements.
     pgbouncer: bool = False
+    jobs: tuple[Job, ...] = ()  # [jobs.NAME]: scheduled SQL
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -136,7 +139,7 @@ def _database_url(where: str, value: str) -> tuple[str, bool]:
     return url, pgbouncer
 
 
-_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources"}
+_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources", "jobs"}
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
     "relay": {
@@ -267,11 +270,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     policy = retry_policy.parse("retry", retry, RetryPolicy())
     max_attempts = policy.limit(None)
+    scheduled = jobs_mod.parse(raw.get("jobs"))
     sources_raw = raw.get("sources", {})
-    if not isinstance(sources_raw, dict) or not sources_raw:
+    if not isinstance(sources_raw, dict) or not (sources_raw or scheduled):
         raise ConfigError(
             "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
-            "or kind = 'table'"
+            "or kind = 'table' (or a [jobs.NAME] table, for scheduled SQL only)"
         )
     ctx = sources.ParseContext(env=env, max_attempts=max_attempts, retry=policy)
     configured = tuple(_source(n, d, ctx) for n, d in sources_raw.items())
@@ -366,6 +370,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         health_remote=readers.boolean("health.allow_remote", health.get("allow_remote", False)),
         notify_channel=channel,
         pgbouncer=pgbouncer,
+        jobs=scheduled,
     )
 
 

@@ -5,10 +5,12 @@ heartbeat, sweep and report for every configured source through its kind's compi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -21,9 +23,11 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from relay import connections, logs
+from relay import connections, jobs, logs
 from relay.db import catalog, sqltext
 from relay.db.batch import settle_batch_json
+from relay.jobs import Job, JobRun
+from relay.readers import ConfigError
 from relay.sources.base import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Claimed,
@@ -39,6 +43,7 @@ T = TypeVar("T")
 
 _SCHEMA_SQL = (sqltext.sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _UNINSTALL_SQL = (sqltext.sql_dir() / "triggers" / "uninstall.sql").read_text()
+_JOBS = sqltext.load_queries(sqltext.sql_dir() / "queries" / "jobs.sql")
 
 RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How long a connection may stay silent while one source is checked or installed (a few dozen
@@ -254,6 +259,66 @@ class Store:
         self.compiled[source.name] = compiled.render(conn)
         if compiled.notify is not None:
             await conn.execute(compiled.notify.install)
+
+    # -- scheduled jobs ----------------------------------------------------------------------
+
+    async def run_job(self, job: Job, scheduled_for: datetime) -> JobRun | None:
+        """Run one occurrence of a job, unless another relay is running the job now or it ran
+        already; returns the run recorded, or None. The statement runs in a savepoint of the
+        transaction that records it: a failure is recorded too, with its error, and the lock
+        is held until the record is written, so no other relay runs the occurrence again."""
+        params: dict[str, Any] = {"job": job.name, "scheduled_for": scheduled_for}
+        async with self._connection(job.timeout + SETUP_BOUND) as conn, conn.transaction():
+            cur = await conn.execute(_JOBS["lock"], params)
+            if not (row := await cur.fetchone()) or not row[0]:
+                return None
+            cur = await conn.execute(_JOBS["ran"], params)
+            if await cur.fetchone():
+                return None
+            started_at = datetime.now(UTC)
+            began = time.monotonic()
+            result: dict[str, Any] = {"rows_affected": None, "error": None, **jobs.counts(None)}
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)", [f"{int(job.timeout * 1000)}"]
+            )
+            try:
+                async with conn.transaction():
+                    jcur = conn.cursor(row_factory=psycopg.rows.dict_row)
+                    await jcur.execute(job.statement.encode(), prepare=False)
+                    first = await jcur.fetchone() if jcur.description else None
+                    result.update(jobs.counts(first), rows_affected=max(jcur.rowcount, 0))
+            except psycopg.Error as exc:
+                if not isinstance(exc, psycopg.errors.QueryCanceled) and isinstance(
+                    exc, psycopg.OperationalError
+                ):
+                    raise  # the connection is gone: nothing can be recorded
+                result["error"] = logs.first_line(exc)
+            await conn.execute("RESET statement_timeout")
+            run = JobRun(
+                job=job.name,
+                scheduled_for=scheduled_for,
+                started_at=started_at,
+                duration_ms=(time.monotonic() - began) * 1000,
+                worker=self.worker,
+                **result,
+            )
+            await conn.execute(_JOBS["record"], dataclasses.asdict(run))
+            await conn.execute(_JOBS["prune"], params)
+            return run
+
+    async def check_jobs(self) -> None:
+        """ConfigError unless relay's table of job runs is there (and readable)."""
+        async with self._connection() as conn:
+            if not await catalog.table_exists(conn, "relay", "job_runs"):
+                raise ConfigError(
+                    "jobs: relay's table relay.job_runs does not exist; run `relay install` "
+                    "(the scheduled jobs record their runs there)"
+                )
+
+    async def last_runs(self, names: Sequence[str]) -> dict[str, JobRun]:
+        async with self._connection() as conn:
+            cur = await conn.execute(_JOBS["last_runs"], {"jobs": list(names)})
+            return {row[0]: JobRun(*row) for row in await cur.fetchall()}
 
     async def uninstall(self) -> None:
         async with self._connection() as conn, conn.transaction():

@@ -136,3 +136,21 @@ CREATE TABLE IF NOT EXISTS relay.attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_at_idx ON relay.attempts (at);
 CREATE INDEX IF NOT EXISTS attempts_row_idx ON relay.attempts (source, key);
+
+-- Scheduled jobs ([jobs.NAME]): one row per occurrence run, by whichever relay ran it. The
+-- primary key is what makes an occurrence run once among several relays: the one that runs it
+-- records it in the same transaction, under an advisory lock on the job. relay keeps the last
+-- 100 runs of each job.
+CREATE TABLE IF NOT EXISTS relay.job_runs (
+    job            text        NOT NULL,
+    scheduled_for  timestamptz NOT NULL,   -- the occurrence
+    started_at     timestamptz NOT NULL,
+    duration_ms    double precision NOT NULL,
+    worker         text        NOT NULL,   -- relay.worker_id of the relay that ran it
+    rows_affected  bigint,
+    processed      bigint,                 -- what the statement returned, if it did
+    succeeded      bigint,
+    failed         bigint,
+    error          text,                   -- NULL: it succeeded
+    PRIMARY KEY (job, scheduled_for)
+);

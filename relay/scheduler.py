@@ -1,0 +1,128 @@
+"""Runs the scheduled jobs ([jobs.NAME], relay.jobs): one task per job, which sleeps until the
+job's next occurrence and asks the store to run it. Store.run_job decides, in the database,
+whether this relay is the one: several relays may wake for the same occurrence, exactly one
+runs it and records it.
+
+A job's statement failing is recorded as that run's error and tried again at the next
+occurrence. The database being unreachable is retried within the occurrence every few seconds.
+Neither stops relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from relay import logs
+from relay.db.store import Store
+from relay.jobs import Job, JobRun
+
+log = logging.getLogger("relay.scheduler")
+
+RETRY_UNREACHABLE = 5.0  # seconds between attempts at a due occurrence while the database is away
+
+
+class Scheduler:
+    def __init__(self, store: Store, jobs: tuple[Job, ...]) -> None:
+        self.store = store
+        self.jobs = {job.name: job for job in jobs}
+        self.last: dict[str, JobRun] = {}  # each job's newest run by this relay
+        self.next: dict[str, datetime] = {}
+        self.runs = 0  # occurrences this relay ran
+        self._wake = {name: asyncio.Event() for name in self.jobs}
+        self._now: set[str] = set()  # jobs asked to run now (run_now)
+        self._changed = asyncio.Condition()
+
+    def run_now(self, name: str) -> None:
+        """Run the job once now, as an occurrence of its own (the current time)."""
+        self._now.add(name)
+        self._wake[name].set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for job in self.jobs.values():
+                tg.create_task(self._loop(job, stop), name=f"job:{job.name}")
+            # Every loop sleeps on its own event: the stop wakes them all.
+            tg.create_task(self._wake_on(stop), name="jobs:stop")
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        for event in self._wake.values():
+            event.set()
+
+    async def _loop(self, job: Job, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now = datetime.now(UTC)
+            if job.name in self._now:
+                self._now.discard(job.name)
+                occurrence = now
+            else:
+                occurrence = job.latest(now)
+            self.next[job.name] = job.following(now)
+            try:
+                run = await self.store.run_job(job, occurrence)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                if stop.is_set():
+                    return
+                log.warning(
+                    "job.not_run job=%s scheduled_for=%s error=%s next=%s",
+                    job.name,
+                    occurrence.isoformat(),
+                    logs.first_line(exc),
+                    f"again in {RETRY_UNREACHABLE:g}s",
+                )
+                wait = min(RETRY_UNREACHABLE, (self.next[job.name] - now).total_seconds())
+                await self._sleep(job, wait)
+                continue
+            if run is not None:
+                await self._ran(run)
+            await self._sleep(job, (self.next[job.name] - datetime.now(UTC)).total_seconds())
+
+    async def _sleep(self, job: Job, seconds: float) -> None:
+        wake = self._wake[job.name]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(seconds, 0.0))
+        wake.clear()
+
+    async def _ran(self, run: JobRun) -> None:
+        self.last[run.job] = run
+        self.runs += 1
+        if run.error is None:
+            log.info(
+                "job.ran job=%s scheduled_for=%s duration_ms=%.1f %s",
+                run.job,
+                run.scheduled_for.isoformat(),
+                run.duration_ms,
+                run.counted(),
+            )
+        else:
+            log.warning(
+                "job.failed job=%s scheduled_for=%s duration_ms=%.1f error=%s next=%s",
+                run.job,
+                run.scheduled_for.isoformat(),
+                run.duration_ms,
+                logs.escape(run.error),
+                "the next occurrence",
+            )
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_runs(self, n: int) -> None:
+        """Until this relay has run `n` occurrences (for tests and the CLI)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.runs >= n)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            name: {
+                "schedule": job.describe(),
+                "next": self.next[name].isoformat() if name in self.next else None,
+                "last": self.last[name].summary() if name in self.last else None,
+            }
+            for name, job in self.jobs.items()
+        }

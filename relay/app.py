@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from aiohttp import web
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from relay import guard, logs
+from relay import guard, inbox, logs
 from relay.budget import Slots
 from relay.claimer import Claimer
 from relay.config import Config, ConfigError
@@ -27,7 +28,7 @@ from relay.db.store import RETRYABLE, Store
 from relay.deliverer import Deliverer
 from relay.listener import Listener
 from relay.scheduler import Scheduler
-from relay.server import serve
+from relay.server import Route, serve
 from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
 from relay.sweeper import Sweeper
@@ -314,6 +315,7 @@ class Service:
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()  # the health endpoint is up and the first relay started
         self.health_port: int | None = None
+        self.inbox_ports: dict[str, int] = {}  # where each inbox listens (for tests: port 0)
         self.reloads = 0  # configurations taken on by SIGHUP (for status and tests)
         self.reload_failures = 0
         self._hup = asyncio.Event()
@@ -348,11 +350,38 @@ class Service:
         log.info("relay.signal signal=SIGHUP next=%s", "reloading the configuration")
         self._hup.set()
 
+    async def _serve_inboxes(self) -> tuple[list[Route], list[web.AppRunner]]:
+        """The inboxes' routes for the health server, and the listeners of those with their
+        own address. Requests go to the running relay's store (a reload may replace it); the
+        inboxes themselves are the start's configuration."""
+        routes: dict[tuple[str, int] | None, list[Route]] = {}
+        for box in self.config.inboxes:
+            handle = inbox.handler(box, lambda: self.relay.store.accept)
+            routes.setdefault(box.listen, []).append((box.path, handle))
+        runners = []
+        for address, own in routes.items():
+            if address is None:
+                continue
+            runner = await serve(None, *address, own)
+            runners.append(runner)
+            port = runner.addresses[0][1] if runner.addresses else address[1]
+            for box in self.config.inboxes:
+                if box.listen == address:
+                    self.inbox_ports[box.name] = port
+            log.info("inbox.listening host=%s port=%s", address[0], port)
+        return routes.get(None, []), runners
+
     async def run(self) -> None:
         runner = None
+        shared, runners = await self._serve_inboxes()
         if self.config.health_host is not None:
-            runner = await serve(self.status, self.config.health_host, self.config.health_port)
+            runner = await serve(
+                self.status, self.config.health_host, self.config.health_port, shared
+            )
             self.health_port = runner.addresses[0][1] if runner.addresses else None
+            for box in self.config.inboxes:
+                if box.listen is None and self.health_port is not None:
+                    self.inbox_ports[box.name] = self.health_port
             # Off loopback only with health.allow_remote = true; said once, so it is on record.
             log.info(
                 "health.listening host=%s port=%s remote=%s",
@@ -378,8 +407,9 @@ class Service:
                 for stop, _ in self._running.values():
                     stop.set()
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            for each in (runner, *runners):
+                if each is not None:
+                    await each.cleanup()
 
     def _launch(self, relay: Relay) -> None:
         assert self._tg is not None
@@ -418,6 +448,8 @@ class Service:
             return
         if (config.health_host, config.health_port) != self._health:
             log.warning("reload.health_unchanged reason=%s", "a new health.listen takes a restart")
+        if config.inboxes != self.config.inboxes:
+            log.warning("reload.inbox_unchanged reason=%s", "changed inboxes take a restart")
         checking = asyncio.create_task(self._check(new), name="reload.check")
         await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not checking.done():

@@ -21,8 +21,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 
 from relay import guard, readers, sources
+from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
 from relay import retry as retry_policy
+from relay.inbox import Inbox
 from relay.jobs import Job
 from relay.readers import ConfigError as ConfigError
 from relay.readers import duration
@@ -67,6 +69,7 @@ class Config:
     # database.url goes through PgBouncer in transaction mode: no server-side prepared statements.
     pgbouncer: bool = False
     jobs: tuple[Job, ...] = ()  # [jobs.NAME]: scheduled SQL
+    inboxes: tuple[Inbox, ...] = ()  # [inbox.NAME]: POST endpoints into the database
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -139,7 +142,7 @@ def _database_url(where: str, value: str) -> tuple[str, bool]:
     return url, pgbouncer
 
 
-_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources", "jobs"}
+_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources", "jobs", "inbox"}
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
     "relay": {
@@ -193,14 +196,9 @@ def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
     /status shows what relay is doing, which is not for every host on the network."""
     if value in ("", False):
         return None, 0
-    text = readers.string("health.listen", value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            f"health.listen: expected host:port like '127.0.0.1:8081' (or '[::1]:8081'; "
-            f"'' turns it off), got {text!r}"
-        )
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host, port = readers.address(
+        "health.listen", value, "'127.0.0.1:8081' (or '[::1]:8081'; '' turns it off)"
+    )
     ip = guard.parse_ip(host)
     loopback = host == "localhost" if ip is None else guard.classify(ip) == "loopback"
     if not loopback and not readers.boolean("health.allow_remote", allow_remote):
@@ -209,7 +207,7 @@ def _health(value: Any, allow_remote: Any) -> tuple[str | None, int]:
             f"reachable from other hosts; set health.allow_remote = true to mean it, or listen "
             f"on 127.0.0.1"
         )
-    return host, int(port)
+    return host, port
 
 
 def _allow(value: Any) -> guard.Allow:
@@ -271,11 +269,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     policy = retry_policy.parse("retry", retry, RetryPolicy())
     max_attempts = policy.limit(None)
     scheduled = jobs_mod.parse(raw.get("jobs"))
+    inboxes = inbox_mod.parse(raw.get("inbox"), env)
     sources_raw = raw.get("sources", {})
-    if not isinstance(sources_raw, dict) or not (sources_raw or scheduled):
+    if not isinstance(sources_raw, dict) or not (sources_raw or scheduled or inboxes):
         raise ConfigError(
             "sources: no sources configured; add a [sources.NAME] table with kind = 'outbox' "
-            "or kind = 'table' (or a [jobs.NAME] table, for scheduled SQL only)"
+            "or kind = 'table' (or [jobs.NAME] or [inbox.NAME] tables alone)"
         )
     ctx = sources.ParseContext(env=env, max_attempts=max_attempts, retry=policy)
     configured = tuple(_source(n, d, ctx) for n, d in sources_raw.items())
@@ -288,6 +287,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     for source in configured:
         _check_fixed_targets(source, allowed)
     host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
+    for inbox in inboxes:
+        if inbox.listen is None and host is None:
+            raise ConfigError(
+                f"inbox.{inbox.name}.listen: required while health.listen is off (the inbox is "
+                f"mounted on that server otherwise)"
+            )
     channel = readers.ident("relay.channel", relay.get("channel", "relay"))
     max_in_flight = readers.integer("relay.max_in_flight", relay.get("max_in_flight", 20))
     batch_size = readers.integer("relay.batch_size", relay.get("batch_size", 50))
@@ -371,6 +376,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         notify_channel=channel,
         pgbouncer=pgbouncer,
         jobs=scheduled,
+        inboxes=inboxes,
     )
 
 

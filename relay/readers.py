@@ -111,6 +111,15 @@ def http_url(where: str, value: Any) -> str:
     return text
 
 
+def address(where: str, value: Any, example: str) -> tuple[str, int]:
+    """host:port (an IPv6 host in brackets) as (host, port)."""
+    text = string(where, value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: expected host:port like {example}, got {text!r}")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), int(port)
+
+
 def boolean(where: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")

@@ -6,12 +6,14 @@
   source's trigger is missing and relay could not install it again, with the reasons.
 - `/status` is everything `Relay.status()` reports.
 
+The inboxes (relay.inbox) are mounted here too, or on listeners of their own.
+
 No answer names the server's software or versions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,9 +29,25 @@ async def _anonymous(_: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "relay"
 
 
-def make_app(status: Callable[[], dict[str, Any]]) -> web.Application:
+Route = tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]  # a POST path
+
+
+def make_app(
+    status: Callable[[], dict[str, Any]] | None, routes: Sequence[Route] = ()
+) -> web.Application:
+    """The health endpoints (unless `status` is None) and the inboxes' POST routes."""
+    app = web.Application()
+    app.on_response_prepare.append(_anonymous)
+    if status is not None:
+        app.add_routes(_health_routes(status))
+    for path, handle in routes:
+        app.router.add_post(path, handle)
+    return app
+
+
+def _health_routes(status: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
     """`status()` returns a dict with at least {"listener": "connected" | "disconnected",
-    "failing": {source: reason}}."""
+    "failing": {source: reason}, "untriggered": {source: reason}}."""
 
     async def healthz(_: web.Request) -> web.Response:
         return _json({"alive": True, "listener": status()["listener"]})
@@ -50,16 +68,18 @@ def make_app(status: Callable[[], dict[str, Any]]) -> web.Application:
     async def status_view(_: web.Request) -> web.Response:
         return _json(status())
 
-    app = web.Application()
-    app.on_response_prepare.append(_anonymous)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/status", status_view)
-    return app
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/status", status_view),
+    ]
 
 
-async def serve(status: Callable[[], dict[str, Any]], host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(make_app(status), access_log=None)
+async def serve(
+    status: Callable[[], dict[str, Any]] | None, host: str, port: int, routes: Sequence[Route] = ()
+) -> web.AppRunner:
+    """The health endpoints (without `status`: none) and the inboxes' routes, on host:port."""
+    runner = web.AppRunner(make_app(status, routes), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -26,6 +26,7 @@ from tenacity import (
 from relay import connections, jobs, logs
 from relay.db import catalog, sqltext
 from relay.db.batch import settle_batch_json
+from relay.inbox import Inbox
 from relay.jobs import Job, JobRun
 from relay.readers import ConfigError
 from relay.sources.base import (
@@ -44,6 +45,7 @@ T = TypeVar("T")
 _SCHEMA_SQL = (sqltext.sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _UNINSTALL_SQL = (sqltext.sql_dir() / "triggers" / "uninstall.sql").read_text()
 _JOBS = sqltext.load_queries(sqltext.sql_dir() / "queries" / "jobs.sql")
+_INBOX = sqltext.load_queries(sqltext.sql_dir() / "queries" / "inbox.sql")
 
 RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How long a connection may stay silent while one source is checked or installed (a few dozen
@@ -305,6 +307,23 @@ class Store:
             await conn.execute(_JOBS["record"], dataclasses.asdict(run))
             await conn.execute(_JOBS["prune"], params)
             return run
+
+    # -- inboxes ----------------------------------------------------------------------------
+
+    async def accept(self, inbox: Inbox, key: str, params: dict[str, Any]) -> bool:
+        """Take one inbox request in one transaction: its key, then the inbox's statement (or
+        its body kept). False if the key was there already: nothing is run again."""
+        body = None if inbox.statement else params["_body"]
+        async with self._connection(SETUP_BOUND) as conn, conn.transaction():
+            cur = await conn.execute(
+                _INBOX["take"], {"inbox": inbox.name, "key": key, "body": body}
+            )
+            if await cur.fetchone() is None:
+                return False
+            if inbox.statement:
+                await conn.execute(inbox.statement.encode(), params, prepare=False)
+            await conn.execute(_INBOX["prune"])
+            return True
 
     async def check_jobs(self) -> None:
         """ConfigError unless relay's table of job runs is there (and readable)."""

@@ -154,3 +154,15 @@ CREATE TABLE IF NOT EXISTS relay.job_runs (
     error          text,                   -- NULL: it succeeded
     PRIMARY KEY (job, scheduled_for)
 );
+
+-- Inboxes ([inbox.NAME]): each request's key, so a repeat is answered without running anything
+-- again; with the body for an inbox that keeps it (no statement of its own). Keys without a
+-- body are kept 30 days.
+CREATE TABLE IF NOT EXISTS relay.inbox (
+    inbox        text        NOT NULL,
+    key          text        NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    body         jsonb,
+    PRIMARY KEY (inbox, key)
+);
+CREATE INDEX IF NOT EXISTS inbox_keys_received_idx ON relay.inbox (received_at) WHERE body IS NULL;

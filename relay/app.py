@@ -20,7 +20,7 @@ import psycopg
 from aiohttp import web
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from relay import guard, inbox, logs
+from relay import admin, guard, inbox, logs
 from relay.budget import Slots
 from relay.claimer import Claimer
 from relay.config import Config, ConfigError
@@ -357,7 +357,7 @@ class Service:
         routes: dict[tuple[str, int] | None, list[Route]] = {}
         for box in self.config.inboxes:
             handle = inbox.handler(box, lambda: self.relay.store.accept)
-            routes.setdefault(box.listen, []).append((box.path, handle))
+            routes.setdefault(box.listen, []).append(("POST", box.path, handle))
         runners = []
         for address, own in routes.items():
             if address is None:
@@ -374,6 +374,8 @@ class Service:
     async def run(self) -> None:
         runner = None
         shared, runners = await self._serve_inboxes()
+        if self.config.admin_tokens:
+            shared += admin.routes(self.config.admin_tokens, lambda: self.relay)
         if self.config.health_host is not None:
             runner = await serve(
                 self.status, self.config.health_host, self.config.health_port, shared

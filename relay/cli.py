@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="rows by status and the oldest due row, per source")
     rd = sub.add_parser("retry-dead", help="make a source's dead rows claimable again")
     rd.add_argument("source", help="the source name from the configuration")
+    dead = sub.add_parser("dead", help="a source's dead rows with their last error, by key")
+    dead.add_argument("source", help="the source name from the configuration")
+    dead.add_argument("--limit", type=int, default=50, help="rows per page (default 50)")
+    dead.add_argument("--after", help="the key the previous page ended with")
+    retry = sub.add_parser("retry", help="make chosen dead rows claimable again")
+    retry.add_argument("source", help="the source name from the configuration")
+    retry.add_argument("keys", nargs="*", help="their keys ('-': one per line on stdin)")
+    which = retry.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every dead row of the source")
+    which.add_argument("--since", help="those made (or, for Documenso jobs, failed) since, ISO")
+    jobs = sub.add_parser("jobs", help="the scheduled jobs: last run, next occurrence")
+    jobs.add_argument("--run", metavar="NAME", help="run this job now, once")
     return p
 
 
@@ -58,7 +70,8 @@ def _log_level(given: str | None, env: dict[str, str] | os._Environ[str]) -> str
     return level
 
 
-async def _with_store(config: Config, command: str, source: str | None) -> int:
+async def _with_store(config: Config, command: str, args: argparse.Namespace) -> int:
+    source: str | None = getattr(args, "source", None)
     store = Store(
         config.database_url,
         config.sources,
@@ -130,14 +143,18 @@ async def _with_store(config: Config, command: str, source: str | None) -> int:
                 if failing:
                     return EXIT_FAILED
             elif command == "retry-dead":
-                assert source is not None
-                if source not in store.sources:
-                    raise ConfigError(
-                        f"retry-dead: no source named {source!r}; sources are: "
-                        f"{', '.join(store.sources)}"
-                    )
-                count = await store.retry_dead(source)
+                count = await store.retry_dead(_source(store, command, source))
                 print(f"{source}: {count} dead rows made claimable again")
+            elif command == "dead":
+                await _dead(store, _source(store, command, source), args.limit, args.after)
+            elif command == "retry":
+                await _retry(store, _source(store, command, source), args)
+            elif command == "jobs":
+                if args.run is not None:
+                    return await _run_job(store, config, args.run)
+                await _job_lines(store, config)
+                if not config.jobs:
+                    print("no jobs configured ([jobs.NAME] tables)")
     finally:
         await store.close()
     return EXIT_OK
@@ -162,6 +179,100 @@ async def _about(store: Store, failing: dict[str, str]) -> None:
     for name in store.sources:
         if name not in failing and (about := await store.about(name)) is not None:
             print(f"sources.{name}: {logs.escape(about)}")
+
+
+def _source(store: Store, command: str, name: str | None) -> str:
+    if name not in store.sources:
+        raise ConfigError(
+            f"{command}: no source named {name!r}; sources are: {', '.join(store.sources)}"
+        )
+    return name
+
+
+async def _dead(store: Store, source: str, limit: int, after: str | None) -> None:
+    rows = await store.dead(source, limit + 1, after)
+    for row in rows[:limit]:
+        # Keys and errors are the application's data: shown escaped, never raw.
+        facts = [
+            f"{key}={logs.field(str(value))}"
+            for key, value in (
+                ("attempts", row.attempts),
+                ("http_status", row.http_status),
+                ("at", row.at.isoformat() if row.at else None),
+            )
+            if value is not None
+        ]
+        error = logs.escape(row.error) if row.error else "-"
+        print(f"{logs.field(row.key)}  {' '.join(facts)}  error={error}")
+    if len(rows) > limit:
+        print(f"more: relay dead {source} --after {logs.field(rows[limit - 1].key)}")
+    elif not rows:
+        print(f"{source}: no dead rows")
+
+
+RETRY_CHUNK = 1000  # keys per statement when retrying chosen rows
+
+
+async def _retry(store: Store, source: str, args: argparse.Namespace) -> None:
+    keys: list[str] = list(args.keys)
+    if keys == ["-"]:
+        keys = [line.strip() for line in sys.stdin if line.strip()]
+    if bool(keys) + bool(args.all) + bool(args.since) != 1:
+        raise ConfigError("retry: give the keys, or --all, or --since TIME (one of them)")
+    if not keys:
+        since = None
+        if args.since:
+            try:
+                since = datetime.fromisoformat(args.since)
+            except ValueError:
+                raise ConfigError(
+                    f"retry --since: {args.since!r} is not an ISO-8601 time"
+                ) from None
+            since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        count = await store.retry_dead(source, None, since)
+        print(f"{source}: {count} dead rows made claimable again")
+        return
+    count = 0
+    chunks = range(0, len(keys), RETRY_CHUNK)
+    for done, start in enumerate(chunks, 1):
+        count += await store.retry_dead(source, keys[start : start + RETRY_CHUNK])
+        if len(chunks) > 1:
+            _progress(done, len(chunks), f"{count} retried")
+    print(
+        f"{source}: {count} of {len(keys)} keys were dead rows, made claimable again"
+        + ("" if count == len(keys) else " (the others are not dead, or not there)")
+    )
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    """A progress bar on stderr, on one line, for work in many steps."""
+    width = 30
+    filled = width * done // total
+    end = "\n" if done == total else ""
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _run_job(store: Store, config: Config, name: str) -> int:
+    job = next((j for j in config.jobs if j.name == name), None)
+    if job is None:
+        raise ConfigError(
+            f"jobs --run: no job named {name!r}; jobs are: "
+            f"{', '.join(j.name for j in config.jobs) or 'none'}"
+        )
+    run = await store.run_job(job, datetime.now(UTC))
+    if run is None:
+        print(f"jobs.{name}: another relay is running it now; not run", file=sys.stderr)
+        return EXIT_FAILED
+    if run.error is not None:
+        print(f"jobs.{name}: failed in {run.duration_ms:.1f} ms: {logs.escape(run.error)}")
+        return EXIT_FAILED
+    print(f"jobs.{name}: ran in {run.duration_ms:.1f} ms: {run.counted() or 'ok'}")
+    return EXIT_OK
 
 
 async def _job_lines(store: Store, config: Config) -> None:
@@ -224,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_mod.load(args.config, os.environ)
         if args.command == "run":
             return asyncio.run(run_relay(config, lambda: config_mod.load(args.config, os.environ)))
-        return asyncio.run(_with_store(config, args.command, getattr(args, "source", None)))
+        return asyncio.run(_with_store(config, args.command, args))
     except ConfigError as exc:
         print(f"relay: configuration error: {logs.escape(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG

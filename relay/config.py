@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
+from relay import admin as admin_mod
 from relay import guard, readers, sources
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
@@ -70,6 +71,8 @@ class Config:
     pgbouncer: bool = False
     jobs: tuple[Job, ...] = ()  # [jobs.NAME]: scheduled SQL
     inboxes: tuple[Inbox, ...] = ()  # [inbox.NAME]: POST endpoints into the database
+    # [admin] tokens: name -> bearer token; empty: no admin API.
+    admin_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -142,7 +145,17 @@ def _database_url(where: str, value: str) -> tuple[str, bool]:
     return url, pgbouncer
 
 
-_TOP_KEYS = {"database", "relay", "http", "retry", "health", "sources", "jobs", "inbox"}
+_TOP_KEYS = {
+    "database",
+    "relay",
+    "http",
+    "retry",
+    "health",
+    "sources",
+    "jobs",
+    "inbox",
+    "admin",
+}
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
     "relay": {
@@ -287,6 +300,11 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     for source in configured:
         _check_fixed_targets(source, allowed)
     host, port = _health(health.get("listen", "127.0.0.1:8081"), health.get("allow_remote", False))
+    admin_tokens = admin_mod.parse(raw.get("admin"), env)
+    if admin_tokens and host is None:
+        raise ConfigError(
+            "admin.tokens: the admin API is served on health.listen, which is off; set it"
+        )
     for inbox in inboxes:
         if inbox.listen is None and host is None:
             raise ConfigError(
@@ -377,6 +395,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         pgbouncer=pgbouncer,
         jobs=scheduled,
         inboxes=inboxes,
+        admin_tokens=admin_tokens,
     )
 
 

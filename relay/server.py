@@ -6,7 +6,8 @@
   source's trigger is missing and relay could not install it again, with the reasons.
 - `/status` is everything `Relay.status()` reports.
 
-The inboxes (relay.inbox) are mounted here too, or on listeners of their own.
+The inboxes (relay.inbox) are mounted here too, or on listeners of their own, and the admin
+API (relay.admin) when it has tokens.
 
 No answer names the server's software or versions.
 """
@@ -29,19 +30,20 @@ async def _anonymous(_: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "relay"
 
 
-Route = tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]  # a POST path
+# (method, path, handler): the inboxes' and the admin API's.
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
 def make_app(
     status: Callable[[], dict[str, Any]] | None, routes: Sequence[Route] = ()
 ) -> web.Application:
-    """The health endpoints (unless `status` is None) and the inboxes' POST routes."""
+    """The health endpoints (unless `status` is None), and the inboxes' and admin routes."""
     app = web.Application()
     app.on_response_prepare.append(_anonymous)
     if status is not None:
         app.add_routes(_health_routes(status))
-    for path, handle in routes:
-        app.router.add_post(path, handle)
+    for method, path, handle in routes:
+        app.router.add_route(method, path, handle)
     return app
 
 
@@ -78,7 +80,7 @@ def _health_routes(status: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
 async def serve(
     status: Callable[[], dict[str, Any]] | None, host: str, port: int, routes: Sequence[Route] = ()
 ) -> web.AppRunner:
-    """The health endpoints (without `status`: none) and the inboxes' routes, on host:port."""
+    """The health endpoints (without `status`: none) and `routes`, on host:port."""
     runner = web.AppRunner(make_app(status, routes), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -66,6 +66,24 @@ def oversize_reason(source: str, oversize: str, max_payload_bytes: int) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadRow:
+    key: str
+    error: str | None
+    http_status: int | None
+    attempts: int | None
+    at: datetime | None  # when it was made (relay's tables) or died (Documenso's jobs)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "error": self.error,
+            "http_status": self.http_status,
+            "attempts": self.attempts,
+            "at": None if self.at is None else self.at.isoformat(),
+        }
+
+
 class Store:
     """A connection pool and the compiled queries of every configured source.
 
@@ -522,8 +540,40 @@ class Store:
         value = await self._scalar(self.compiled[source].queries["oldest_due"])
         return None if value is None else float(value)
 
-    async def retry_dead(self, source: str) -> int:
-        return await self._rowcount(self.compiled[source].queries["retry_dead"])
+    async def retry_dead(
+        self, source: str, keys: Sequence[str] | None = None, since: datetime | None = None
+    ) -> int:
+        """Dead rows made claimable again, with fresh attempts: all, those of `keys`, or those
+        since `since` (for the kinds that know when a row was made or died). ConfigError if
+        the kind cannot choose."""
+        queries = self.compiled[source].queries
+        if "dead" not in queries:
+            if keys is not None or since is not None:
+                raise ConfigError(
+                    f"sources.{source}: its kind has only its own retry_dead statement, which "
+                    f"retries every dead row; it cannot retry chosen ones"
+                )
+            return await self._rowcount(queries["retry_dead"])
+        params = {"keys": None if keys is None else list(keys), "since": since}
+
+        async def run() -> int:
+            async with self._connection() as conn:
+                cur = await conn.execute(queries["retry_dead"], params)
+                return cur.rowcount
+
+        return await self._with_retries(run)
+
+    async def dead(self, source: str, limit: int = 50, after: str | None = None) -> list[DeadRow]:
+        """A page of the source's dead rows, by key, after `after`."""
+        query = self.compiled[source].queries.get("dead")
+        if query is None:
+            raise ConfigError(
+                f"sources.{source}: its kind keeps its rows' state in your own functions; "
+                f"relay cannot list its dead rows"
+            )
+        async with self._connection() as conn:
+            cur = await conn.execute(query, {"limit": limit, "after": after})
+            return [DeadRow(*row) for row in await cur.fetchall()]
 
 
 def settle_params(s: Settlement, worker: str) -> dict[str, Any]:

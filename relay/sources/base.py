@@ -175,6 +175,11 @@ class Notify:
     fingerprint: str
 
 
+# The statements for operators (relay status, retry, dead, the admin API) every kind that keeps
+# its rows' state compiles.
+OPERATIONS = ("counts", "oldest_due", "retry_dead", "dead")
+
+
 @dataclass(frozen=True, slots=True)
 class Compiled:
     """A source's statements, checked against the database and rendered once.

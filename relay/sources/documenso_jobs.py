@@ -20,6 +20,7 @@ from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources import documenso_release
 from relay.sources.base import (
+    OPERATIONS,
     PRIVATE_HEADERS,
     WAKE_AHEAD,
     Claimed,
@@ -53,7 +54,7 @@ KEYS = frozenset(
     }
 )
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "documenso_jobs.sql")
-QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+QUERY_NAMES = ("claim", "settle", "rescue", "next_due", *OPERATIONS)
 MIN_STUCK_AFTER = 1.0
 # Documenso's timestamp(3) columns hold UTC.
 _NOW = sqltext.now("timestamp(3) without time zone")

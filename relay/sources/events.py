@@ -15,6 +15,7 @@ from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
+    OPERATIONS,
     WAKE_AHEAD,
     Compiled,
     DbContext,
@@ -24,7 +25,7 @@ from relay.sources.base import (
 )
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
-QUERY_NAMES = ("claim", "settle", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+QUERY_NAMES = ("claim", "settle", "rescue", "next_due", *OPERATIONS)
 
 COMMON_KEYS = frozenset({"kind", "url", "secret", "headers", "max_attempts"})
 

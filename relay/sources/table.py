@@ -24,6 +24,7 @@ from relay.readers import ConfigError
 from relay.sources import attempt_log
 from relay.sources.base import (
     ALL_OUTCOMES,
+    OPERATIONS,
     Claimed,
     Compiled,
     DbContext,
@@ -46,10 +47,10 @@ from relay.sources.base import (
 )
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "table.sql")
-QUERY_NAMES = ("settle", "heartbeat", "rescue", "next_due", "counts", "oldest_due", "retry_dead")
+QUERY_NAMES = ("settle", "heartbeat", "rescue", "next_due", *OPERATIONS)
 # Claims kept in the row (lease_column): these four have versions of their own, no heartbeat.
 IN_PLACE = ("claim", "settle", "rescue", "next_due")
-IN_PLACE_NAMES = ("counts", "oldest_due", "retry_dead")
+IN_PLACE_NAMES = OPERATIONS
 WRITE_BACKS = ("on_claim", "on_success", "on_failure", "on_dead")
 
 KEYS = (
@@ -668,6 +669,18 @@ def _compile(
         "claim_attempt": sql.SQL(claim_attempt),
         "next_scheduled": next_scheduled,
         "oldest_due": oldest,
+        # The dead rows' last error, HTTP status and attempts, where the mapping keeps them.
+        "dead_columns": sql.SQL(", ").join(
+            sql.SQL("t.{}::{}").format(ident(column), sql.SQL(kind))
+            if column is not None
+            else sql.SQL("NULL::{}").format(sql.SQL(kind))
+            for column, kind in (
+                (spec.last_error, "text"),
+                (spec.last_status, "int4"),
+                (spec.attempts, "int4"),
+                (None, "timestamptz"),
+            )
+        ),
         "retry_dead_sets": sql.SQL(", ").join(
             [
                 sql.SQL("{} = CAST({} AS {})").format(

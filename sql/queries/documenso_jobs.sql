@@ -102,7 +102,22 @@ SELECT EXTRACT(EPOCH FROM ({now} - min("submittedAt")))::float8
 FROM {table} WHERE "status" = 'PENDING' AND "jobId" = ANY({job_ids});
 
 -- name: retry_dead
+-- FAILED jobs back to PENDING with fresh retries: all, those of %(keys)s, or those that failed
+-- since %(since)s ("completedAt" is set when a job ends FAILED).
 UPDATE {table}
 SET "status" = 'PENDING', "retried" = 0, "lastRetriedAt" = NULL, "completedAt" = NULL,
     "updatedAt" = {now}
-WHERE "status" = 'FAILED' AND "jobId" = ANY({job_ids});
+WHERE "status" = 'FAILED' AND "jobId" = ANY({job_ids})
+  AND (%(keys)s::text[] IS NULL OR "id" = ANY(%(keys)s::text[]))
+  AND (%(since)s::timestamptz IS NULL
+       OR "completedAt" >= (%(since)s::timestamptz AT TIME ZONE 'UTC'));
+
+-- name: dead
+-- A page of FAILED jobs, by id: Documenso keeps no error on the job (a webhook job's calls are
+-- in "WebhookCall").
+SELECT "id", NULL::text, NULL::int4, "retried" + 1, "completedAt" AT TIME ZONE 'UTC'
+FROM {table}
+WHERE "status" = 'FAILED' AND "jobId" = ANY({job_ids})
+  AND (%(after)s::text IS NULL OR "id" > %(after)s::text)
+ORDER BY "id"
+LIMIT %(limit)s;

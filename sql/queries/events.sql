@@ -81,7 +81,19 @@ FROM {table}
 WHERE {status} IN ({pending}) AND ({due} IS NULL OR {due} <= {now});
 
 -- name: retry_dead
--- Dead rows back to claimable now, with a fresh attempt budget.
+-- Dead rows back to claimable now, with a fresh attempt budget: all, those of %(keys)s, or
+-- those created since %(since)s.
 UPDATE {table}
 SET {status} = {retry}, {due} = {now}, {attempts} = 0
-WHERE {status} = {dead};
+WHERE {status} = {dead}
+  AND (%(keys)s::text[] IS NULL OR {key} = ANY(%(keys)s::text[]::{key_type}[]))
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz);
+
+-- name: dead
+-- A page of dead rows, by key, after %(after)s: key, last error, last HTTP status, attempts,
+-- and when the row was made.
+SELECT {key}::text, last_error, last_status, {attempts}, created_at
+FROM {table}
+WHERE {status} = {dead} AND (%(after)s::text IS NULL OR {key} > %(after)s::text::{key_type})
+ORDER BY {key}
+LIMIT %(limit)s;

@@ -257,7 +257,19 @@ SELECT t.{status}::text, count(*)::bigint FROM {table} AS t WHERE {filtered} GRO
 SELECT {oldest_due};
 
 -- name: retry_dead
--- Dead rows back to claimable now, with fresh attempts (their leases went at dead).
+-- Dead rows back to claimable now, with fresh attempts (their leases went at dead): all, or
+-- those of %(keys)s.
 UPDATE {table} AS t
 SET {retry_dead_sets}
-WHERE t.{status} = {dead} AND {filtered};
+WHERE t.{status} = {dead} AND {filtered}
+  AND (%(keys)s::text[] IS NULL OR t.{key} = ANY(%(keys)s::text[]::{key_type}[]));
+
+-- name: dead
+-- A page of dead rows, by key, after %(after)s: key, and the last error, last HTTP status and
+-- attempts where the mapping has columns for them.
+SELECT t.{key}::text, {dead_columns}
+FROM {table} AS t
+WHERE t.{status} = {dead} AND {filtered}
+  AND (%(after)s::text IS NULL OR t.{key} > %(after)s::text::{key_type})
+ORDER BY t.{key}
+LIMIT %(limit)s;

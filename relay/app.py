@@ -159,6 +159,8 @@ class Relay:
         await self.store.prepare()
         if self.config.jobs:
             await self.store.check_jobs()
+        if self.config.inboxes:
+            await self.store.check_inboxes(self.config.inboxes)
         for name, compiled in self.store.compiled.items():
             self.deliverer.wants_detail(name, compiled.detail_on)
         problems = await self.store.trigger_problems()

@@ -115,6 +115,8 @@ async def _with_store(config: Config, command: str, args: argparse.Namespace) ->
             failing = await _prepare(store, each=command == "status")
             if config.jobs:
                 await store.check_jobs()
+            if config.inboxes:
+                await store.check_inboxes(config.inboxes)
             if command == "check":
                 problems = await store.trigger_problems()
                 for name, problem in problems.items():

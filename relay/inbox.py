@@ -54,7 +54,7 @@ class Inbox:
     listen: tuple[str, int] | None  # its own address; None: relay's HTTP server (health.listen)
     required: Mapping[str, str]  # dotted field path -> type name
     max_bytes: int
-    key: str  # a dotted field path, or "header:<Name>"
+    key: tuple[str, ...]  # dotted field paths, or "header:<Name>"; several make one key
     statement: str | None  # None: keep the body in relay.inbox
     params: tuple[str, ...]  # the statement's %(name)s
     signing_keys: tuple[bytes, ...] = field(default=(), repr=False)  # Standard Webhooks
@@ -100,7 +100,10 @@ def _inbox(name: str, data: Any) -> Inbox:
             f'{where}.key: required: the field (e.g. "call_id") or header (e.g. '
             f'"header:webhook-id") whose value makes a request the same as an earlier one'
         )
-    key = readers.string(f"{where}.key", data["key"])
+    raw_key = data["key"] if isinstance(data["key"], list) else [data["key"]]
+    key = tuple(readers.string(f"{where}.key", part) for part in raw_key)
+    if not key:
+        raise ConfigError(f"{where}.key: expected a field, a header, or a list of them")
     statement = data.get("sql")
     if statement is not None and (not isinstance(statement, str) or not statement.strip()):
         raise ConfigError(f"{where}.sql: expected a statement, with the fields as %(name)s")
@@ -171,13 +174,18 @@ def check(inbox: Inbox, headers: Mapping[str, str], raw: bytes) -> tuple[str, di
         # JSON's true is not an integer, whatever Python says.
         if not isinstance(value, TYPES[kind]) or (kind != "boolean" and isinstance(value, bool)):
             raise Refused(400, f"{dotted}: expected {kind}, got {_json_type(value)}")
-    if inbox.key.startswith("header:"):
-        key = headers.get(inbox.key.removeprefix("header:"))
-    else:
-        found, value = lookup(body, inbox.key)
-        key = None if not found or value is None or isinstance(value, dict | list) else str(value)
-    if not key:
-        raise Refused(400, f"{inbox.key}: required (it tells a repeated request from a new one)")
+    parts = []
+    for part in inbox.key:
+        if part.startswith("header:"):
+            value = headers.get(part.removeprefix("header:"))
+        else:
+            found, value = lookup(body, part)
+            value = None if not found or isinstance(value, dict | list) else value
+        if value is None or value == "":
+            raise Refused(400, f"{part}: required (it tells a repeated request from a new one)")
+        parts.append(str(value))
+    # One part as it is; several as a JSON array, so no two lists of parts make one key.
+    key = parts[0] if len(parts) == 1 else orjson.dumps(parts).decode()
     params: dict[str, Any] = {}
     for name in inbox.params:
         if name == "body":

@@ -343,6 +343,29 @@ class Store:
             await conn.execute(_INBOX["prune"])
             return True
 
+    async def check_inboxes(self, inboxes: Sequence[Inbox]) -> None:
+        """ConfigError naming the inbox if its statement does not fit the database: planned
+        (EXPLAIN runs nothing) with every parameter NULL, as relay's other statements are."""
+        async with self._connection(SETUP_BOUND) as conn:
+            if not await catalog.table_exists(conn, "relay", "inbox"):
+                raise ConfigError(
+                    "inbox: relay's table relay.inbox does not exist; run `relay install`"
+                )
+            for box in inboxes:
+                if not box.statement:
+                    continue
+                try:
+                    async with conn.transaction():
+                        await conn.execute(
+                            b"EXPLAIN " + box.statement.encode(),
+                            dict.fromkeys(box.params),
+                            prepare=False,
+                        )
+                except psycopg.Error as exc:
+                    raise ConfigError(
+                        f"inbox.{box.name}.sql: PostgreSQL refuses it: {logs.first_line(exc)}"
+                    ) from None
+
     async def check_jobs(self) -> None:
         """ConfigError unless relay's table of job runs is there (and readable)."""
         async with self._connection() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ from relay import config as config_mod
 from relay import signing
 from relay.config import ConfigError
 from tests import systems
-from tests.support import install, raw_config, serving
+from tests.support import install, raw_config, run_cli, serving, write_config
 
 TABLES = """
 CREATE TABLE reminders (
@@ -243,3 +244,31 @@ def test_an_inbox_configured_wrong_is_refused_naming_the_key(
     with pytest.raises(ConfigError) as caught:
         config_mod.from_mapping(raw, {})
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+async def test_a_key_of_several_fields_tells_progress_callbacks_apart(db: str) -> None:
+    execute(db, TABLES)
+    # A provider that posts progress under one call id: the status is part of what repeats.
+    config = inbox_config(db, key=["call_id", "status"])
+    await install(config)
+    async with serving(config) as service:
+        port = service.inbox_ports["call_status"]
+        ringing = callback(status="ringing")
+        assert (await post(port, ringing))[1]["duplicate"] is False
+        assert (await post(port, callback()))[1]["duplicate"] is False
+        assert (await post(port, ringing))[1]["duplicate"] is True
+    keys = await systems.rows(db, "SELECT key FROM relay.inbox ORDER BY received_at, key")
+    assert [k["key"] for k in keys] == ['["call_1","ringing"]', '["call_1","completed"]']
+
+
+async def test_an_inbox_statement_postgresql_refuses_stops_the_start_naming_it(
+    db: str, tmp_config: Path
+) -> None:
+    execute(db, TABLES)
+    raw = raw_config(db, inbox={"call_status": {**INBOX, "sql": "UPDATE nowhere SET x = 1"}})
+    write_config(tmp_config, raw)
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 2, output
+    assert (
+        'inbox.call_status.sql: PostgreSQL refuses it: relation "nowhere" does not exist' in output
+    )

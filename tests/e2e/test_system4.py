@@ -301,6 +301,11 @@ async def history_of_webhooks(db: str) -> None:
 async def test_system4_webhooks_emails_and_maintenance(
     app_db: str, receiver: Receiver, tmp_path: Path
 ) -> None:
+    """One `relay run`: webhooks delivered, retried on the backoff with next_retry_at written
+    as now() + the wait, archived after 5 attempts; emails in the API's shape with a stable
+    Idempotency-Key, 3 attempts at most, a scheduled one sent at its send_at (not before);
+    then maintenance: the admin API refuses requests without the secret, lists the archived
+    event and retries it; the CLI lists the failed email and retries it."""
     merchants = Merchants()
     receiver.behaviour = merchants
     api = EmailApi()
@@ -541,6 +546,10 @@ def job_ran(proc: RelayProcess) -> int:
 async def test_system4_reservations_released_once_by_one_of_two_relays(
     app_db: str, receiver: Receiver, tmp_path: Path
 ) -> None:
+    """Two `relay run`s, the job every second: every expired reservation released once, not
+    before it expired, one held by a checkout counted failed until it is let go; one row of
+    relay.job_runs per occurrence, each run by one relay, both relays running some; then the
+    sweeper run now, by the admin API (behind the secret) and by `relay jobs --run`."""
     config = await prepared(
         tmp_path,
         app_db,

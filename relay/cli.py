@@ -284,7 +284,9 @@ async def _job_lines(store: Store, config: Config) -> None:
     last = await store.last_runs([job.name for job in config.jobs])
     now = datetime.now(UTC)
     for job in config.jobs:
-        shown = f"jobs.{job.name}: {job.describe()}; next {job.following(now).isoformat()}"
+        shown = f"jobs.{job.name}: {job.describe()}"
+        if not job.on_demand:
+            shown += f"; next {job.following(now).isoformat()}"
         run = last.get(job.name)
         if run is None:
             print(f"{shown}; not run yet")

@@ -29,8 +29,12 @@ class Job:
     name: str
     statement: str
     every: float | None  # seconds; or
-    cron: str | None  # a cron expression, in UTC
+    cron: str | None  # a cron expression, in UTC; neither: only when asked (on_demand)
     timeout: float  # the statement's statement_timeout
+
+    @property
+    def on_demand(self) -> bool:
+        return self.every is None and self.cron is None
 
     def latest(self, now: datetime) -> datetime:
         """The latest occurrence at or before `now`."""
@@ -51,6 +55,8 @@ class Job:
         return nxt
 
     def describe(self) -> str:
+        if self.on_demand:
+            return "on demand"
         if self.every is not None:
             for unit, size in (("h", 3600), ("m", 60)):
                 if self.every >= size and self.every % size == 0:
@@ -79,14 +85,15 @@ def _job(name: str, data: Any) -> Job:
             f"{where}.sql: required: the statement to run, e.g. "
             f'"SELECT * FROM release_expired_reservations()"'
         )
-    if ("every" in data) == ("cron" in data):
+    if "every" in data and "cron" in data:
         raise ConfigError(
-            f'{where}: set exactly one of every (e.g. "5m") and cron (e.g. "*/5 * * * *")'
+            f'{where}: set one of every (e.g. "5m") and cron (e.g. "*/5 * * * *"), not both '
+            f"(neither: the job runs only when asked, by the admin API or `relay jobs --run`)"
         )
     every = cron = None
     if "every" in data:
         every = readers.duration(f"{where}.every", data["every"], minimum=MIN_EVERY)
-    else:
+    elif "cron" in data:
         cron = readers.string(f"{where}.cron", data["cron"])
         if not croniter.is_valid(cron):
             raise ConfigError(

@@ -46,7 +46,8 @@ class Scheduler:
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             for job in self.jobs.values():
-                tg.create_task(self._loop(job, stop), name=f"job:{job.name}")
+                if not job.on_demand:  # those run when asked (Store.run_job), not here
+                    tg.create_task(self._loop(job, stop), name=f"job:{job.name}")
             # Every loop sleeps on its own event: the stop wakes them all.
             tg.create_task(self._wake_on(stop), name="jobs:stop")
 

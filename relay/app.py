@@ -380,7 +380,11 @@ class Service:
             shared += admin.routes(self.config.admin_tokens, lambda: self.relay)
         if self.config.health_host is not None:
             runner = await serve(
-                self.status, self.config.health_host, self.config.health_port, shared
+                self.status,
+                self.config.health_host,
+                self.config.health_port,
+                shared,
+                probe=lambda: self.relay.store.ping(),
             )
             self.health_port = runner.addresses[0][1] if runner.addresses else None
             for box in self.config.inboxes:

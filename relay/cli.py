@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import psycopg
 import psycopg_pool
 
+from relay import __version__, connections, logs
 from relay import config as config_mod
-from relay import connections, logs
 from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.db.store import Store
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="relay",
         description="Postgres LISTEN/NOTIFY relay: delivers committed rows over HTTP.",
     )
+    p.add_argument("--version", action="version", version=f"relay {__version__} (pg-relay)")
     p.add_argument("--config", "-c", help="TOML configuration file (default: $RELAY_CONFIG)")
     p.add_argument(
         "--log-level",

@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
+from relay import __version__, guard, readers, sources
 from relay import admin as admin_mod
-from relay import guard, readers, sources
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
 from relay import retry as retry_policy
@@ -57,7 +57,7 @@ class Config:
     max_response_bytes: int = 64 * 1024
     # A row whose payload is larger is settled dead without being loaded (measured in the claim).
     max_payload_bytes: int = 1048576
-    user_agent: str = "relay/0.1"
+    user_agent: str = f"relay/{__version__}"
     # What the outbound guard lets through besides public addresses.
     http_allow: guard.Allow = field(default_factory=guard.Allow)
     # How much of a failing response's body last_error keeps (0: none).
@@ -382,7 +382,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         max_payload_bytes=readers.integer(
             "relay.max_payload_bytes", relay.get("max_payload_bytes", 1048576), minimum=1024
         ),
-        user_agent=readers.string("http.user_agent", http.get("user_agent", "relay/0.1")),
+        user_agent=readers.string(
+            "http.user_agent", http.get("user_agent", f"relay/{__version__}")
+        ),
         http_allow=allowed,
         error_body_chars=readers.integer(
             "http.error_body_chars", http.get("error_body_chars", 200), minimum=0

@@ -1,9 +1,11 @@
 """The small HTTP endpoint for operators: liveness, readiness and status.
 
-- `/healthz` is liveness: 200 while the process's event loop runs. A lost database is not a
-  reason to restart relay (it reconnects by itself), so it does not fail this probe.
-- `/readyz` is readiness: 503 while the listener is not connected, a source is failing, or a
-  source's trigger is missing and relay could not install it again, with the reasons.
+- `/livez` (and `/healthz`, as always) is liveness: 200 while the process's event loop runs. A
+  lost database is not a reason to restart relay (it reconnects by itself), so it does not fail
+  this probe.
+- `/readyz` is readiness: 503 while the listener is not connected, the pool cannot run a query,
+  a source is failing, or a source's trigger is missing and relay could not install it again,
+  with the reasons.
 - `/status` is everything `Relay.status()` reports.
 
 The inboxes (relay.inbox) are mounted here too, or on listeners of their own, and the admin
@@ -34,34 +36,46 @@ async def _anonymous(_: web.Request, response: web.StreamResponse) -> None:
 Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
+Probe = Callable[[], Awaitable[str | None]]  # why the database cannot run a query, or None
+
+
 def make_app(
-    status: Callable[[], dict[str, Any]] | None, routes: Sequence[Route] = ()
+    status: Callable[[], dict[str, Any]] | None,
+    routes: Sequence[Route] = (),
+    probe: Probe | None = None,
 ) -> web.Application:
     """The health endpoints (unless `status` is None), and the inboxes' and admin routes."""
     app = web.Application()
     app.on_response_prepare.append(_anonymous)
     if status is not None:
-        app.add_routes(_health_routes(status))
+        app.add_routes(_health_routes(status, probe))
     for method, path, handle in routes:
         app.router.add_route(method, path, handle)
     return app
 
 
-def _health_routes(status: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
+def _health_routes(status: Callable[[], dict[str, Any]], probe: Probe | None) -> list[web.RouteDef]:
     """`status()` returns a dict with at least {"listener": "connected" | "disconnected",
-    "failing": {source: reason}, "untriggered": {source: reason}}."""
+    "failing": {source: reason}, "untriggered": {source: reason}}; `probe()` runs a query on
+    the pool."""
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def livez(_: web.Request) -> web.Response:
+        # Answered by the event loop itself: nothing here waits on the database.
         return _json({"alive": True, "listener": status()["listener"]})
 
     async def readyz(_: web.Request) -> web.Response:
         state = status()
+        database = None if probe is None else await probe()
         ready = (
-            state["listener"] == "connected" and not state["failing"] and not state["untriggered"]
+            state["listener"] == "connected"
+            and database is None
+            and not state["failing"]
+            and not state["untriggered"]
         )
         body = {
             "ready": ready,
             "listener": state["listener"],
+            "database": database or "ok",
             "failing": state["failing"],
             "untriggered": state["untriggered"],
         }
@@ -71,17 +85,23 @@ def _health_routes(status: Callable[[], dict[str, Any]]) -> list[web.RouteDef]:
         return _json(status())
 
     return [
-        web.get("/healthz", healthz),
+        web.get("/livez", livez),
+        # Liveness too, as relay has always answered it: probes set up on it keep working.
+        web.get("/healthz", livez),
         web.get("/readyz", readyz),
         web.get("/status", status_view),
     ]
 
 
 async def serve(
-    status: Callable[[], dict[str, Any]] | None, host: str, port: int, routes: Sequence[Route] = ()
+    status: Callable[[], dict[str, Any]] | None,
+    host: str,
+    port: int,
+    routes: Sequence[Route] = (),
+    probe: Probe | None = None,
 ) -> web.AppRunner:
     """The health endpoints (without `status`: none) and `routes`, on host:port."""
-    runner = web.AppRunner(make_app(status, routes), access_log=None)
+    runner = web.AppRunner(make_app(status, routes, probe), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

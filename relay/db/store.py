@@ -4,6 +4,7 @@ heartbeat, sweep and report for every configured source through its kind's compi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -51,6 +52,7 @@ RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How long a connection may stay silent while one source is checked or installed (a few dozen
 # statements, each bounded by the server's statement_timeout as well).
 SETUP_BOUND = 30.0
+PING_WITHIN = 2.0  # seconds /readyz waits for the pool to run a query
 DEFAULT_STATEMENT_TIMEOUT = 5.0
 
 
@@ -342,6 +344,17 @@ class Store:
                 await conn.execute(inbox.statement.encode(), params, prepare=False)
             await conn.execute(_INBOX["prune"])
             return True
+
+    async def ping(self) -> str | None:
+        """Why the pool cannot run a query now (within PING_WITHIN), or None: for /readyz."""
+        try:
+            async with asyncio.timeout(PING_WITHIN), self._connection() as conn:
+                await conn.execute("SELECT 1")
+        except TimeoutError:
+            return f"no answer from the database within {PING_WITHIN:g}s"
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            return logs.first_line(exc)
+        return None
 
     async def check_inboxes(self, inboxes: Sequence[Inbox]) -> None:
         """ConfigError naming the inbox if its statement does not fit the database: planned

@@ -1,5 +1,6 @@
-"""The health endpoint: /healthz is liveness (200 while relay runs, whatever the database does),
-/readyz follows the listener and the sources, and no answer names the server's software."""
+"""The health endpoint: /livez (and /healthz) is liveness (200 while relay runs, whatever the
+database does), /readyz follows the listener, the pool and the sources, and no answer names the
+server's software."""
 
 from __future__ import annotations
 
@@ -28,15 +29,18 @@ async def test_readyz_follows_the_listener_and_healthz_stays_alive(db: str, serv
         relay = service.relay
         assert service.health_port
         status, body, _ = await get(service.health_port, "/readyz")
-        assert (status, body["listener"]) == (200, "connected")
+        assert (status, body["listener"], body["database"]) == (200, "connected", "ok")
 
         await asyncio.to_thread(server.stop)
         await asyncio.wait_for(relay.listener.down.wait(), WAIT)
         status, body, _ = await get(service.health_port, "/readyz")
         assert (status, body["listener"]) == (503, "disconnected")
+        # The pool cannot run a query either, and readiness says so.
+        assert body["database"] != "ok"
         # Liveness: relay is reconnecting by itself; restarting it would not help.
-        status, body, _ = await get(service.health_port, "/healthz")
-        assert (status, body["listener"]) == (200, "disconnected")
+        for path in ("/livez", "/healthz"):
+            status, body, _ = await get(service.health_port, path)
+            assert (status, body["listener"]) == (200, "disconnected")
 
         await asyncio.to_thread(server.start)
         await asyncio.wait_for(relay.listener.up.wait(), WAIT)
@@ -51,7 +55,7 @@ async def test_no_answer_names_the_server_software(db: str) -> None:
     await install(config)
     async with serving(config) as service:
         assert service.health_port
-        for path in ("/healthz", "/readyz", "/status", "/nowhere"):
+        for path in ("/livez", "/healthz", "/readyz", "/status", "/nowhere"):
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(f"http://127.0.0.1:{service.health_port}{path}") as resp,

@@ -198,6 +198,21 @@ def check(inbox: Inbox, headers: Mapping[str, str], raw: bytes) -> tuple[str, di
     return key, params | {"_body": Jsonb(body)}
 
 
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The whole body, however many pieces it arrives in; Refused (413) as soon as it is
+    longer than `limit`, without reading the rest."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refused(413, f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _authenticate(inbox: Inbox, headers: Mapping[str, str], raw: bytes) -> None:
     if inbox.signing_keys:
         msg_id = headers.get("webhook-id", "")
@@ -237,10 +252,8 @@ def handler(inbox: Inbox, accept: Callable[[], Accept]) -> Callable[[web.Request
     may replace it)."""
 
     async def handle(request: web.Request) -> web.Response:
-        raw = await request.content.read(inbox.max_bytes + 1)
         try:
-            if len(raw) > inbox.max_bytes:
-                raise Refused(413, f"the body is larger than {inbox.max_bytes} bytes")
+            raw = await _read(request, inbox.max_bytes)
             key, params = check(inbox, request.headers, raw)
         except Refused as refused:
             log.info(

@@ -272,3 +272,16 @@ async def test_an_inbox_statement_postgresql_refuses_stops_the_start_naming_it(
     assert (
         'inbox.call_status.sql: PostgreSQL refuses it: relation "nowhere" does not exist' in output
     )
+
+
+async def test_a_large_callback_arriving_in_many_pieces_is_read_whole(db: str) -> None:
+    execute(db, TABLES)
+    config = inbox_config(db, max_bytes=1_000_000)
+    await install(config)
+    long = callback(transcript="word " * 100_000)  # ~500 kB: many TCP segments
+    async with serving(config) as service:
+        assert await post(service.inbox_ports["call_status"], long) == (
+            200,
+            {"accepted": True, "duplicate": False},
+        )
+    assert await systems.value(db, "SELECT length(transcript) FROM call_logs") == 500_000

@@ -129,6 +129,12 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     hooks text[];
 BEGIN
+    -- Called at commit too, where a failing INSERT would fail Documenso's own commit.
+    IF to_regclass('relay.documenso_events') IS NULL THEN
+        RAISE WARNING 'relay: % not recorded: relay.documenso_events is missing; run '
+            '`relay install`', event;
+        RETURN;
+    END IF;
     {emit}
 END
 $$;

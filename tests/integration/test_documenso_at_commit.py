@@ -327,3 +327,27 @@ async def test_a_status_change_made_while_the_trigger_was_missing_is_sent_when_i
     # Sent once: the next install finds nothing missed.
     await install(config)
     assert topics(envelope_db) == ["DOCUMENT_COMPLETED"]
+
+
+async def test_a_recipient_write_commits_even_when_relay_s_event_table_is_gone(
+    envelope_db: str,
+) -> None:
+    # The recipient trigger checks only relay's table of changes; the events are written at
+    # commit. Without their table, the commit itself must still succeed.
+    await install(
+        documenso_config(envelope_db, "http://127.0.0.1:9/unused", events=["DOCUMENT_OPENED"])
+    )
+    with psycopg.connect(envelope_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE relay.documenso_events")
+    notices: list[str] = []
+    with psycopg.connect(as_documenso(envelope_db), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("""UPDATE "Recipient" SET "readStatus" = 'OPENED' WHERE "name" = 'Ann'""")
+        (status,) = (
+            conn.execute(
+                """SELECT "readStatus"::text FROM "Recipient" WHERE "name" = 'Ann'"""
+            ).fetchone()
+            or ()
+        )
+    assert status == "OPENED"
+    assert any("relay.documenso_events" in n for n in notices), notices

@@ -65,7 +65,10 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
     """The admin routes; `relay()` gives the running Relay (a reload may replace it)."""
 
     def who(request: web.Request) -> str | None:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return None
+        given = header.removeprefix("Bearer ").encode()
         found = None
         for name, token in tokens.items():  # every token compared: no timing difference
             if hmac.compare_digest(given, token.encode()):

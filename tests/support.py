@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import orjson
 import psycopg
 import pytest
@@ -107,6 +108,24 @@ class Receiver:
 
     def ids(self) -> list[str]:
         return [r.id for r in self.received]
+
+
+async def admin_request(
+    port: int, method: str, path: str, token: str | None, body: Any = None
+) -> tuple[int, Any]:
+    """A request to relay's admin API on loopback, with `Authorization: Bearer token` unless
+    None; its status and JSON answer."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"http://127.0.0.1:{port}{path}",
+            data=None if body is None else orjson.dumps(body),
+            headers=headers,
+        ) as response,
+    ):
+        return response.status, orjson.loads(await response.read())
 
 
 def queue_source(**overrides: Any) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import psycopg
 import pytest
@@ -36,7 +35,7 @@ from relay import retry
 from relay.retry import Dead, Retry
 from tests import systems
 from tests.conftest import Server
-from tests.support import Received, Receiver, RelayProcess, run_cli
+from tests.support import Received, Receiver, RelayProcess, admin_request, run_cli
 from tests.systems import header
 
 WEBHOOKS, EMAILS = "webhooks", "emails"  # [sources.NAME] in examples/system4/relay.toml
@@ -104,17 +103,7 @@ async def admin(
     port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN
 ) -> tuple[int, Any]:
     """A maintenance request to relay's admin API, with the bearer secret unless None."""
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method,
-            f"http://127.0.0.1:{port}{path}",
-            data=None if body is None else orjson.dumps(body),
-            headers=headers,
-        ) as response,
-    ):
-        return response.status, orjson.loads(await response.read())
+    return await admin_request(port, method, path, token, body)
 
 
 def worker_of(proc: RelayProcess) -> str:

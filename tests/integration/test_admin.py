@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import psycopg
 import pytest
 
 from relay import config as config_mod
 from relay.config import ConfigError
 from tests import systems
-from tests.support import install, raw_config, run_cli, serving, write_config
+from tests.support import admin_request, install, raw_config, run_cli, serving, write_config
 
 TOKEN = "ops-token-0123456789abcdef"
 DEAD = """
@@ -46,17 +45,7 @@ def execute(db: str, statements: str) -> None:
 async def call(
     port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN
 ) -> tuple[int, Any]:
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method,
-            f"http://127.0.0.1:{port}{path}",
-            data=None if body is None else orjson.dumps(body),
-            headers=headers,
-        ) as response,
-    ):
-        return response.status, orjson.loads(await response.read())
+    return await admin_request(port, method, path, token, body)
 
 
 async def statuses(db: str) -> dict[int, str]:
@@ -175,3 +164,13 @@ def test_an_admin_token_too_short_is_refused() -> None:
     raw = raw_config("postgresql://u@h/db", admin={"tokens": {"ops": "short"}})
     with pytest.raises(ConfigError, match=r"admin.tokens.ops: at least 16 characters"):
         config_mod.from_mapping(raw, {})
+
+
+async def test_the_token_counts_only_as_a_bearer_token(db: str) -> None:
+    config = config_mod.from_mapping(admin_raw(db), {})
+    await install(config)
+    async with serving(config) as service, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{service.health_port}/admin/sources"
+        for value in (TOKEN, f"Basic {TOKEN}", f"bearer{TOKEN}"):
+            async with session.get(url, headers={"Authorization": value}) as response:
+                assert response.status == 401, value

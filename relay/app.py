@@ -60,7 +60,9 @@ class Relay:
             config.sources,
             max_payload_bytes=config.max_payload_bytes,
             channel=config.notify_channel,
-            max_size=4 + len(config.sources),
+            # A job holds a connection while its statement runs (up to its timeout): one each,
+            # so a slow job never leaves the claims and settles waiting for the pool.
+            max_size=4 + len(config.sources) + len(config.jobs),
             retry_for=max(config.claim_timeout / 2, 5.0),
             worker=config.worker_id,
             pgbouncer=config.pgbouncer,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -54,6 +55,22 @@ class Attempt:
     ms: float = 0.0  # how long it took
     # No request was or will be made (a refused or invalid target): dead at once, no retries.
     final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed attempt, kept in memory for the dashboard's recent failures."""
+
+    at: float  # time.time()
+    source: str
+    key: Any
+    attempt: int
+    outcome: str  # retry or dead
+    http_status: int | None
+    error: str
+
+
+RECENT_FAILURES = 50
 
 
 def excerpt(body: bytes, limit: int) -> str:
@@ -126,6 +143,12 @@ class Deliverer:
         self.busy = 0
         self.delivered = 0
         self.failed = 0
+        # Settlements handed to the settler, per source and outcome (for /metrics and the
+        # dashboard), and the last failed attempts.
+        self.outcomes: dict[str, dict[Outcome, int]] = {
+            s.name: dict.fromkeys(Outcome, 0) for s in config.sources
+        }
+        self.recent_failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
 
     def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
         """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
@@ -267,6 +290,19 @@ class Deliverer:
         held = self._held.get(source.name)
         if held is not None:
             held.pop(settlement.key, None)
+        self.outcomes[source.name][settlement.outcome] += 1
+        if settlement.error is not None:
+            self.recent_failures.append(
+                Failure(
+                    time.time(),
+                    source.name,
+                    settlement.key,
+                    settlement.attempt,
+                    settlement.outcome.value,
+                    settlement.http_status,
+                    settlement.error,
+                )
+            )
         self.settler.add(source.name, settlement)
         self.slots.delivered(1)
 

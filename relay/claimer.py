@@ -55,7 +55,8 @@ class Claimer:
         self._kick = asyncio.Event()
         self._woken = True  # claim once at start
         self._deadline = 0.0
-        self.claimed = 0
+        self.claimed = 0  # rows
+        self.claims = 0  # claim statements that returned (for /metrics)
         self.failure: str | None = None  # why this source is failing, if it is
         self.failing = asyncio.Event()  # set while failing, for tests (as the listener's down)
         # Set while it waits with no wake-up pending, for tests: a row written then is found
@@ -174,6 +175,7 @@ class Claimer:
                 self.slots.give(want)
                 raise
             self.slots.give(want - len(rows))
+            self.claims += 1
             if self.failure is not None:
                 log.warning("source.resumed source=%s", self.source.name)
                 self.failure = None

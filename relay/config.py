@@ -24,6 +24,7 @@ from relay import __version__, guard, readers, sources
 from relay import admin as admin_mod
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
+from relay import metrics as metrics_mod
 from relay import retry as retry_policy
 from relay.inbox import Inbox
 from relay.jobs import Job
@@ -73,6 +74,7 @@ class Config:
     inboxes: tuple[Inbox, ...] = ()  # [inbox.NAME]: POST endpoints into the database
     # [admin] tokens: name -> bearer token; empty: no admin API.
     admin_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    metrics: metrics_mod.Settings = field(default_factory=metrics_mod.Settings)  # [metrics]
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -155,6 +157,7 @@ _TOP_KEYS = {
     "jobs",
     "inbox",
     "admin",
+    "metrics",
 }
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
@@ -398,6 +401,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         jobs=scheduled,
         inboxes=inboxes,
         admin_tokens=admin_tokens,
+        metrics=metrics_mod.parse(raw.get("metrics"), (s.name for s in configured)),
     )
 
 

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, logs, retry
+from relay import guard, logs, metrics, retry
 from relay.budget import Slots
 from relay.config import Config
 from relay.db.store import RETRYABLE, oversize_reason
@@ -117,6 +117,7 @@ class Deliverer:
         store: HeartbeatStore | None = None,
         rand: Callable[[], float] = random.random,
         network: guard.Network | None = None,
+        histograms: metrics.Histograms | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -149,6 +150,12 @@ class Deliverer:
             s.name: dict.fromkeys(Outcome, 0) for s in config.sources
         }
         self.recent_failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        self.histograms = histograms
+        # Outcomes by payload fields, for the sources [metrics] labels names.
+        self.labelled = {
+            name: metrics.Labelled(fields, config.metrics.max_series)
+            for name, fields in config.metrics.labels.items()
+        }
 
     def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
         """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
@@ -337,6 +344,8 @@ class Deliverer:
                 if not self.busy:
                     self._idle.set()
             self._hand_over(source, settlement)
+            if self.histograms is not None and settlement.outcome is Outcome.done:
+                self.histograms.delivered(source.name, loop.time() - claimed_at)
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -370,8 +379,13 @@ class Deliverer:
             result = target
         else:
             result = await self._post(target, request)
+            if self.histograms is not None:
+                self.histograms.request(source.name, result.ms / 1000)
+        labelled = self.labelled.get(source.name)
         record = source.kind.record(source, row, request, result)
         settlement = self._settle_attempt(source, row, result, record, None)
+        if labelled is not None:
+            labelled.count(settlement.outcome, row.payload)
         if settlement.outcome in self._wants[source.name]:
             # Only for outcomes a write-back or an attempt log reads (decoding and parsing an
             # answer costs CPU on every delivery otherwise).

@@ -145,7 +145,8 @@ async def _run_demo(pg: EmbeddedPostgres, receiver_port: int, health_port: int) 
                     f"  receiver: {receiver_url}",
                     f"  allowed:  {', '.join(DEMO_ALLOW)} (http.allow: loopback is open for the "
                     f"demo's receiver; relay refuses non-public targets by default)",
-                    f"  health:   http://127.0.0.1:{service.health_port}/healthz",
+                    f"  health:   http://127.0.0.1:{service.health_port}/readyz"
+                    f"  (metrics: /metrics)",
                     "",
                     "Connect with:",
                     f"  {pg.psql_command(DEMO_DB)}",

@@ -82,7 +82,7 @@ def _inbox(name: str, data: Any) -> Inbox:
     readers.ident(where, name)
     readers.unknown(where, data, set(KEYS))
     path = readers.string(f"{where}.path", data.get("path", f"/inbox/{name}"))
-    if not path.startswith("/") or path in ("/healthz", "/readyz", "/status"):
+    if not path.startswith("/") or path in ("/livez", "/healthz", "/readyz", "/status", "/metrics"):
         raise ConfigError(f"{where}.path: expected a path of its own like '/webhooks/{name}'")
     listen = None
     if "listen" in data:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,7 @@ class Listener:
         on_silent: Callable[[], None] | None = None,
         probe_timeout: float | None = None,
         max_backoff: float = 5.0,
+        lead: str | None = None,
     ) -> None:
         self.url = url
         self.channel = channel
@@ -70,6 +72,14 @@ class Listener:
         self.down.set()
         self.connections = 0  # successful connects, for status and tests
         self.backend_pid: int | None = None
+        self.notified_at: float | None = None  # time.monotonic() of the last notification
+        # With `lead` (a name), the listener tries for a session advisory lock on that name at
+        # each connect and heartbeat until it holds it: of several relays on one database, the
+        # one whose listener holds it does the work one relay does for all (the queue-depth
+        # samples of /metrics). The lock goes with the connection, so when that relay dies or
+        # loses the database, another takes it at its next heartbeat.
+        self.lead = lead
+        self.leads = False
 
     async def run(self, stop: asyncio.Event) -> None:
         work = asyncio.create_task(self._loop(stop), name="listener.loop")
@@ -109,6 +119,7 @@ class Listener:
             try:
                 with self.watchdog.watching(conn):
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    await self._try_lead(conn)
                 self.connected = True
                 self.up.set()
                 self.down.clear()
@@ -128,6 +139,7 @@ class Listener:
             finally:
                 self._conn = None
                 self.connected = False
+                self.leads = False
                 self.up.clear()
                 self.down.set()
                 with contextlib.suppress(Exception):
@@ -136,7 +148,21 @@ class Listener:
     async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             async for notify in conn.notifies(timeout=self.heartbeat):
+                self.notified_at = time.monotonic()
                 self.on_notify(notify.payload)
-            # No notification for a whole heartbeat: prove the connection is still alive.
+            # No notification for a whole heartbeat: prove the connection is still alive (by
+            # asking for the lead, while another relay holds it: the same round trip).
             with self.watchdog.watching(conn):
-                await conn.execute("SELECT 1")
+                if self.lead is not None and not self.leads:
+                    await self._try_lead(conn)
+                else:
+                    await conn.execute("SELECT 1")
+
+    async def _try_lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.lead is None:
+            return
+        cur = await conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('relay.lead'), hashtext(%s))", (self.lead,)
+        )
+        row = await cur.fetchone()
+        self.leads = bool(row and row[0])

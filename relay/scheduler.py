@@ -34,6 +34,8 @@ class Scheduler:
         self.last: dict[str, JobRun] = {}  # each job's newest run by this relay
         self.next: dict[str, datetime] = {}
         self.runs = 0  # occurrences this relay ran
+        # Runs by job and by outcome ("ok", "failed"), for /metrics.
+        self.outcomes: dict[tuple[str, str], int] = {}
         self._wake = {name: asyncio.Event() for name in self.jobs}
         self._now: set[str] = set()  # jobs asked to run now (run_now)
         self._changed = asyncio.Condition()
@@ -93,6 +95,8 @@ class Scheduler:
     async def _ran(self, run: JobRun) -> None:
         self.last[run.job] = run
         self.runs += 1
+        outcome = (run.job, "ok" if run.error is None else "failed")
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if run.error is None:
             log.info(
                 "job.ran job=%s scheduled_for=%s duration_ms=%.1f %s",

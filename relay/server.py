@@ -1,11 +1,12 @@
 """The small HTTP endpoint for operators: liveness, readiness and status.
 
-- `/livez` (and `/healthz`, as always) is liveness: 200 while the process's event loop runs. A
-  lost database is not a reason to restart relay (it reconnects by itself), so it does not fail
-  this probe.
+- `/livez` is liveness: 200 while the process's event loop runs. A lost database is not a
+  reason to restart relay (it reconnects by itself), so it does not fail this probe.
 - `/readyz` is readiness: 503 while the listener is not connected, the pool cannot run a query,
   a source is failing, or a source's trigger is missing and relay could not install it again,
-  with the reasons.
+  with the reasons. `/healthz` answers the same, as it did before /livez and /readyz existed
+  (it was readiness then), so probes and monitors set up on it keep their meaning.
+- `/metrics` is Prometheus's text format (relay.metrics), mounted by the Service.
 - `/status` is everything `Relay.status()` reports.
 
 The inboxes (relay.inbox) are mounted here too, or on listeners of their own, and the admin
@@ -86,8 +87,8 @@ def _health_routes(status: Callable[[], dict[str, Any]], probe: Probe | None) ->
 
     return [
         web.get("/livez", livez),
-        # Liveness too, as relay has always answered it: probes set up on it keep working.
-        web.get("/healthz", livez),
+        # Readiness, as it always was (one handler with /readyz): its monitors keep their meaning.
+        web.get("/healthz", readyz),
         web.get("/readyz", readyz),
         web.get("/status", status_view),
     ]

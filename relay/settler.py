@@ -50,6 +50,9 @@ class Settler:
         self._ready = asyncio.Event()
         self._closing = False
         self.lost = 0  # settles that found the row no longer ours
+        # Settle statements written and the rows they settled, per source (for /metrics).
+        self.settles: dict[str, int] = defaultdict(int)
+        self.settled_rows: dict[str, int] = defaultdict(int)
 
     def add(self, source: str, settlement: Settlement) -> None:
         self._queue[source].append(settlement)
@@ -67,7 +70,11 @@ class Settler:
             for source, items in batch.items():
                 for start in range(0, len(items), SETTLE_BATCH):
                     chunk = items[start : start + SETTLE_BATCH]
-                    self.on_settled(source, chunk, await self._write(source, chunk))
+                    settled = await self._write(source, chunk)
+                    if settled is not None:
+                        self.settles[source] += 1
+                        self.settled_rows[source] += len(settled)
+                    self.on_settled(source, chunk, settled)
             if self._closing and not self._queue:
                 return
 

@@ -56,6 +56,7 @@ class Sweeper:
         self._kick = asyncio.Event()
         self._kick.set()  # sweep at start
         self.sweeps = 0
+        self.rescued: dict[str, int] = {}  # rows whose expired claims sweeps returned, per source
         self._swept = asyncio.Condition()
         self._sweeping = False
         # Sources whose triggers are missing and could not be installed again: why.
@@ -105,6 +106,7 @@ class Sweeper:
                 claimer.retry()
             await self._triggers(source)
             if rescued:
+                self.rescued[source] = self.rescued.get(source, 0) + rescued
                 log.warning(
                     "sweep.rescued source=%s rows=%d reason=%s",
                     source,

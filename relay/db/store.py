@@ -572,6 +572,12 @@ class Store:
             cur = await conn.execute(self.compiled[source].queries["counts"])
             return {row[0]: int(row[1]) for row in await cur.fetchall()}
 
+    async def notification_queue_usage(self) -> float | None:
+        """The share of PostgreSQL's notification queue in use. A session that LISTENs and stops
+        reading holds it back; once it is full, transactions that NOTIFY fail at commit."""
+        value = await self._scalar(psycopg.sql.SQL("SELECT pg_notification_queue_usage()"))
+        return None if value is None else float(value)
+
     async def oldest_due(self, source: str) -> float | None:
         value = await self._scalar(self.compiled[source].queries["oldest_due"])
         return None if value is None else float(value)

@@ -1,6 +1,6 @@
-"""The health endpoint: /livez (and /healthz) is liveness (200 while relay runs, whatever the
-database does), /readyz follows the listener, the pool and the sources, and no answer names the
-server's software."""
+"""The health endpoint: /livez is liveness (200 while relay runs, whatever the database does),
+/readyz (and /healthz, as it always was) follows the listener, the pool and the sources, and no
+answer names the server's software."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ async def get(port: int, path: str) -> tuple[int, dict[str, object], dict[str, s
 
 
 @pytest.mark.restart
-async def test_readyz_follows_the_listener_and_healthz_stays_alive(db: str, server: Server) -> None:
+async def test_readyz_and_healthz_follow_the_listener_and_livez_stays_alive(
+    db: str, server: Server
+) -> None:
     config = make_config(db, relay={"heartbeat_interval": 0.5})
     await install(config)
     async with serving(config) as service:
@@ -33,19 +35,20 @@ async def test_readyz_follows_the_listener_and_healthz_stays_alive(db: str, serv
 
         await asyncio.to_thread(server.stop)
         await asyncio.wait_for(relay.listener.down.wait(), WAIT)
-        status, body, _ = await get(service.health_port, "/readyz")
-        assert (status, body["listener"]) == (503, "disconnected")
-        # The pool cannot run a query either, and readiness says so.
-        assert body["database"] != "ok"
-        # Liveness: relay is reconnecting by itself; restarting it would not help.
-        for path in ("/livez", "/healthz"):
+        for path in ("/readyz", "/healthz"):
             status, body, _ = await get(service.health_port, path)
-            assert (status, body["listener"]) == (200, "disconnected")
+            assert (status, body["listener"]) == (503, "disconnected")
+            # The pool cannot run a query either, and readiness says so.
+            assert body["database"] != "ok"
+        # Liveness: relay is reconnecting by itself; restarting it would not help.
+        status, body, _ = await get(service.health_port, "/livez")
+        assert (status, body["listener"]) == (200, "disconnected")
 
         await asyncio.to_thread(server.start)
         await asyncio.wait_for(relay.listener.up.wait(), WAIT)
-        status, body, _ = await get(service.health_port, "/readyz")
-        assert status == 200
+        for path in ("/readyz", "/healthz"):
+            status, body, _ = await get(service.health_port, path)
+            assert (status, body["ready"]) == (200, True)
         status, body, _ = await get(service.health_port, "/status")
         assert status == 200 and body["listener_connections"] == 2
 

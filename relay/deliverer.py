@@ -345,7 +345,7 @@ class Deliverer:
                     self._idle.set()
             self._hand_over(source, settlement)
             if self.histograms is not None and settlement.outcome is Outcome.done:
-                self.histograms.delivered(source.name, loop.time() - claimed_at)
+                self.histograms.delivered(source.name, loop.time() - claimed_at, row.since)
 
     # -- one attempt -----------------------------------------------------------------------
 

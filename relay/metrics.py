@@ -167,9 +167,19 @@ class Histograms:
             buckets=BUCKETS,
             registry=registry,
         )
+        self.committed_seconds = Histogram(
+            "relay_commit_to_delivered_seconds",
+            "From the writing transaction (the row's created_at, its now()) to the receiver's "
+            "2xx answer; for relay's own tables (outbox, Documenso events), whose rows say when "
+            "they were written. Read on two clocks: the database's and relay's host.",
+            ["source"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
         # Each source's children, bound once (a label lookup per observation costs more).
         self._requests: dict[str, Any] = {}
         self._delivered: dict[str, Any] = {}
+        self._committed: dict[str, Any] = {}
 
     def request(self, source: str, seconds: float) -> None:
         child = self._requests.get(source)
@@ -177,11 +187,19 @@ class Histograms:
             child = self._requests[source] = self.request_seconds.labels(source)
         child.observe(seconds)
 
-    def delivered(self, source: str, seconds: float) -> None:
+    def delivered(self, source: str, from_claim: float, since: float | None) -> None:
+        """A delivery, `from_claim` seconds after its claim; `since`: when its row was written
+        (epoch seconds), if known."""
         child = self._delivered.get(source)
         if child is None:
             child = self._delivered[source] = self.delivered_seconds.labels(source)
-        child.observe(seconds)
+        child.observe(from_claim)
+        if since is not None:
+            committed = self._committed.get(source)
+            if committed is None:
+                committed = self._committed[source] = self.committed_seconds.labels(source)
+            # Two clocks: a database clock ahead of this host's must not make it negative.
+            committed.observe(max(time.time() - since, 0.0))
 
 
 @dataclass(slots=True)

@@ -88,6 +88,8 @@ class Claimed:
     # Set when a value was too large to load (see MAX_FIELD_BYTES and relay.max_payload_bytes):
     # which and how large, e.g. "payload 20971520". The claim returns NULL in its place.
     oversize: str | None = None
+    # When the row was written (epoch seconds), where relay knows it: its own tables' created_at.
+    since: float | None = None
 
 
 ALL_OUTCOMES = frozenset({"done", "retry", "dead"})

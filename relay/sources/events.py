@@ -111,7 +111,8 @@ async def prepare(
         "returning_named": sql.SQL(
             "t.id AS key, t.due_at AS lease, t.attempts::int AS attempt, "
             "COALESCE(t.max_attempts, {})::int AS max_attempts, {}, "
-            "t.topic::text AS topic, t.payload::text AS payload, NULL::text AS values"
+            "t.topic::text AS topic, t.payload::text AS payload, NULL::text AS values, "
+            "EXTRACT(EPOCH FROM t.created_at)::float8 AS since"
         ).format(sql.Literal(spec.max_attempts), url_secret),
         "bounded": bounded_values(ctx.max_payload_bytes),
         "extra_sets": sql.SQL(

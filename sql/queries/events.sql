@@ -11,6 +11,8 @@
 -- {bounded} returns the URL, secret, topic and payload only if they are within their limits,
 -- and says which are not: relay never loads a value it will not send. It reads them from the
 -- UPDATE's result, so that each (a payload built from the whole row, say) is computed once.
+-- `since` is when the row was written (created_at: the writing transaction's now()), for the
+-- commit-to-delivered histogram of /metrics.
 -- The limit is a parameter on purpose: PostgreSQL then plans each claim for the table as it
 -- is now (a cached generic plan, made while the table was small, would go on scanning it
 -- whole after it grew, until autovacuum invalidated the plan). Planning costs 0.4-0.6 ms a
@@ -28,7 +30,7 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED))
     RETURNING {returning_named}
 )
-SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded} FROM claimed AS c;
+SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded}, c.since FROM claimed AS c;
 
 -- name: settle
 -- Settle a batch in one statement. The batch is one JSON array of objects (Store.settle): one

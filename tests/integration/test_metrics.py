@@ -21,6 +21,8 @@ from tests.support import (
     insert_rows,
     install,
     make_config,
+    publish,
+    queue_source,
     serving,
     terminate_backends,
 )
@@ -103,6 +105,40 @@ async def test_deliveries_claims_and_settles_are_counted_by_source_and_outcome(
     assert value(samples, "relay_max_in_flight") == config.max_in_flight
     pool = value(samples, "relay_pool_size")
     assert pool is not None and pool >= 1
+
+
+async def test_rows_of_relays_own_tables_have_commit_to_delivered(
+    db: str, receiver: Receiver
+) -> None:
+    config = make_config(
+        db,
+        sources={
+            "events": {"kind": "outbox", "url": receiver.url},
+            "deliveries": queue_source(),
+        },
+    )
+    await install(config)
+    async with serving(config) as service:
+        await publish(db, 3)
+        await insert_rows(db, receiver.url, 2)
+        await receiver.wait_count(5)
+
+        async def observed() -> bool:
+            samples = await scrape(service)
+            return (
+                value(samples, "relay_claim_to_delivered_seconds_count", source="events"),
+                value(samples, "relay_claim_to_delivered_seconds_count", source="deliveries"),
+            ) == (3, 2)
+
+        await until(observed)
+        samples = await scrape(service)
+    # The outbox's rows say when they were written; a table's rows do not.
+    assert value(samples, "relay_commit_to_delivered_seconds_count", source="events") == 3
+    assert value(samples, "relay_commit_to_delivered_seconds_count", source="deliveries") is None
+    # Each was delivered within the test's wait of its commit.
+    assert (
+        value(samples, "relay_commit_to_delivered_seconds_bucket", source="events", le="30.0") == 3
+    )
 
 
 async def test_listener_reconnects_are_counted(db: str) -> None:

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
+import psycopg_pool
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import logs, readers
-from relay.db.store import RETRYABLE
 from relay.readers import ConfigError
 from relay.sources.base import Outcome
 
@@ -247,7 +247,7 @@ class Sampler:
                 sample.depth[name] = await store.counts(name)
                 sample.oldest_due[name] = await store.oldest_due(name)
             sample.notification_queue = await store.notification_queue_usage()
-        except (psycopg.Error, *RETRYABLE) as exc:
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             # The next sample tries again; the last one is kept (with its age) meanwhile.
             log.warning("metrics.sample_failed error=%s", logs.first_line(exc))
             return

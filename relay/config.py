@@ -6,7 +6,6 @@ what to do, and the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
-from relay import __version__, guard, readers, sources
+from relay import __version__, guard, logs, readers, sources
 from relay import admin as admin_mod
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
@@ -93,7 +92,7 @@ def _start_within(lifetime: float, http_timeout: float) -> float:
     return slack - min(5.0, slack / 2)
 
 
-log = logging.getLogger("relay.config")
+log = logs.get("relay.config")
 
 # The least each duration may be: below these a loop spins or nothing can succeed.
 MIN_SWEEP_INTERVAL = 1.0
@@ -345,13 +344,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if claim_ahead > safe_ahead:
         log.warning(
-            "config.claim_ahead claim_ahead=%d max_in_flight=%d http_timeout=%gs safe=%d hint=%s",
-            claim_ahead,
-            max_in_flight,
-            http_timeout,
-            safe_ahead,
-            "rows that wait for a hung receiver may reach the end of their claim and be handed "
-            "back unsent; lower relay.claim_ahead to the safe figure or raise "
+            "config.claim_ahead",
+            claim_ahead=claim_ahead,
+            max_in_flight=max_in_flight,
+            http_timeout_s=http_timeout,
+            safe=safe_ahead,
+            hint="rows that wait for a hung receiver may reach the end of their claim and be "
+            "handed back unsent; lower relay.claim_ahead to the safe figure or raise "
             "relay.claim_timeout",
         )
     return Config(

@@ -72,6 +72,8 @@ class Config:
     inboxes: tuple[Inbox, ...] = ()  # [inbox.NAME]: POST endpoints into the database
     # [admin] tokens: name -> bearer token; empty: no admin API.
     admin_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # [log] deliveries: a `delivery.succeeded` line per success at INFO rather than DEBUG.
+    log_deliveries: bool = False
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -154,6 +156,7 @@ _TOP_KEYS = {
     "jobs",
     "inbox",
     "admin",
+    "log",
 }
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
@@ -172,6 +175,7 @@ _SECTION_KEYS = {
     "http": {"timeout", "max_response_bytes", "user_agent", "allow", "error_body_chars"},
     "retry": set(retry_policy.KEYS),
     "health": {"listen", "allow_remote"},
+    "log": {"deliveries"},
 }
 # -- sources ---------------------------------------------------------------------------------
 
@@ -255,6 +259,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     http = _section(raw, "http")
     retry = _section(raw, "retry")
     health = _section(raw, "health")
+    log_table = _section(raw, "log")
 
     url = env.get("DATABASE_URL") or readers.value("database.url", database.get("url"), env)
     if not url:
@@ -397,6 +402,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         jobs=scheduled,
         inboxes=inboxes,
         admin_tokens=admin_tokens,
+        log_deliveries=readers.boolean("log.deliveries", log_table.get("deliveries", False)),
     )
 
 

@@ -149,6 +149,10 @@ class Deliverer:
             s.name: dict.fromkeys(Outcome, 0) for s in config.sources
         }
         self.recent_failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second; INFO
+        # gets the `delivery.progress` summary instead (failures are always logged), unless
+        # [log] deliveries asks for the line at INFO.
+        self._success_level = logging.INFO if config.log_deliveries else logging.DEBUG
 
     def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
         """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
@@ -418,10 +422,9 @@ class Deliverer:
     ) -> Settlement:
         if result.ok:
             self.delivered += 1
-            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
-            # INFO gets the `delivery.progress` summary instead (failures are always logged).
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
+            if log.isEnabledFor(self._success_level):
+                log.log(
+                    self._success_level,
                     "delivery.succeeded",
                     source=source.name,
                     key=row.key,

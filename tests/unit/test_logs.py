@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay import cli, logs
+from relay import cli, config, logs
 from relay.config import ConfigError
+from tests.support import queue_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -480,6 +482,36 @@ def test_the_format_comes_from_the_flag_then_the_environment() -> None:
     assert str(info.value).startswith("RELAY_LOG_FORMAT: expected one of json, logfmt, text, got")
     assert "\x1b" not in str(info.value)
     assert cli._parser().parse_args(["--log-format", "JSON", "run"]).log_format == "json"
+
+
+# -- [log] in the configuration --------------------------------------------------------------
+
+DB = "postgresql://localhost/app"
+
+
+def build(**sections: Any) -> config.Config:
+    return config.from_mapping(
+        {"database": {"url": DB}, "sources": {"q": queue_source()}, **sections}, {}
+    )
+
+
+def test_log_deliveries_is_off_unless_asked_for() -> None:
+    assert build().log_deliveries is False
+    assert build(log={"deliveries": True}).log_deliveries is True
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"format": "json"}, "log.format: unknown key; allowed here: deliveries"),
+        ({"deliveries": "yes"}, "log.deliveries: expected true or false, got 'yes'"),
+        ("on", "log: expected a table ([log])"),
+    ],
+)
+def test_a_wrong_log_table_is_refused_naming_the_key(table: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(log=table)
+    assert str(info.value) == message
 
 
 # -- the call sites ------------------------------------------------------------------------

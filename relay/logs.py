@@ -155,78 +155,43 @@ class Logger:
     def isEnabledFor(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
-    # stacklevel=2: the record's file, line and function are the call's, not this module's.
+    def _emit(self, level: int, event: str, exc_info: ExcInfo, fields: dict[str, object]) -> None:
+        self.logger.log(
+            level,
+            Message(event, fields),
+            exc_info=exc_info,
+            extra={"event": event, "fields": fields},
+            stacklevel=3,  # the record's file, line and function are the call's, not ours
+        )
 
     def log(self, level: int, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(
-                level,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(level, event, exc_info, fields)
 
     def debug(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.log(
-                logging.DEBUG,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.DEBUG, event, exc_info, fields)
 
     def info(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(logging.INFO):
-            self.logger.log(
-                logging.INFO,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.INFO, event, exc_info, fields)
 
     def warning(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(logging.WARNING):
-            self.logger.log(
-                logging.WARNING,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.WARNING, event, exc_info, fields)
 
     def error(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(logging.ERROR):
-            self.logger.log(
-                logging.ERROR,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.ERROR, event, exc_info, fields)
 
     def exception(self, event: str, /, *, exc_info: ExcInfo = True, **fields: object) -> None:
         """An ERROR with the exception being handled and its traceback."""
         if self.logger.isEnabledFor(logging.ERROR):
-            self.logger.log(
-                logging.ERROR,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.ERROR, event, exc_info, fields)
 
     def critical(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         if self.logger.isEnabledFor(logging.CRITICAL):
-            self.logger.log(
-                logging.CRITICAL,
-                Message(event, fields),
-                exc_info=exc_info,
-                extra={"event": event, "fields": fields},
-                stacklevel=2,
-            )
+            self._emit(logging.CRITICAL, event, exc_info, fields)
 
 
 def get(name: str) -> Logger:
@@ -374,10 +339,14 @@ def _json_default(value: object) -> str:
     return _str(value)
 
 
+def _dumps(value: object) -> bytes:
+    return orjson.dumps(value, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+
+
 def _json_value(value: object) -> object:
     """One value of a record orjson refused: as it is if orjson takes it alone."""
     try:
-        orjson.dumps(value, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+        _dumps(value)
     except TypeError:
         return _json_safe(value)
     return value
@@ -415,9 +384,9 @@ class JsonFormatter(_Formatter):
                 out[_key(key)] = value
         out.update(self.extras(record))
         try:
-            data = orjson.dumps(out, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+            data = _dumps(out)
         except TypeError:  # orjson.JSONEncodeError is one
-            data = orjson.dumps({_str(k): _json_value(v) for k, v in out.items()})
+            data = _dumps({_str(k): _json_value(v) for k, v in out.items()})
         text = data.decode("utf-8")
         if _JSON_UNSAFE.search(text):
             text = _JSON_UNSAFE.sub(_json_escape, text)

@@ -290,10 +290,11 @@ def test_every_format_parses_back_to_the_fields_of_the_call(
 def test_a_lone_surrogate_is_escaped_in_every_format(captured: tuple[logs.Logger, Capture]) -> None:
     # Undecodable bytes kept by surrogateescape: orjson refuses them, UTF-8 cannot encode them.
     log, handler = captured
-    log.error("inbox.refused", reason="bad \udcff byte", status=400)
+    log.error("inbox.refused", reason="bad \udcff byte", status=400, amount=Decimal("1.50"))
     record = one(handler)
     data = json.loads(formatted("json", record))
     assert data["reason"] == "bad \\udcff byte" and data["status"] == 400
+    assert data["amount"] == "1.50"  # the other fields as ever
     assert logfmt_fields(formatted("logfmt", record))["reason"] == "bad \ufffd byte"
     assert text_fields(formatted("text", record))["reason"] == "bad \ufffd byte"
 

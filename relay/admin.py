@@ -12,7 +12,6 @@ action is logged with the token's name.
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +24,7 @@ from aiohttp import web
 from relay import logs, readers
 from relay.readers import ConfigError
 
-log = logging.getLogger("relay.admin")
+log = logs.get("relay.admin")
 
 MAX_PAGE = 1000
 
@@ -157,12 +156,12 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
             name, None if keys is None else [str(k) for k in keys], when
         )
         log.info(
-            "admin.retry who=%s source=%s keys=%s since=%s retried=%d",
-            who_,
-            name,
-            "all" if keys is None else len(keys),
-            since or "-",
-            count,
+            "admin.retry",
+            who=who_,
+            source=name,
+            keys="all" if keys is None else len(keys),
+            since=since or "-",
+            retried=count,
         )
         return _json({"retried": count})
 
@@ -180,7 +179,7 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
         if job is None:
             return _json({"error": f"no job named {request.match_info['name']!r}"}, 404)
         run = await current.store.run_job(job, datetime.now(UTC))
-        log.info("admin.run_job who=%s job=%s ran=%s", who_, job.name, run is not None)
+        log.info("admin.run_job", who=who_, job=job.name, ran=run is not None)
         if run is None:
             return _json({"error": "another relay is running this job now"}, 409)
         return _json(run.summary())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from relay.settler import Settler
 from relay.sources.base import Outcome, Settlement
 from relay.sweeper import Sweeper
 
-log = logging.getLogger("relay.app")
+log = logs.get("relay.app")
 
 _AGAIN = (Outcome.retry, Outcome.release)
 PROGRESS_EVERY = 10.0  # seconds between `delivery.progress` lines (only when there was work)
@@ -46,9 +45,9 @@ FINAL_WRITES = 3.0
 def _log_start_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     log.warning(
-        "relay.waiting_for_database attempt=%d error=%s",
-        state.attempt_number,
-        logs.first_line(exc) if exc else "",
+        "relay.waiting_for_database",
+        attempt=state.attempt_number,
+        error=logs.first_line(exc) if exc else "",
     )
 
 
@@ -163,11 +162,11 @@ class Relay:
             if now != seen:
                 # Counts since the previous progress line; totals are in /status.
                 log.info(
-                    "delivery.progress delivered=%d failed=%d in_flight=%d queued=%d",
-                    now[0] - seen[0],
-                    now[1] - seen[1],
-                    self.deliverer.in_flight,
-                    self.deliverer.queued,
+                    "delivery.progress",
+                    delivered=now[0] - seen[0],
+                    failed=now[1] - seen[1],
+                    in_flight=self.deliverer.in_flight,
+                    queued=self.deliverer.queued,
                 )
                 seen = now
 
@@ -186,12 +185,12 @@ class Relay:
         problems = await self.store.trigger_problems()
         for name, problem in problems.items():
             log.warning(
-                "source.untriggered source=%s problem=%s sweep_interval=%gs hint=%s",
-                name,
-                problem,
-                self.config.sweep_interval,
-                "a missing trigger is installed again at the first sweep if relay's role may; "
-                "until then, and for a stale one until `relay install`, see `relay check`",
+                "source.untriggered",
+                source=name,
+                problem=problem,
+                sweep_interval_s=self.config.sweep_interval,
+                hint="a missing trigger is installed again at the first sweep if relay's role "
+                "may; until then, and for a stale one until `relay install`, see `relay check`",
             )
         self._checked = True
 
@@ -236,9 +235,7 @@ class Relay:
             await self.deliverer.close()
             await self.store.close()
             log.info(
-                "relay.stopped delivered=%d failed=%d",
-                self.deliverer.delivered,
-                self.deliverer.failed,
+                "relay.stopped", delivered=self.deliverer.delivered, failed=self.deliverer.failed
             )
 
     async def _run_parts(self, stop: asyncio.Event) -> None:
@@ -257,11 +254,11 @@ class Relay:
                 ),
             ]
             log.info(
-                "relay.started worker=%s sources=%s jobs=%s max_in_flight=%d",
-                self.config.worker_id,
-                ",".join(self.claimers),
-                ",".join(self.scheduler.jobs),
-                self.config.max_in_flight,
+                "relay.started",
+                worker=self.config.worker_id,
+                sources=",".join(self.claimers),
+                jobs=",".join(self.scheduler.jobs),
+                max_in_flight=self.config.max_in_flight,
             )
             self.ready.set()
             await stop.wait()
@@ -301,7 +298,7 @@ class Relay:
                 # Waiting for a new connection that does not come (not inside a statement,
                 # which interrupt() cut off): safe to cancel.
                 settler.cancel()
-                log.error("shutdown.settles_abandoned reason=%s", "the database did not answer")
+                log.error("shutdown.settles_abandoned", reason="the database did not answer")
             await asyncio.wait({settler})
 
 
@@ -375,13 +372,13 @@ class Service:
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.stop.is_set():
-            log.warning("relay.killed signal=%s reason=%s", name, "second signal, exiting now")
+            log.warning("relay.killed", signal=name, reason="second signal, exiting now")
             os._exit(1)
-        log.info("relay.signal signal=%s next=%s", name, "stopping (send again to exit at once)")
+        log.info("relay.signal", signal=name, next="stopping (send again to exit at once)")
         self.stop.set()
 
     def _on_hup(self) -> None:
-        log.info("relay.signal signal=SIGHUP next=%s", "reloading the configuration")
+        log.info("relay.signal", signal="SIGHUP", next="reloading the configuration")
         self._hup.set()
 
     async def _serve_inboxes(self) -> tuple[list[Route], list[web.AppRunner]]:
@@ -402,7 +399,7 @@ class Service:
             for box in self.config.inboxes:
                 if box.listen == address:
                     self.inbox_ports[box.name] = port
-            log.info("inbox.listening host=%s port=%s", address[0], port)
+            log.info("inbox.listening", host=address[0], port=port)
         return routes.get(None, []), runners
 
     async def run(self) -> None:
@@ -425,10 +422,10 @@ class Service:
                     self.inbox_ports[box.name] = self.health_port
             # Off loopback only with health.allow_remote = true; said once, so it is on record.
             log.info(
-                "health.listening host=%s port=%s remote=%s",
-                self.config.health_host,
-                self.health_port,
-                "allowed" if self.config.health_remote else "no",
+                "health.listening",
+                host=self.config.health_host,
+                port=self.health_port,
+                remote="allowed" if self.config.health_remote else "no",
             )
         try:
             # A wrong configuration or a missing table ends start-up here, with its message.
@@ -479,7 +476,7 @@ class Service:
 
     async def _reload(self, stopped: asyncio.Task[Any]) -> None:
         if self.load is None:
-            log.info("reload.skipped reason=%s", "no configuration file (the embedded demo)")
+            log.info("reload.skipped", reason="no configuration file (the embedded demo)")
             return
         try:
             config = self.load()
@@ -493,9 +490,9 @@ class Service:
             self._reload_failed(f"{type(exc).__name__}: {exc}")
             return
         if (config.health_host, config.health_port) != self._health:
-            log.warning("reload.health_unchanged reason=%s", "a new health.listen takes a restart")
+            log.warning("reload.health_unchanged", reason="a new health.listen takes a restart")
         if config.inboxes != self.config.inboxes:
-            log.warning("reload.inbox_unchanged reason=%s", "changed inboxes take a restart")
+            log.warning("reload.inbox_unchanged", reason="changed inboxes take a restart")
         checking = asyncio.create_task(self._check(new), name="reload.check")
         await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not checking.done():
@@ -512,9 +509,9 @@ class Service:
         self.reloads += 1
         self._launch(new)
         log.info(
-            "reload.done sources=%s next=%s",
-            ",".join(new.claimers),
-            "the previous configuration stops claiming and finishes its deliveries",
+            "reload.done",
+            sources=",".join(new.claimers),
+            next="the previous configuration stops claiming and finishes its deliveries",
         )
         assert self._tg is not None
         self._tg.create_task(self._retire(old, new), name=f"relay.retire:{self.reloads}")
@@ -538,7 +535,7 @@ class Service:
 
     def _reload_failed(self, reason: str) -> None:
         self.reload_failures += 1
-        log.error("reload.failed error=%s next=%s", reason, "the running configuration stays")
+        log.error("reload.failed", error=reason, next="the running configuration stays")
 
     async def _retire(self, old: Relay, new: Relay) -> None:
         """Stop `old` in two phases; then `new` sweeps, so the rows `old` handed back unstarted

@@ -16,7 +16,6 @@ claimers go on.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -28,7 +27,7 @@ from relay.config import Config, ConfigError
 from relay.db.store import RETRYABLE
 from relay.sources.base import Claimed, Source
 
-log = logging.getLogger("relay.claimer")
+log = logs.get("relay.claimer")
 
 RECHECK_FLOOR = 0.1  # seconds: the soonest a timer-driven claim pass repeats
 
@@ -92,11 +91,11 @@ class Claimer:
         """The database refused this source's queries: stop claiming until `retry`."""
         if reason != self.failure:  # once per change, not once per attempt
             log.error(
-                "source.failing source=%s error=%s sweep_interval=%gs next=%s",
-                self.source.name,
-                reason,
-                self.config.sweep_interval,
-                "this source stops; the others go on, and it is checked again at each sweep",
+                "source.failing",
+                source=self.source.name,
+                error=reason,
+                sweep_interval_s=self.config.sweep_interval,
+                next="this source stops; the others go on, and it is checked again at each sweep",
             )
         self.failure = reason
         self.failing.set()
@@ -127,9 +126,7 @@ class Claimer:
             except RETRYABLE as exc:
                 # The database is away; the listener's reconnect will wake us, and the timer
                 # tries again meanwhile.
-                log.warning(
-                    "claim.failed source=%s error=%s", self.source.name, logs.first_line(exc)
-                )
+                log.warning("claim.failed", source=self.source.name, error=logs.first_line(exc))
                 self._deadline = loop.time() + 1.0
                 continue
             except psycopg.Error as exc:
@@ -177,7 +174,7 @@ class Claimer:
             self.slots.give(want - len(rows))
             self.claims += 1
             if self.failure is not None:
-                log.warning("source.resumed source=%s", self.source.name)
+                log.warning("source.resumed", source=self.source.name)
                 self.failure = None
                 self.failing.clear()
             self.claimed += len(rows)

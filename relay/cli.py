@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import psycopg
@@ -19,7 +18,7 @@ from relay.app import Service
 from relay.config import Config, ConfigError
 from relay.db.store import Store
 
-log = logging.getLogger("relay.cli")
+log = logs.get("relay.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 ADMIN_STATEMENT_TIMEOUT = 60.0  # seconds: install, uninstall, status and retry-dead
@@ -38,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         type=str.upper,
         choices=logs.LEVELS,
         help="DEBUG, INFO, WARNING or ERROR (default: $RELAY_LOG_LEVEL, else INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=None,
+        type=str.lower,
+        choices=logs.FORMATS,
+        help="json, logfmt or text (default: $RELAY_LOG_FORMAT, else text when stderr is a "
+        "terminal and logfmt otherwise)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="relay until SIGTERM/SIGINT")
@@ -69,6 +76,19 @@ def _log_level(given: str | None, env: dict[str, str] | os._Environ[str]) -> str
             f"RELAY_LOG_LEVEL: expected one of {', '.join(logs.LEVELS)}, got {logs.field(level)}"
         )
     return level
+
+
+def log_format(given: str | None, env: Mapping[str, str]) -> str | None:
+    """The log format asked for by --log-format or RELAY_LOG_FORMAT; None: the default (text
+    on a terminal, logfmt otherwise)."""
+    kind = (given or env.get("RELAY_LOG_FORMAT") or "").lower()
+    if not kind:
+        return None
+    if kind not in logs.FORMATS:
+        raise ConfigError(
+            f"RELAY_LOG_FORMAT: expected one of {', '.join(logs.FORMATS)}, got {logs.field(kind)}"
+        )
+    return kind
 
 
 async def _with_store(config: Config, command: str, args: argparse.Namespace) -> int:
@@ -336,7 +356,7 @@ async def run_relay(config: Config, load: Callable[[], Config] | None = None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logs.setup(_log_level(args.log_level, os.environ))
+        logs.setup(_log_level(args.log_level, os.environ), log_format(args.log_format, os.environ))
         config = config_mod.load(args.config, os.environ)
         if args.command == "run":
             return asyncio.run(run_relay(config, lambda: config_mod.load(args.config, os.environ)))
@@ -352,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseExceptionGroup as group:
         # A part of the relay died: say which and why, and exit non-zero.
         for failure in group.exceptions:
-            log.critical("relay.crashed error=%s", failure, exc_info=failure)
+            log.critical("relay.crashed", error=logs.first_line(failure), exc_info=failure)
         return EXIT_FAILED
 
 

@@ -6,7 +6,6 @@ what to do, and the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
-from relay import __version__, guard, readers, sources
+from relay import __version__, guard, logs, readers, sources
 from relay import admin as admin_mod
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
@@ -75,6 +74,8 @@ class Config:
     # [admin] tokens: name -> bearer token; empty: no admin API.
     admin_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     metrics: metrics_mod.Settings = field(default_factory=metrics_mod.Settings)  # [metrics]
+    # [log] deliveries: a `delivery.succeeded` line per success at INFO rather than DEBUG.
+    log_deliveries: bool = False
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -95,7 +96,7 @@ def _start_within(lifetime: float, http_timeout: float) -> float:
     return slack - min(5.0, slack / 2)
 
 
-log = logging.getLogger("relay.config")
+log = logs.get("relay.config")
 
 # The least each duration may be: below these a loop spins or nothing can succeed.
 MIN_SWEEP_INTERVAL = 1.0
@@ -158,6 +159,7 @@ _TOP_KEYS = {
     "inbox",
     "admin",
     "metrics",
+    "log",
 }
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
@@ -176,6 +178,7 @@ _SECTION_KEYS = {
     "http": {"timeout", "max_response_bytes", "user_agent", "allow", "error_body_chars"},
     "retry": set(retry_policy.KEYS),
     "health": {"listen", "allow_remote"},
+    "log": {"deliveries"},
 }
 # -- sources ---------------------------------------------------------------------------------
 
@@ -259,6 +262,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     http = _section(raw, "http")
     retry = _section(raw, "retry")
     health = _section(raw, "health")
+    log_table = _section(raw, "log")
 
     url = env.get("DATABASE_URL") or readers.value("database.url", database.get("url"), env)
     if not url:
@@ -348,13 +352,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if claim_ahead > safe_ahead:
         log.warning(
-            "config.claim_ahead claim_ahead=%d max_in_flight=%d http_timeout=%gs safe=%d hint=%s",
-            claim_ahead,
-            max_in_flight,
-            http_timeout,
-            safe_ahead,
-            "rows that wait for a hung receiver may reach the end of their claim and be handed "
-            "back unsent; lower relay.claim_ahead to the safe figure or raise "
+            "config.claim_ahead",
+            claim_ahead=claim_ahead,
+            max_in_flight=max_in_flight,
+            http_timeout_s=http_timeout,
+            safe=safe_ahead,
+            hint="rows that wait for a hung receiver may reach the end of their claim and be "
+            "handed back unsent; lower relay.claim_ahead to the safe figure or raise "
             "relay.claim_timeout",
         )
     return Config(
@@ -402,6 +406,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         inboxes=inboxes,
         admin_tokens=admin_tokens,
         metrics=metrics_mod.parse(raw.get("metrics"), (s.name for s in configured)),
+        log_deliveries=readers.boolean("log.deliveries", log_table.get("deliveries", False)),
     )
 
 

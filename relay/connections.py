@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -24,7 +23,9 @@ from typing import Any
 
 import psycopg
 
-log = logging.getLogger("relay.connections")
+from relay import logs
+
+log = logs.get("relay.connections")
 
 # libpq settings for every connection: a peer that vanished is noticed by the kernel, and a
 # connect that gets no answer gives up. A value set in the database URL wins.
@@ -103,10 +104,10 @@ class Watchdog:
     def _expired(self, conn: psycopg.AsyncConnection[Any], after: float) -> None:
         self.severed += 1
         log.warning(
-            "db.silent pid=%s after=%gs next=%s",
-            _pid(conn),
-            after,
-            "no answer from the database: closing the connection",
+            "db.silent",
+            pid=_pid(conn),
+            after_s=after,
+            next="no answer from the database: closing the connection",
         )
         sever(conn)
         if self.on_silent is not None:

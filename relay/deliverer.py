@@ -39,7 +39,7 @@ from relay.sources.base import (
     Source,
 )
 
-log = logging.getLogger("relay.deliverer")
+log = logs.get("relay.deliverer")
 
 
 @dataclass(slots=True)
@@ -156,6 +156,10 @@ class Deliverer:
             name: metrics.Labelled(fields, config.metrics.max_series)
             for name, fields in config.metrics.labels.items()
         }
+        # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second; INFO
+        # gets the `delivery.progress` summary instead (failures are always logged), unless
+        # [log] deliveries asks for the line at INFO.
+        self._success_level = logging.INFO if config.log_deliveries else logging.DEBUG
 
     def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
         """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
@@ -168,9 +172,10 @@ class Deliverer:
         )
         if allowed.networks or allowed.hosts:
             log.info(
-                "guard.allowing networks=%s hosts=%s key=http.allow",
-                ",".join(str(n) for n in allowed.networks) or "-",
-                ",".join(sorted(allowed.hosts)) or "-",
+                "guard.allowing",
+                networks=",".join(str(n) for n in allowed.networks) or "-",
+                hosts=",".join(sorted(allowed.hosts)) or "-",
+                key="http.allow",
             )
         # Addresses are checked per connection, not per request (connections are kept alive,
         # and the resolver's checked answers are cached for ttl_dns_cache); a request costs
@@ -255,11 +260,12 @@ class Deliverer:
             self.heartbeats += 1
         except (TimeoutError, psycopg.Error, *RETRYABLE) as exc:
             log.warning(
-                "heartbeat.failed source=%s rows=%d error=%s next=%s",
-                name,
-                len(rows),
-                logs.first_line(exc) if not isinstance(exc, TimeoutError) else "timed out",
-                "tried again at the next round; a claim that lapses meanwhile may be taken over",
+                "heartbeat.failed",
+                source=name,
+                rows=len(rows),
+                error=logs.first_line(exc) if not isinstance(exc, TimeoutError) else "timed out",
+                next="tried again at the next round; a claim that lapses meanwhile may be "
+                "taken over",
             )
 
     async def drain(self, grace: float) -> None:
@@ -273,17 +279,17 @@ class Deliverer:
     async def _wait_idle(self, grace: float) -> None:
         released = self._release_queued()
         if released:
-            log.info("shutdown.released_unstarted rows=%d", released)
+            log.info("shutdown.released_unstarted", rows=released)
         if not self.busy:
             return
-        log.info("shutdown.draining in_flight=%d grace=%.1fs", self.busy, grace)
+        log.info("shutdown.draining", in_flight=self.busy, grace_s=grace)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 while self.busy:
                     self._idle.clear()
                     await self._idle.wait()
         if self.busy:
-            log.warning("shutdown.releasing unfinished=%d", self.busy)
+            log.warning("shutdown.releasing", unfinished=self.busy)
 
     def _release_queued(self) -> int:
         n = 0
@@ -320,11 +326,11 @@ class Deliverer:
             if loop.time() - claimed_at > self._start_within[source.name]:
                 # It waited so long for a slot that its claim could expire mid-request.
                 log.warning(
-                    "delivery.released source=%s key=%s reason=%s",
-                    source.name,
-                    row.key,
-                    "claim too close to expiry to start a request (raise relay.claim_timeout "
-                    "or lower relay.claim_ahead)",
+                    "delivery.released",
+                    source=source.name,
+                    key=row.key,
+                    reason="claim too close to expiry to start a request (raise "
+                    "relay.claim_timeout or lower relay.claim_ahead)",
                 )
                 self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
                 continue
@@ -336,7 +342,7 @@ class Deliverer:
                 self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
                 raise
             except Exception as exc:  # a bug here must not lose the row or kill the relay
-                log.exception("delivery.crashed source=%s key=%s", source.name, row.key)
+                log.exception("delivery.crashed", source=source.name, key=row.key)
                 crashed = Attempt(False, None, f"relay error: {exc!r}")
                 settlement = self._settle_attempt(source, row, crashed, None, None)
             finally:
@@ -351,7 +357,7 @@ class Deliverer:
 
     def _dead(self, source: Source, row: Claimed, reason: str) -> Settlement:
         self.failed += 1
-        log.error("delivery.dead source=%s key=%s reason=%s", source.name, row.key, reason)
+        log.error("delivery.dead", source=source.name, key=row.key, reason=reason)
         return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None, row.attempt)
 
     async def _deliver(self, source: Source, row: Claimed) -> Settlement:
@@ -430,16 +436,16 @@ class Deliverer:
     ) -> Settlement:
         if result.ok:
             self.delivered += 1
-            # DEBUG: one line per success costs a fifth of relay's CPU at thousands a second;
-            # INFO gets the `delivery.progress` summary instead (failures are always logged).
-            log.debug(
-                "delivery.succeeded source=%s key=%s attempt=%d status=%s ms=%.1f",
-                source.name,
-                row.key,
-                row.attempt,
-                result.http_status,
-                result.ms,
-            )
+            if log.isEnabledFor(self._success_level):
+                log.log(
+                    self._success_level,
+                    "delivery.succeeded",
+                    source=source.name,
+                    key=row.key,
+                    attempt=row.attempt,
+                    status=result.http_status,
+                    ms=round(result.ms, 1),
+                )
             return Settlement(
                 row.key,
                 row.lease,
@@ -464,25 +470,25 @@ class Deliverer:
             )
         if isinstance(decision, retry.Dead):
             log.error(
-                "delivery.dead source=%s key=%s attempt=%d status=%s error=%s why=%s",
-                source.name,
-                row.key,
-                row.attempt,
-                result.http_status,
-                error,
-                decision.reason,
+                "delivery.dead",
+                source=source.name,
+                key=row.key,
+                attempt=row.attempt,
+                status=result.http_status,
+                error=error,
+                why=decision.reason,
             )
             outcome, wait = Outcome.dead, 0.0
         else:
             wait = decision.delay
             log.warning(
-                "delivery.failed source=%s key=%s attempt=%d status=%s retry_in=%.1fs error=%s",
-                source.name,
-                row.key,
-                row.attempt,
-                result.http_status,
-                wait,
-                error,
+                "delivery.failed",
+                source=source.name,
+                key=row.key,
+                attempt=row.attempt,
+                status=result.http_status,
+                retry_in_s=round(wait, 3),
+                error=error,
             )
             outcome = Outcome.retry
         return Settlement(

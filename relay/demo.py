@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from relay.embedded import EmbeddedError, EmbeddedPostgres
 DEMO_DB = "relay_demo"
 DEMO_ALLOW = ("127.0.0.0/8", "::1", "localhost")
 
-log = logging.getLogger("relay.demo")
+log = logs.get("relay.demo")
 
 # The demo queue (sql/demo/webhook_delivery_queue.sql) as a table source: the mapping a user of
 # such a queue writes in [sources.NAME]. The tests and the benchmark use it too.
@@ -189,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return cli.EXIT_CONFIG
-    logs.setup(level)
+    try:
+        kind = cli.log_format(None, os.environ)
+    except ConfigError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return cli.EXIT_CONFIG
+    logs.setup(level, kind)
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pg = EmbeddedPostgres(data_dir / "pgdata", port=args.port)

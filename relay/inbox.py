@@ -13,7 +13,6 @@ for the first's commit on relay.inbox's primary key, then find it there."""
 from __future__ import annotations
 
 import hmac
-import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ from psycopg.types.json import Jsonb
 from relay import logs, readers, signing
 from relay.readers import ConfigError
 
-log = logging.getLogger("relay.inbox")
+log = logs.get("relay.inbox")
 
 KEYS = frozenset(
     {"path", "listen", "required", "max_bytes", "secret", "signature", "header", "key", "sql"}
@@ -257,20 +256,20 @@ def handler(inbox: Inbox, accept: Callable[[], Accept]) -> Callable[[web.Request
             key, params = check(inbox, request.headers, raw)
         except Refused as refused:
             log.info(
-                "inbox.refused inbox=%s status=%d reason=%s",
-                inbox.name,
-                refused.status,
-                logs.escape(refused.reason),
+                "inbox.refused",
+                inbox=inbox.name,
+                status=refused.status,
+                reason=refused.reason,
             )
             return _answer(refused.status, {"error": refused.reason})
         try:
             new = await accept()(inbox, key, params)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             log.warning(
-                "inbox.unavailable inbox=%s key=%s error=%s",
-                inbox.name,
-                logs.field(key),
-                logs.first_line(exc),
+                "inbox.unavailable",
+                inbox=inbox.name,
+                key=key,
+                error=logs.first_line(exc),
             )
             response = _answer(503, {"error": "the database is not available; send it again"})
             response.headers["Retry-After"] = "5"
@@ -278,18 +277,13 @@ def handler(inbox: Inbox, accept: Callable[[], Accept]) -> Callable[[web.Request
         except psycopg.Error as exc:
             # The statement refused it (a constraint, a RAISE): the sender should try again
             # later, and the reason is for the operator, not the sender.
-            log.warning(
-                "inbox.failed inbox=%s key=%s error=%s",
-                inbox.name,
-                logs.field(key),
-                logs.first_line(exc),
-            )
+            log.warning("inbox.failed", inbox=inbox.name, key=key, error=logs.first_line(exc))
             return _answer(500, {"error": "not accepted; see relay's log"})
         log.info(
-            "inbox.accepted inbox=%s key=%s duplicate=%s",
-            inbox.name,
-            logs.field(key),
-            "no" if new else "yes",
+            "inbox.accepted",
+            inbox=inbox.name,
+            key=key,
+            duplicate="no" if new else "yes",
         )
         return _answer(200, {"accepted": True, "duplicate": not new})
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from relay import connections, logs
 
-log = logging.getLogger("relay.listener")
+log = logs.get("relay.listener")
 
 # On stop, how long the loop may take to notice its severed connection before it is cancelled.
 STOP_WAIT = 2.0
@@ -34,10 +33,10 @@ def _log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
     log.warning(
-        "listener.reconnecting attempt=%d retry_in=%.2fs error=%s",
-        state.attempt_number,
-        wait,
-        logs.first_line(exc) if exc else "",
+        "listener.reconnecting",
+        attempt=state.attempt_number,
+        retry_in_s=round(wait, 3),
+        error=logs.first_line(exc) if exc else "",
     )
 
 
@@ -125,7 +124,7 @@ class Listener:
                 self.down.clear()
                 self.connections += 1
                 self.backend_pid = conn.info.backend_pid
-                log.info("listener.connected channel=%s pid=%s", self.channel, self.backend_pid)
+                log.info("listener.connected", channel=self.channel, pid=self.backend_pid)
                 self.on_connect()
                 await self._consume(conn)
             except psycopg.Error as exc:
@@ -135,7 +134,7 @@ class Listener:
                     reason = logs.first_line(exc)
                     if self.watchdog.severed != severed:
                         reason = f"no answer within {self.watchdog.bound:g}s (connection silent)"
-                    log.warning("listener.lost error=%s", reason)
+                    log.warning("listener.lost", error=reason)
             finally:
                 self._conn = None
                 self.connected = False

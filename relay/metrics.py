@@ -20,7 +20,6 @@ each source keeps at most `metrics.max_series` combinations, later ones count un
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,7 +40,7 @@ from relay.sources.base import Outcome
 if TYPE_CHECKING:
     from relay.app import Relay
 
-log = logging.getLogger("relay.metrics")
+log = logs.get("relay.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "_other"  # the label value of combinations past metrics.max_series
@@ -249,7 +248,7 @@ class Sampler:
             sample.notification_queue = await store.notification_queue_usage()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             # The next sample tries again; the last one is kept (with its age) meanwhile.
-            log.warning("metrics.sample_failed error=%s", logs.first_line(exc))
+            log.warning("metrics.sample_failed", error=logs.first_line(exc))
             return
         self.sample = sample
         self.samples += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +21,7 @@ from relay import logs
 from relay.db.store import Store
 from relay.jobs import Job, JobRun
 
-log = logging.getLogger("relay.scheduler")
+log = logs.get("relay.scheduler")
 
 RETRY_UNREACHABLE = 5.0  # seconds between attempts at a due occurrence while the database is away
 
@@ -73,11 +72,11 @@ class Scheduler:
                 if stop.is_set():
                     return
                 log.warning(
-                    "job.not_run job=%s scheduled_for=%s error=%s next=%s",
-                    job.name,
-                    occurrence.isoformat(),
-                    logs.first_line(exc),
-                    f"again in {RETRY_UNREACHABLE:g}s",
+                    "job.not_run",
+                    job=job.name,
+                    scheduled_for=occurrence.isoformat(),
+                    error=logs.first_line(exc),
+                    next=f"again in {RETRY_UNREACHABLE:g}s",
                 )
                 wait = min(RETRY_UNREACHABLE, (self.next[job.name] - now).total_seconds())
                 await self._sleep(job, wait)
@@ -98,21 +97,28 @@ class Scheduler:
         outcome = (run.job, "ok" if run.error is None else "failed")
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if run.error is None:
+            # What it did, those of the counts that are known (as `relay jobs` shows them).
+            counts: dict[str, Any] = {
+                "rows": run.rows_affected,
+                "processed": run.processed,
+                "succeeded": run.succeeded,
+                "failed": run.failed,
+            }
             log.info(
-                "job.ran job=%s scheduled_for=%s duration_ms=%.1f %s",
-                run.job,
-                run.scheduled_for.isoformat(),
-                run.duration_ms,
-                run.counted(),
+                "job.ran",
+                job=run.job,
+                scheduled_for=run.scheduled_for.isoformat(),
+                duration_ms=round(run.duration_ms, 1),
+                **{key: value for key, value in counts.items() if value is not None},
             )
         else:
             log.warning(
-                "job.failed job=%s scheduled_for=%s duration_ms=%.1f error=%s next=%s",
-                run.job,
-                run.scheduled_for.isoformat(),
-                run.duration_ms,
-                logs.escape(run.error),
-                "the next occurrence",
+                "job.failed",
+                job=run.job,
+                scheduled_for=run.scheduled_for.isoformat(),
+                duration_ms=round(run.duration_ms, 1),
+                error=run.error,
+                next="the next occurrence",
             )
         async with self._changed:
             self._changed.notify_all()

@@ -5,7 +5,6 @@ its kind keeps; a batch the database refuses is written row by row, so one bad r
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -17,7 +16,7 @@ from relay import logs
 from relay.db.store import RETRYABLE
 from relay.sources.base import Settlement, Source
 
-log = logging.getLogger("relay.settler")
+log = logs.get("relay.settler")
 
 SETTLE_BATCH = 500
 
@@ -94,10 +93,10 @@ class Settler:
                     # records are lost, the rows are settled all the same (delivering them
                     # again would not bring the log back).
                     log.error(
-                        "settle.calls_not_recorded source=%s rows=%d error=%s",
-                        source,
-                        len(records),
-                        logs.first_line(exc),
+                        "settle.calls_not_recorded",
+                        source=source,
+                        rows=len(records),
+                        error=logs.first_line(exc),
                     )
             calls_written = True
             settled = await self.store.settle(source, items)
@@ -113,11 +112,11 @@ class Settler:
                 # revoked): no row would do better alone. The rows keep their claims until
                 # these expire; the claimer finds the source failing and the sweeps re-check it.
                 log.error(
-                    "settle.rejected source=%s rows=%d error=%s next=%s",
-                    source,
-                    len(items),
-                    logs.first_line(exc),
-                    "the rows keep their claims until these expire",
+                    "settle.rejected",
+                    source=source,
+                    rows=len(items),
+                    error=logs.first_line(exc),
+                    next="the rows keep their claims until these expire",
                 )
                 return None
             # Not a lost connection: the database refused a write of one row or more (a
@@ -125,11 +124,11 @@ class Settler:
             # user's refuses). One statement is all or nothing, so each row is written alone,
             # and the others settle as they would have.
             log.warning(
-                "settle.batch_rejected source=%s rows=%d error=%s next=%s",
-                source,
-                len(items),
-                logs.first_line(exc),
-                "settling the rows one by one",
+                "settle.batch_rejected",
+                source=source,
+                rows=len(items),
+                error=logs.first_line(exc),
+                next="settling the rows one by one",
             )
             written = await self._write_each(source, items, with_calls=not calls_written)
             if written is None:
@@ -141,12 +140,12 @@ class Settler:
                 if settlement.key not in settled:
                     self.lost += 1
                     log.warning(
-                        "settle.lost source=%s key=%s outcome=%s reason=%s",
-                        source,
-                        settlement.key,
-                        settlement.outcome,
-                        "claim no longer held (expired and taken over, or the row was deleted "
-                        "or changed)",
+                        "settle.lost",
+                        source=source,
+                        key=settlement.key,
+                        outcome=settlement.outcome,
+                        reason="claim no longer held (expired and taken over, or the row was "
+                        "deleted or changed)",
                     )
         return settled
 
@@ -184,10 +183,10 @@ class Settler:
                 raise
             except psycopg.Error as exc:
                 log.error(
-                    "settle.call_not_recorded source=%s key=%s error=%s",
-                    source,
-                    item.key,
-                    logs.first_line(exc),
+                    "settle.call_not_recorded",
+                    source=source,
+                    key=item.key,
+                    error=logs.first_line(exc),
                 )
         try:
             return await self.store.settle(source, [item])
@@ -195,12 +194,12 @@ class Settler:
             raise
         except psycopg.Error as exc:
             log.error(
-                "settle.details_refused source=%s key=%s outcome=%s error=%s next=%s",
-                source,
-                item.key,
-                item.outcome,
-                logs.first_line(exc),
-                "settling without the error text and HTTP status",
+                "settle.details_refused",
+                source=source,
+                key=item.key,
+                outcome=item.outcome,
+                error=logs.first_line(exc),
+                next="settling without the error text and HTTP status",
             )
         try:
             return await self.store.settle(
@@ -212,11 +211,11 @@ class Settler:
             # Nothing of it can be written (a trigger of the user's refuses the row, say): it
             # keeps its claim until that expires, and is then delivered again.
             log.error(
-                "settle.rejected source=%s key=%s outcome=%s error=%s",
-                source,
-                item.key,
-                item.outcome,
-                logs.first_line(exc),
+                "settle.rejected",
+                source=source,
+                key=item.key,
+                outcome=item.outcome,
+                error=logs.first_line(exc),
             )
             return None
 
@@ -232,4 +231,4 @@ def _structural(exc: psycopg.Error) -> bool:
 
 
 def _log_failed(source: str, items: list[Settlement], exc: BaseException) -> None:
-    log.error("settle.failed source=%s rows=%d error=%s", source, len(items), logs.first_line(exc))
+    log.error("settle.failed", source=source, rows=len(items), error=logs.first_line(exc))

@@ -16,7 +16,6 @@ installed again as `relay install` would, if relay's role may; if not, the sourc
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
@@ -27,7 +26,7 @@ from relay.config import ConfigError
 from relay.db import catalog
 from relay.db.store import RETRYABLE
 
-log = logging.getLogger("relay.sweeper")
+log = logs.get("relay.sweeper")
 
 
 class RescueStore(Protocol):
@@ -93,7 +92,7 @@ class Sweeper:
                     await self.store.prepare([source])
                 rescued = await self.store.rescue(source)
             except RETRYABLE as exc:
-                log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
+                log.warning("sweep.failed", source=source, error=logs.first_line(exc))
                 continue
             except ConfigError as exc:
                 claimer.fail(logs.first_line(exc))  # still failing, for this reason
@@ -108,10 +107,10 @@ class Sweeper:
             if rescued:
                 self.rescued[source] = self.rescued.get(source, 0) + rescued
                 log.warning(
-                    "sweep.rescued source=%s rows=%d reason=%s",
-                    source,
-                    rescued,
-                    "claim expired (a relay died or lost the database mid-delivery?)",
+                    "sweep.rescued",
+                    source=source,
+                    rows=rescued,
+                    reason="claim expired (a relay died or lost the database mid-delivery?)",
                 )
         self.sweeps += 1
         for claimer in self.claimers.values():
@@ -121,7 +120,7 @@ class Sweeper:
         try:
             problem = (await self.store.trigger_problems([source])).get(source)
         except (*RETRYABLE, psycopg.Error) as exc:
-            log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
+            log.warning("sweep.failed", source=source, error=logs.first_line(exc))
             return
         if problem is None or catalog.STALE in problem:
             # A stale trigger still wakes relay; it may be another relay version's (a rolling
@@ -131,22 +130,22 @@ class Sweeper:
         try:
             await self.store.reinstall(source)
         except RETRYABLE as exc:
-            log.warning("sweep.failed source=%s error=%s", source, logs.first_line(exc))
+            log.warning("sweep.failed", source=source, error=logs.first_line(exc))
             return
         except (ConfigError, psycopg.Error) as exc:
             reason = f"{problem}; relay could not install it again: {logs.first_line(exc)}"
             if self.untriggered.get(source) != reason:  # once per change
                 log.error(
-                    "source.untriggered source=%s problem=%s hint=%s",
-                    source,
-                    reason,
-                    "its rows are found by sweeps alone until `relay install` is run by a role "
-                    "that may create triggers on its table",
+                    "source.untriggered",
+                    source=source,
+                    problem=reason,
+                    hint="its rows are found by sweeps alone until `relay install` is run by a "
+                    "role that may create triggers on its table",
                 )
             self.untriggered[source] = reason
             return
         self.untriggered.pop(source, None)
-        log.warning("source.reinstalled source=%s was=%s", source, problem)
+        log.warning("source.reinstalled", source=source, was=problem)
         # Rows written while the trigger was missing woke nobody: look for them now.
         self.claimers[source].wake()
 

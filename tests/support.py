@@ -360,6 +360,7 @@ HERMETIC_ENV = {
     "RELAY_LISTEN_URL": "",
     "RELAY_CONFIG": "",
     "RELAY_LOG_LEVEL": "",
+    "RELAY_LOG_FORMAT": "",
 }
 
 

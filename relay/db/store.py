@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -40,7 +39,7 @@ from relay.sources.base import (
     json_default,
 )
 
-log = logging.getLogger("relay.store")
+log = logs.get("relay.store")
 T = TypeVar("T")
 
 _SCHEMA_SQL = (sqltext.sql_dir() / "triggers" / "relay_schema.sql").read_text()
@@ -187,9 +186,7 @@ class Store:
         self._stopping = True
         cut = self.watchdog.sever_busy()
         if cut:
-            log.warning(
-                "store.interrupted connections=%d next=%s", cut, "stopping without their answer"
-            )
+            log.warning("store.interrupted", connections=cut, next="stopping without their answer")
 
     def _retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, RETRYABLE) and not self._stopping
@@ -471,10 +468,10 @@ class Store:
                         raise
                     except psycopg.Error as exc:
                         log.error(
-                            "settle.rejected key=%s outcome=%s error=%s",
-                            s.key,
-                            s.outcome,
-                            logs.first_line(exc),
+                            "settle.rejected",
+                            key=s.key,
+                            outcome=s.outcome,
+                            error=logs.first_line(exc),
                         )
                     written.add(i)
             return settled

@@ -5,7 +5,6 @@ Documenso's webhook shape with the X-Documenso-Secret header."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from relay import readers
+from relay import logs, readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources import documenso_payload, documenso_release, events
@@ -33,7 +32,7 @@ from relay.sources.base import (
     Source,
 )
 
-log = logging.getLogger("relay.sources.documenso_documents")
+log = logs.get("relay.sources.documenso_documents")
 
 KEYS = events.COMMON_KEYS | {"schema", "webhooks", "events", "fixed_credentials_for_row_urls"}
 # Documenso's WebhookTriggerEvents (v2.17.0), and those relay derives from the database.
@@ -317,11 +316,11 @@ class DocumensoDocuments(Plain):
         assert row is not None
         spec: events.EventSpec = source.spec
         log.info(
-            "install.documenso source=%s schema=%s table=%s missed_events=%d",
-            source.name,
-            spec.app_schema,
-            trigger.table,
-            row[0],
+            "install.documenso",
+            source=source.name,
+            schema=spec.app_schema,
+            table=trigger.table,
+            missed_events=row[0],
         )
 
     def request(self, source: Source, row: Claimed, now: datetime) -> Request | Dead | Failed:

@@ -5,7 +5,6 @@ jobs are forwarded to the URL configured for their jobId."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +14,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from relay import readers
+from relay import logs, readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources import documenso_release
@@ -38,7 +37,7 @@ from relay.sources.base import (
 )
 from relay.sources.documenso_documents import SECRET_HEADER, documenso_body
 
-log = logging.getLogger("relay.sources.documenso_jobs")
+log = logs.get("relay.sources.documenso_jobs")
 
 EXECUTE_WEBHOOK = "internal.execute-webhook"
 KEYS = frozenset(

@@ -94,5 +94,6 @@ async def test_status_prints_a_rows_status_value_escaped(db: str, tmp_config: Pa
     assert code == 0, out
     assert "\x1b" not in out
     line = next(x for x in out.splitlines() if x.startswith("deliveries:"))
-    assert '"\\x1b[2J\\x1b[31mpwned"=1' in line
+    # Quoted as a logfmt value (logs.field): JSON's escapes, as go-logfmt reads them.
+    assert '"\\u001b[2J\\u001b[31mpwned"=1' in line
     assert '"two\\nlines"=1' in line

@@ -117,7 +117,7 @@ async def test_the_admin_api_runs_a_job_now_and_shows_it(
         assert jobs["nightly"]["last"]["scheduled_for"] == run["scheduled_for"]
         assert (await call(port, "POST", "/admin/jobs/nope/run"))[0] == 404
     assert await systems.value(db, "SELECT count(*) FROM relay.job_runs") == 2
-    assert "admin.run_job who=ops job=nightly ran=True" in caplog.text
+    assert "admin.run_job who=ops job=nightly ran=true" in caplog.text
 
 
 async def test_without_tokens_there_is_no_admin_api(db: str) -> None:

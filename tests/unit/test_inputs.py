@@ -97,7 +97,9 @@ def test_retry_after_with_a_unicode_digit_is_ignored_not_a_crash() -> None:
         ("two words", '"two words"'),
         ("line\nforged=1 level=ERROR", '"line\\nforged=1 level=ERROR"'),
         ('say "hi"', '"say \\"hi\\""'),
-        ("\x1b[31mred", '"\\x1b[31mred"'),
+        # JSON's escapes, which go-logfmt's decoder reads (it refuses \x1b).
+        ("\x1b[31mred", '"\\u001b[31mred"'),
+        ("null", '"null"'),  # bare, logfmt's missing value
         ("", '""'),
         ("a\u2028b", '"a\\u2028b"'),
     ],
@@ -107,16 +109,22 @@ def test_log_values_are_escaped_and_quoted_as_logfmt(value: str, shown: str) -> 
 
 
 def test_a_newline_in_a_logged_value_cannot_forge_a_line() -> None:
-    formatter = logs.LogfmtFormatter("%(levelname)s %(message)s")
-    record = logging.LogRecord(
-        "relay.test", logging.WARNING, __file__, 1, "delivery.failed key=%s error=%s", None, None
+    fields = {"key": 7, "error": "HTTP 500: oops\n2026-01-01 ERROR relay.app relay.crashed"}
+    record = logging.makeLogRecord(
+        {
+            "name": "relay.test",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": logs.Message("delivery.failed", fields),
+            "event": "delivery.failed",
+            "fields": fields,
+        }
     )
-    record.args = (7, "HTTP 500: oops\n2026-01-01 ERROR relay.app relay.crashed")
-    line = formatter.format(record)
+    line = logs.LogfmtFormatter().format(record)
     assert "\n" not in line
-    assert line == (
-        'WARNING delivery.failed key=7 error="HTTP 500: oops\\n2026-01-01 ERROR relay.app '
-        'relay.crashed"'
+    assert line.endswith(
+        ' level=warning logger=relay.test event=delivery.failed key=7 error="HTTP 500: '
+        'oops\\n2026-01-01 ERROR relay.app relay.crashed"'
     )
 
 

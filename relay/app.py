@@ -19,7 +19,7 @@ import psycopg
 from aiohttp import web
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from relay import admin, guard, inbox, logs, metrics
+from relay import admin, guard, inbox, logs, metrics, notify
 from relay.budget import Slots
 from relay.claimer import Claimer
 from relay.config import Config, ConfigError
@@ -317,6 +317,10 @@ class Service:
     shutdown_grace, hands back what it had not started). Side by side they are two relays
     sharing the database, which relay supports anyway (SKIP LOCKED). A configuration that
     fails is logged with the reason and the running one goes on.
+
+    Under a service manager (`notifier`, from NOTIFY_SOCKET) it says READY=1 once the first
+    relay listens, RELOADING=1 then READY=1 around each reload, STOPPING=1 on a stop signal,
+    and pings the watchdog from this event loop for as long as it runs.
     """
 
     def __init__(
@@ -325,8 +329,10 @@ class Service:
         load: Callable[[], Config] | None = None,
         *,
         network: guard.Network | None = None,
+        notifier: notify.Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or notify.Notifier()  # none: outside systemd, says nothing
         self.network = network  # the guard's resolver and sockets (tests swap them)
         # Where the health endpoint listens: set at start, kept through reloads.
         self._health = (config.health_host, config.health_port)
@@ -375,6 +381,9 @@ class Service:
             log.warning("relay.killed", signal=name, reason="second signal, exiting now")
             os._exit(1)
         log.info("relay.signal", signal=name, next="stopping (send again to exit at once)")
+        self.notifier.stopping(
+            f"stopping: in-flight deliveries get {self.config.shutdown_grace:g}s to finish"
+        )
         self.stop.set()
 
     def _on_hup(self) -> None:
@@ -403,6 +412,17 @@ class Service:
         return routes.get(None, []), runners
 
     async def run(self) -> None:
+        # For the whole life of the process, start-up included: a loop stuck anywhere stops
+        # the pings, and the service manager restarts relay.
+        watchdog = asyncio.create_task(self.notifier.watchdog_loop(), name="service.watchdog")
+        try:
+            await self._serve()
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            self.notifier.close()
+
+    async def _serve(self) -> None:
         runner = None
         shared, runners = await self._serve_inboxes()
         shared.append(("GET", "/metrics", self._metrics))
@@ -441,6 +461,7 @@ class Service:
                 self._tg = tg
                 self._launch(self.relay)
                 self.ready.set()
+                tg.create_task(self._ready_when_listening(self.relay), name="service.ready")
                 await self._reloads_until_stopped()
                 for stop, _ in self._running.values():
                     stop.set()
@@ -470,9 +491,51 @@ class Service:
                 hup.cancel()
                 if self._hup.is_set() and not self.stop.is_set():
                     self._hup.clear()
-                    await self._reload(stopped)
+                    await self._reload_announced(stopped)
         finally:
             stopped.cancel()
+
+    def _state(self) -> str:
+        """What `systemctl status` shows while relay runs."""
+        shown = f"relaying {','.join(self.relay.claimers) or 'no sources'}"
+        if self.health_port is not None:
+            host = self._health[0] or ""
+            shown += f"; health on {f'[{host}]' if ':' in host else host}:{self.health_port}"
+        return shown
+
+    async def _ready_when_listening(self, relay: Relay) -> None:
+        """READY=1 once the first relay's listener is connected (not if a stop comes first):
+        from then on a committed row is delivered at once, not at the next sweep."""
+        waits = {
+            asyncio.create_task(relay.listener.up.wait(), name="service.ready.listening"),
+            asyncio.create_task(self.stop.wait(), name="service.ready.stop"),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if relay.listener.up.is_set() and not self.stop.is_set():
+            self.notifier.ready(self._state())
+
+    async def _reload_announced(self, stopped: asyncio.Task[Any]) -> None:
+        """A reload between RELOADING=1 and READY=1: relay runs on whether it was taken on or
+        failed, and STATUS says which."""
+        reloads, failures = self.reloads, self.reload_failures
+        self.notifier.reloading()
+        await self._reload(stopped)
+        if self.stop.is_set():
+            return  # STOPPING=1 said it already
+        if self.reloads > reloads:
+            self.notifier.ready(f"reloaded; {self._state()}")
+        elif self.reload_failures > failures:
+            self.notifier.ready(
+                f"reload failed, the running configuration stays (see reload.failed in the "
+                f"log); {self._state()}"
+            )
+        else:
+            self.notifier.ready(f"reload skipped: no configuration file; {self._state()}")
 
     async def _reload(self, stopped: asyncio.Task[Any]) -> None:
         if self.load is None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import psycopg
 import psycopg_pool
 
-from relay import __version__, connections, logs
+from relay import __version__, connections, logs, notify
 from relay import config as config_mod
 from relay.app import Service
 from relay.config import Config, ConfigError
@@ -347,7 +347,8 @@ def _redact(url: str) -> str:
 
 async def run_relay(config: Config, load: Callable[[], Config] | None = None) -> int:
     """`relay run`: until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads with `load`."""
-    service = Service(config, load)
+    # systemd's NOTIFY_SOCKET and WATCHDOG_USEC, read here with the rest of the environment.
+    service = Service(config, load, notifier=notify.Notifier.from_environ(os.environ))
     service.install_signal_handlers()
     await service.run()
     return EXIT_OK

@@ -110,7 +110,12 @@ class Page:
 
 
 def admin_config(db: str) -> Any:
-    return make_config(db, admin={"tokens": {"ops": TOKEN}}, relay={"sweep_interval": 3600})
+    return make_config(
+        db,
+        admin={"tokens": {"ops": TOKEN}},
+        relay={"sweep_interval": 3600},
+        jobs={"nightly": {"every": "1h", "sql": "SELECT 3 AS processed, 0 AS failed"}},
+    )
 
 
 async def refuse(_: web.Request, __: int) -> web.StreamResponse:
@@ -164,7 +169,7 @@ async def test_a_dead_row_is_shown_and_its_retry_button_delivers_it(
     assert refused == []
 
 
-async def test_a_wrong_token_and_a_relay_gone_are_said_on_the_page(
+async def test_a_wrong_token_and_a_relay_gone_are_said_and_a_job_runs_now(
     browser: WebDriver, db: str
 ) -> None:
     config = admin_config(db)
@@ -188,6 +193,13 @@ async def test_a_wrong_token_and_a_relay_gone_are_said_on_the_page(
         assert not await page.call(
             (await page.call(browser.find_element, By.ID, "problem")).is_displayed
         )
+
+        await service.relay.scheduler.wait_runs(1)  # the start's occurrence
+        await page.call((await page.visible('#jobs tr[data-job="nightly"] button.run')).click)
+        notice = await page.visible("#notice")
+        await page.until(lambda _: "nightly ran in" in notice.text, "the run said")
+        assert "processed 3 · failed 0" in await page.call(getattr, notice, "text")
+        assert await systems.value(db, "SELECT count(*) FROM relay.job_runs") == 2
 
     # relay stopped: the page's next refresh finds nothing there and says what to check.
     problem = await page.visible("#problem")

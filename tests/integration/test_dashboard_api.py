@@ -82,7 +82,7 @@ async def test_the_page_is_static_and_allows_only_its_own_script_style_and_api(d
             "form-action": "'none'",
             "frame-ancestors": "'none'",
         }
-        assert not re.search(r"\s(src|href|on\w+)\s*=", body.replace(scripts[0], ""))
+        assert not re.search(r"\s(src|href|style|on\w+)\s*=", body.replace(scripts[0], ""))
         # It holds no data: not the sources, not the token.
         assert SOURCE not in body and TOKEN not in body
         # /admin leads to it (relatively, so a proxy's prefix is kept).

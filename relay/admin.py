@@ -7,6 +7,12 @@ action is logged with the token's name.
     POST /admin/sources/NAME/retry             {"keys": [...]} | {"all": true} | {"since": ISO}
     GET  /admin/jobs                           each job's schedule, last run and next occurrence
     POST /admin/jobs/NAME/run                  run it now; answers with the run
+    GET  /admin/overview                       /admin/sources, and this process's in-flight,
+                                               rates history and recent failed attempts
+
+    GET  /admin/                               the dashboard (relay.dashboard): a static page,
+                                               served without a token; its data comes from the
+                                               routes above, with the token the page asks for
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import psycopg
 import psycopg_pool
 from aiohttp import web
 
-from relay import logs, readers
+from relay import dashboard, logs, readers
 from relay.readers import ConfigError
 
 log = logs.get("relay.admin")
@@ -99,9 +105,8 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
             )
         return name
 
-    async def sources(_: web.Request, __: str) -> web.Response:
-        current = relay()
-        out = {}
+    async def depths(current: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for name in current.store.sources:
             failing = current.failing().get(name)
             if failing is not None:
@@ -111,7 +116,39 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
                 "counts": await current.store.counts(name),
                 "oldest_due_seconds": await current.store.oldest_due(name),
             }
-        return _json(out)
+        return out
+
+    async def sources(_: web.Request, __: str) -> web.Response:
+        return _json(await depths(relay()))
+
+    async def overview(_: web.Request, __: str) -> web.Response:
+        current = relay()
+        deliverer = current.deliverer
+        return _json(
+            {
+                "now": datetime.now(UTC).isoformat(timespec="seconds"),
+                "worker_id": current.config.worker_id,
+                "listener": "connected" if current.listener.connected else "disconnected",
+                "in_flight": deliverer.in_flight,
+                "queued": deliverer.queued,
+                "untriggered": dict(current.sweeper.untriggered),
+                "sources": await depths(current),
+                "rates": current.history.rates(deliverer.outcomes),
+                # Newest first; only this process's attempts, since it started.
+                "recent_failures": [
+                    {
+                        "at": dashboard.iso(f.at),
+                        "source": f.source,
+                        "key": str(f.key),
+                        "attempt": f.attempt,
+                        "outcome": f.outcome,
+                        "http_status": f.http_status,
+                        "error": f.error,
+                    }
+                    for f in reversed(deliverer.recent_failures)
+                ],
+            }
+        )
 
     async def dead(request: web.Request, _: str) -> web.Response:
         name = source_of(request)
@@ -185,6 +222,9 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
         return _json(run.summary())
 
     return [
+        ("GET", "/admin", dashboard.to_page),
+        ("GET", "/admin/", dashboard.page),
+        ("GET", "/admin/overview", guarded(overview)),
         ("GET", "/admin/sources", guarded(sources)),
         ("GET", "/admin/sources/{name}/dead", guarded(dead)),
         ("POST", "/admin/sources/{name}/retry", guarded(retry)),

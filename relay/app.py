@@ -23,6 +23,7 @@ from relay import admin, guard, inbox, logs, metrics, notify
 from relay.budget import Slots
 from relay.claimer import Claimer
 from relay.config import Config, ConfigError
+from relay.dashboard import History
 from relay.db.store import RETRYABLE, Store
 from relay.deliverer import Deliverer
 from relay.listener import Listener
@@ -105,6 +106,7 @@ class Relay:
         )
         self.sampler = metrics.Sampler(self, config.metrics.sample_interval)
         self.ready = asyncio.Event()  # set once started; for tests and the CLI
+        self.history = History(every=PROGRESS_EVERY)  # the dashboard's rates
         self._checked = False
 
     @staticmethod
@@ -158,6 +160,7 @@ class Relay:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), PROGRESS_EVERY)
+            self.history.sample(self.deliverer.outcomes)
             now = (self.deliverer.delivered, self.deliverer.failed)
             if now != seen:
                 # Counts since the previous progress line; totals are in /status.

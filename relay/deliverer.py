@@ -18,12 +18,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, logs, metrics, retry
+from relay import guard, httpclient, logs, metrics, retry
 from relay.budget import Slots
 from relay.config import Config
 from relay.db.store import RETRYABLE, oversize_reason
@@ -84,19 +83,6 @@ def excerpt(body: bytes, limit: int) -> str:
     return logs.escape(text)[:limit]
 
 
-def _header_text(text: str) -> str:
-    """A response header as valid text: aiohttp keeps bytes that are not UTF-8 as surrogates,
-    which neither JSON nor PostgreSQL accept; they become U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _client_error(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.InvalidURL):
-        # Its text is the whole URL, password and query string included.
-        return f"invalid URL {guard.display_url(str(exc.url))!r}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 class HeartbeatStore(Protocol):
     async def heartbeat(
         self, source: str, rows: Sequence[tuple[Any, datetime]], lease_seconds: float
@@ -129,7 +115,7 @@ class Deliverer:
         self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._finish = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._client: httpclient.Client | None = None
         # A claimed row starts its request only if its claim outlives the request's timeout
         # and its settle, so no delivery is still running when another worker may take the row.
         self._start_within = {s.name: config.start_within(s) for s in config.sources}
@@ -168,7 +154,7 @@ class Deliverer:
     async def open(self) -> None:
         allowed = self.config.http_allow
         self._guard = guard.Guard(
-            allowed, self.network.resolver or aiohttp.DefaultResolver(), self.network.make_socket
+            allowed, self.network.resolver or guard.default_resolver(), self.network.make_socket
         )
         if allowed.networks or allowed.hosts:
             log.info(
@@ -177,31 +163,19 @@ class Deliverer:
                 hosts=",".join(sorted(allowed.hosts)) or "-",
                 key="http.allow",
             )
-        # Addresses are checked per connection, not per request (connections are kept alive,
-        # and the resolver's checked answers are cached for ttl_dns_cache); a request costs
-        # one cached lookup of its URL in the guard.
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_in_flight,
-            limit_per_host=0,
-            keepalive_timeout=30,
-            ttl_dns_cache=60,
-            resolver=self._guard.resolver,
-            socket_factory=self._guard.socket_factory,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.config.http_timeout),
-            headers={"User-Agent": self.config.user_agent},
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
-            # Receivers' cookies must not travel to other receivers (or back): none are kept.
-            # It also spares a cookie filter and update per request.
-            cookie_jar=aiohttp.DummyCookieJar(),
+        # Addresses are checked per connection, not per request (connections are kept alive);
+        # a request costs one cached lookup of its URL in the guard.
+        self._client = httpclient.Client(
+            self._guard,
+            timeout=self.config.http_timeout,
+            user_agent=self.config.user_agent,
+            max_idle=self.config.max_in_flight,
+            ssl_context=self.network.ssl_context,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     @property
     def in_flight(self) -> int:
@@ -532,49 +506,34 @@ class Deliverer:
     async def _request(
         self, url: URL, method: str, body: bytes, headers: dict[str, str], keep_headers: bool
     ) -> Attempt:
-        assert self._session is not None, "Deliverer.open() was not called"
-        cap = self.config.max_response_bytes
+        assert self._client is not None, "Deliverer.open() was not called"
         try:
-            async with self._session.request(
-                method, url, data=body or None, headers=headers, allow_redirects=False
-            ) as resp:
-                # Read at most `cap` bytes: a huge or endless response cannot grow memory.
-                # (A body left unread past the cap closes the connection instead of reusing it.)
-                received = bytearray()
-                while len(received) < cap:
-                    chunk = await resp.content.read(cap - len(received))
-                    if not chunk:
-                        break
-                    received += chunk
-                headers_seen = (
-                    {_header_text(k): _header_text(v) for k, v in resp.headers.items()}
-                    if keep_headers
-                    else None
-                )
-                if 200 <= resp.status < 300:
-                    return Attempt(True, resp.status, None, None, headers_seen, bytes(received))
-                retry_after = retry.parse_retry_after(
-                    resp.headers.get("Retry-After"), datetime.now(UTC)
-                )
-                if _redirect(resp.status):
-                    # Never followed (it could lead anywhere, the guard's refusals included),
-                    # and nothing of its body is kept.
-                    error = f"HTTP {resp.status}: redirect not followed; set the final URL"
-                    return Attempt(False, resp.status, error, retry_after, headers_seen)
-                snippet = excerpt(bytes(received), self.config.error_body_chars)
-                error = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
-                return Attempt(
-                    False, resp.status, error, retry_after, headers_seen, bytes(received)
-                )
+            # At most max_response_bytes of the body are read: a huge or endless response
+            # cannot grow memory (its connection is closed instead of reused).
+            resp = await self._client.request(
+                url, method, body, headers, self.config.max_response_bytes
+            )
         except TimeoutError:
             return Attempt(
                 False, None, f"no response within {self.config.http_timeout:g}s (http.timeout)"
             )
-        except aiohttp.ClientError as exc:
-            refused = guard.refusal(exc)
-            if refused is not None:
-                return Attempt(False, None, refused.reason, final=True)
-            return Attempt(False, None, _client_error(exc))
+        except guard.Refused as exc:
+            return Attempt(False, None, exc.reason, final=True)
+        except httpclient.HttpError as exc:
+            return Attempt(False, None, str(exc), final=exc.final)
+        status = resp.status
+        headers_seen = dict(resp.headers) if keep_headers else None
+        if 200 <= status < 300:
+            return Attempt(True, status, None, None, headers_seen, resp.body)
+        retry_after = retry.parse_retry_after(resp.header("Retry-After"), datetime.now(UTC))
+        if _redirect(status):
+            # Never followed (it could lead anywhere, the guard's refusals included), and
+            # nothing of its body is kept.
+            error = f"HTTP {status}: redirect not followed; set the final URL"
+            return Attempt(False, status, error, retry_after, headers_seen)
+        snippet = excerpt(resp.body, self.config.error_body_chars)
+        error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+        return Attempt(False, status, error, retry_after, headers_seen, resp.body)
 
 
 def _redirect(status: int) -> bool:

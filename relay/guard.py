@@ -7,10 +7,10 @@ on a name resolved earlier, so DNS rebinding cannot slip through:
 
 - `Guard.target` parses a URL (once: targets repeat) and checks a host that is an address, in
   whatever spelling (`0x7f000001`, `2130706433`, `127.1`, `[::ffff:127.0.0.1]` all are
-  127.0.0.1); aiohttp never resolves those;
+  127.0.0.1); the client never resolves those;
 - `Guard.resolver` wraps the resolver: a name is refused as a whole when any address it
   resolves to is refused (as Documenso's `assertNotPrivateUrl` does), before any socket exists;
-  aiohttp connects to exactly the addresses it returns;
+  the client (relay.httpclient) connects to exactly the addresses it returns;
 - `Guard.socket_factory` checks every address once more right before its socket is made: the
   last line, whichever path the address took.
 
@@ -23,9 +23,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from aiohttp import DefaultResolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -228,8 +230,7 @@ def allow(entries: Iterable[str]) -> Allow:
 class Refused(OSError):
     """A connection the guard will not open; `reason` says why and which key allows it.
 
-    An OSError, so that aiohttp hands it on as the cause of its connector error (see
-    `refusal`) rather than as some other failure."""
+    An OSError, as the failures of resolving and connecting it stands in for are."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -238,16 +239,6 @@ class Refused(OSError):
 
 class InvalidTarget(ValueError):
     """Not an http:// or https:// URL with a host."""
-
-
-def refusal(exc: BaseException) -> Refused | None:
-    """The guard's refusal behind an aiohttp connection error, if that is what it was."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # a chain of causes is short; never loop on a cyclic one
-        if seen is None or isinstance(seen, Refused):
-            return seen
-        seen = getattr(seen, "os_error", None) or seen.__cause__
-    return None
 
 
 def _a(kind: str) -> str:
@@ -303,14 +294,21 @@ def default_socket(addr_info: AddrInfo) -> socket.socket:
     return socket.socket(family=family, type=type_, proto=proto)
 
 
+def default_resolver() -> AbstractResolver:
+    """The system's resolver (getaddrinfo in a thread), as aiohttp's server and client use."""
+    return DefaultResolver()
+
+
 @dataclass(frozen=True, slots=True)
 class Network:
     """How the HTTP client reaches the network, under the guard: the resolver for names (None:
-    aiohttp's default) and what opens a socket. Tests replace both, so that a name can resolve
-    to any address and no socket is made without them knowing."""
+    the system's) and what opens a socket; and the TLS context (None: the system's trusted
+    CAs). Tests replace them, so that a name can resolve to any address, no socket is made
+    without them knowing, and a test's own CA can be trusted."""
 
     resolver: AbstractResolver | None = None
     make_socket: SocketFactory = default_socket
+    ssl_context: ssl.SSLContext | None = None
 
 
 class Guard:
@@ -384,7 +382,7 @@ class Guard:
                 )
 
     def socket_factory(self, addr_info: AddrInfo) -> socket.socket:
-        """aiohttp's `socket_factory`: the last check, on the very address about to be used."""
+        """The last check, on the very address about to be used; then the socket."""
         address = str(addr_info[4][0])
         ip = parse_ip(address)
         if ip is None:

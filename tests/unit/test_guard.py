@@ -292,17 +292,6 @@ async def test_addresses_of_an_allowed_name_pass_the_socket_factory_but_not_as_l
         g.target("http://10.9.9.9/")
 
 
-def test_refusal_finds_the_guards_reason_behind_aiohttps_connector_error() -> None:
-    import aiohttp
-    from aiohttp.client_reqrep import ConnectionKey
-
-    key = ConnectionKey("internal.test", 80, False, True, None, None, None)
-    exc = aiohttp.ClientConnectorDNSError(key, Refused("refused: because"))
-    found = guard.refusal(exc)
-    assert found is not None and found.reason == "refused: because"
-    assert guard.refusal(aiohttp.ClientConnectorError(key, OSError(111, "refused"))) is None
-
-
 def test_allow_default_is_empty() -> None:
     assert Allow() == guard.allow([])
 

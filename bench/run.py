@@ -464,6 +464,7 @@ class Bench:
         with self.deliverer(kind, db, name) as proc:
             ready = time.monotonic()
             cpu_before = cpu_seconds(proc.pid)
+            pg_before = self.server_cpu()
             if rss:
                 sampler.start(proc.pid)
             try:
@@ -472,6 +473,9 @@ class Bench:
                 sampler.stop()
             done = time.monotonic()
             cpu = cpu_seconds(proc.pid) - cpu_before
+            # While its backends live: a backend's CPU is gone with it once relay stops.
+            pg_after = self.server_cpu()
+            pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
             result: dict[str, Any] = {
                 "rows": n,
                 "seconds": done - ready,
@@ -479,6 +483,7 @@ class Bench:
                 # Steadier than rows/s on a shared machine: what one delivery costs the process.
                 "cpu_us_per_row": cpu / n * 1e6,
                 "cpu_pct_of_core": 100 * cpu / (done - ready),
+                "pg_cpu_us_per_row": pg_cpu / n * 1e6,
                 "startup_s": ready - spawned,
                 "received": self.receiver_stats()["count"],
             }

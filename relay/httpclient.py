@@ -29,8 +29,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from yarl import URL
 
@@ -41,9 +40,25 @@ MAX_HEAD = (
 )  # bytes of status line and headers (aiohttp's default limits are 8 KiB per line)
 MAX_LINE = 4096  # bytes of a chunk-size line or a trailer line
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-# Control characters a header value may not hold (horizontal tab aside): a NUL or a line break
-# in a value recorded from a response would reach a JSON column or a log line.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Control characters a response's head may not hold (horizontal tab aside, and CR LF only as
+# line ends): a NUL or a stray line break in a value recorded from a response would reach a
+# JSON column or a log line. One scan of the whole head.
+_HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# Header names already checked (receivers answer with the same few): bounded.
+_NAMES_SEEN: set[bytes] = set()
+_NAMES_KEPT = 512
+# What a request header's value may not hold.
+_BAD_VALUE = re.compile("[\r\n\x00]")
+
+
+def _valid_name(name: bytes) -> bool:
+    if not _TOKEN.match(name):
+        return False
+    if len(_NAMES_SEEN) < _NAMES_KEPT:
+        _NAMES_SEEN.add(name)
+    return True
+
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -56,20 +71,33 @@ class HttpError(Exception):
         self.final = final
 
 
-@dataclass(slots=True)
 class Response:
-    status: int
-    # As received, decoded as UTF-8 (bytes that are not become U+FFFD); names keep their case.
-    headers: list[tuple[str, str]]
-    body: bytes  # at most `cap` bytes
+    """A response: its status, headers and at most `cap` bytes of its body. The headers are
+    decoded only when asked for (most deliveries never look at them)."""
+
+    __slots__ = ("body", "raw_headers", "status")
+
+    def __init__(self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.raw_headers = raw_headers
+        self.body = body
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """As received, decoded as UTF-8 (bytes that are not become U+FFFD); names keep their
+        case."""
+        return [
+            (k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
+            for k, v in self.raw_headers
+        ]
 
     def header(self, name: str) -> str | None:
         """The last value of header `name` (any case), or None."""
-        wanted = name.lower()
+        wanted = name.lower().encode()
         found = None
-        for key, value in self.headers:
+        for key, value in self.raw_headers:
             if key.lower() == wanted:
-                found = value
+                found = value.decode("utf-8", "replace")
         return found
 
 
@@ -93,7 +121,7 @@ class _Connection(asyncio.Protocol):
         self._head_only = False  # HEAD, 204, 304: no body whatever the headers say
         self._cap = 0
         self._status = 0
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
         self._remaining = 0
         self._keep_alive = True
@@ -102,8 +130,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():
@@ -277,17 +305,17 @@ class _Connection(asyncio.Protocol):
         if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
             raise HttpError(f"malformed response: status line {lines[0][:40]!r}")
         status = int(code)
-        headers: list[tuple[str, str]] = []
+        if _HEAD_CONTROL.search(head):
+            raise HttpError("malformed response: a control character in its headers")
+        headers: list[tuple[bytes, bytes]] = []
         length: int | None = None
         chunked = False
         keep_alive = version == b"HTTP/1.1"
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            if not colon or (name not in _NAMES_SEEN and not _valid_name(name)):
                 raise HttpError(f"malformed response: header line {line[:40]!r}")
             value = value.strip(b" \t")
-            if _CONTROL.search(value):
-                raise HttpError(f"malformed response: a control character in header {name[:40]!r}")
             lower = name.lower()
             if lower == b"content-length":
                 if not value.isdigit() or (length is not None and length != int(value)):
@@ -303,7 +331,7 @@ class _Connection(asyncio.Protocol):
                     keep_alive = False
                 elif b"keep-alive" in tokens:
                     keep_alive = True
-            headers.append((name.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+            headers.append((name, value))
         if 100 <= status < 200:
             if status == 101:
                 raise HttpError("the server switched protocols (HTTP 101)")
@@ -328,17 +356,25 @@ class _Connection(asyncio.Protocol):
 # -- the client -------------------------------------------------------------------------------
 
 
-def _header_bytes(name: str, value: str) -> bytes:
-    raw_name = name.encode("utf-8", "surrogateescape")
-    raw_value = value.encode("utf-8", "surrogateescape")
-    if not _TOKEN.match(raw_name):
-        raise HttpError(f"header name {name[:40]!r} is not a valid HTTP header name", final=True)
-    if b"\r" in raw_value or b"\n" in raw_value or b"\x00" in raw_value:
+def _header_line(name: str, value: str) -> str:
+    """`name: value` CRLF, or HttpError (final) for what HTTP cannot carry."""
+    if name not in _REQUEST_NAMES:
+        if not _TOKEN.match(name.encode("utf-8", "surrogateescape")):
+            raise HttpError(
+                f"header name {name[:40]!r} is not a valid HTTP header name", final=True
+            )
+        if len(_REQUEST_NAMES) < _NAMES_KEPT:
+            _REQUEST_NAMES.add(name)
+    if _BAD_VALUE.search(value):
         raise HttpError(
             f"header {name[:40]!r}: its value holds a line break or NUL, which HTTP cannot send",
             final=True,
         )
-    return raw_name + b": " + raw_value + b"\r\n"
+    return f"{name}: {value}\r\n"
+
+
+_REQUEST_NAMES: set[str] = set()  # request header names already checked (bounded)
+_FRAMED = frozenset({"content-length", "host", "transfer-encoding", "connection"})
 
 
 class Client:
@@ -359,7 +395,10 @@ class Client:
         self.max_idle = max(max_idle, 1)
         self.keepalive = keepalive
         self._ssl = ssl_context
-        self._user_agent = _header_bytes("User-Agent", user_agent)
+        self._user_agent = _header_line("User-Agent", user_agent)
+        # The request line and Host (and Basic authorization) of each URL, made once: targets
+        # repeat. Bounded like the guard's cache of targets.
+        self._starts: dict[URL, str] = {}
         # Idle connections by (scheme, host, port), last used last.
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._idle_count = 0
@@ -373,7 +412,7 @@ class Client:
         TimeoutError after `timeout` seconds, guard.Refused for an address the guard refuses,
         HttpError for the rest."""
         data = self._encode(url, method, body, headers)
-        head_only = method.upper() == "HEAD"
+        head_only = method == "HEAD"
         async with asyncio.timeout(self.timeout):
             conn = self._reuse(url)
             if conn is not None:
@@ -405,35 +444,42 @@ class Client:
     # -- the request ----------------------------------------------------------------------
 
     def _encode(self, url: URL, method: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        start = self._starts.get(url)
+        if start is None:
+            start = self._start(url)
+            if len(self._starts) >= 4096:
+                self._starts.clear()
+            self._starts[url] = start
+        lines = [f"{method} {start}"]
+        given = {name.lower() for name in headers}
+        if "user-agent" not in given:
+            lines.append(self._user_agent)
+        if "accept" not in given:
+            lines.append("Accept: */*\r\n")
+        if url.raw_user is not None and "authorization" not in given:
+            # Credentials in the URL become Basic authorization, as browsers and curl do.
+            credentials = f"{url.user or ''}:{url.password or ''}".encode()
+            lines.append(f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            if body and "content-type" not in given:
+                lines.append("Content-Type: application/octet-stream\r\n")
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        for name, value in headers.items():
+            if name.lower() not in _FRAMED:  # relay frames the request itself
+                lines.append(_header_line(name, value))
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape") + body
+
+    @staticmethod
+    def _start(url: URL) -> str:
+        """`target HTTP/1.1` CRLF `Host: ...` CRLF (methods are upper case: relay.request)."""
         host = url.raw_host or ""
         if ":" in host:
             host = f"[{host}]"
         port = url.port
         if port is not None and port != _DEFAULT_PORTS.get(url.scheme):
             host = f"{host}:{port}"
-        target = url.raw_path_qs or "/"
-        parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("ascii", "replace")]
-        given = {name.lower() for name in headers}
-        if "user-agent" not in given:
-            parts.append(self._user_agent)
-        if "accept" not in given:
-            parts.append(b"Accept: */*\r\n")
-        if url.raw_user is not None and "authorization" not in given:
-            # Credentials in the URL become Basic authorization, as browsers and curl do.
-            credentials = f"{url.user or ''}:{url.password or ''}".encode()
-            parts.append(b"Authorization: Basic " + base64.b64encode(credentials) + b"\r\n")
-        if body or method.upper() in ("POST", "PUT", "PATCH"):
-            if "content-type" not in given and body:
-                parts.append(b"Content-Type: application/octet-stream\r\n")
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        for name, value in headers.items():
-            lower = name.lower()
-            if lower in ("content-length", "host", "transfer-encoding", "connection"):
-                continue  # relay frames the request itself
-            parts.append(_header_bytes(name, value))
-        parts.append(b"\r\n")
-        parts.append(body)
-        return b"".join(parts)
+        return f"{url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host}\r\n"
 
     # -- connections ----------------------------------------------------------------------
 

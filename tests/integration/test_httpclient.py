@@ -205,7 +205,8 @@ async def test_a_server_that_closes_without_answering_is_an_error_not_a_loop() -
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (MAX_HEAD + 10), "larger than"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
-        (b"HTTP/1.1 200 OK\r\nX-Nul: a\x00b\r\n\r\n", "control character in header"),
+        (b"HTTP/1.1 200 OK\r\nX-Nul: a\x00b\r\n\r\n", "control character in its headers"),
+        (b"HTTP/1.1 200 OK\r\nX-Lf: a\nInjected: b\r\n\r\n", "control character in its headers"),
     ],
 )
 async def test_malformed_answers_are_clear_errors(reply: bytes, message: str) -> None:

@@ -76,7 +76,12 @@ class Relay:
         )
         self.slots = Slots(config.max_in_flight, ahead=config.claim_ahead)
         self.settler = Settler(
-            self.store, on_settled=self._on_settled, sources={s.name: s for s in config.sources}
+            self.store,
+            on_settled=self._on_settled,
+            sources={s.name: s for s in config.sources},
+            busy=lambda: self.deliverer.busy,
+            # A round of outcomes: what the claim budget leaves room for (relay.budget).
+            enough=config.max_in_flight,
         )
         self.deliverer = Deliverer(
             config,

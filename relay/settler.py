@@ -19,6 +19,11 @@ from relay.sources.base import Settlement, Source
 log = logs.get("relay.settler")
 
 SETTLE_BATCH = 500
+# While requests are still out, a settle waits this long for their outcomes (unless `enough`
+# are waiting already): one statement for a round of outcomes costs relay and PostgreSQL far
+# less than one each, and nothing waits on it (the receiver has its request; the claim budget
+# leaves room for a round of outcomes being written, see relay.budget).
+LINGER = 0.003
 
 
 class SettleStore(Protocol):
@@ -40,14 +45,23 @@ class Settler:
     """
 
     def __init__(
-        self, store: SettleStore, on_settled: OnSettled, sources: Mapping[str, Source]
+        self,
+        store: SettleStore,
+        on_settled: OnSettled,
+        sources: Mapping[str, Source],
+        *,
+        busy: Callable[[], int] = lambda: 0,
+        enough: int = 1,
     ) -> None:
         self.store = store
+        self.busy = busy  # requests out now
+        self.enough = enough  # outcomes worth a statement without waiting
         self.sources = sources
         self.on_settled = on_settled
         self._queue: dict[str, list[Settlement]] = defaultdict(list)
         self._ready = asyncio.Event()
         self._closing = False
+        self._waiting = 0  # settlements queued
         self.lost = 0  # settles that found the row no longer ours
         # Settle statements written and the rows they settled, per source (for /metrics).
         self.settles: dict[str, int] = defaultdict(int)
@@ -55,6 +69,7 @@ class Settler:
 
     def add(self, source: str, settlement: Settlement) -> None:
         self._queue[source].append(settlement)
+        self._waiting += 1
         self._ready.set()
 
     def close(self) -> None:
@@ -64,8 +79,11 @@ class Settler:
     async def run(self) -> None:
         while True:
             await self._ready.wait()
+            if not self._closing and self._waiting < self.enough and self.busy():
+                await asyncio.sleep(LINGER)
             self._ready.clear()
             batch, self._queue = self._queue, defaultdict(list)
+            self._waiting = 0
             for source, items in batch.items():
                 for start in range(0, len(items), SETTLE_BATCH):
                     chunk = items[start : start + SETTLE_BATCH]

@@ -38,9 +38,14 @@ def worktree(rev: str, into: Path) -> Path:
     return into
 
 
-def drain(bench: run.Bench, root: Path, rows: int, name: str) -> dict[str, Any]:
-    """One drain by relay run from `root` (its `relay` package)."""
+def measure(bench: run.Bench, root: Path, rows: int, name: str, live: bool) -> dict[str, Any]:
+    """One drain (or, `live`, rows inserted one per transaction while it runs) by relay run
+    from `root` (its `relay` package)."""
     run.ROOT = root  # Procs start `python -m relay.cli` with this as the working directory
+    if live:
+        result = bench.live("relay", {"live_rows": rows})
+        result["p50_ms"] = result["latency_ms"]["p50_ms"]
+        return result
     return bench.drain("relay", rows, name)
 
 
@@ -49,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", required=True, help="the earlier git revision (e.g. HEAD~1)")
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument(
+        "--live", action="store_true", help="rows inserted one per transaction while relay runs"
+    )
     args = p.parse_args(argv)
     here = run.ROOT
     workdir = Path(tempfile.mkdtemp(prefix="relay-ab-"))
@@ -66,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             order = ("new", "old") if r % 2 == 0 else ("old", "new")
             for variant in order:
                 root = here if variant == "new" else old
-                got = drain(bench, root, args.rows, f"ab-{variant}-{r}")
+                got = measure(bench, root, args.rows, f"ab-{variant}-{r}", args.live)
                 results[variant].append(got)
                 run.log(
                     f"round {r + 1} {variant}: {got['rows_per_s']:,.0f} rows/s, relay "
-                    f"{got['cpu_us_per_row']:.0f} µs, PostgreSQL {got['pg_cpu_us_per_row']:.0f} µs"
+                    f"{got['cpu_us_per_row']:.0f} µs per delivery"
                 )
     finally:
         run.ROOT = here
@@ -82,24 +90,28 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
         )
         shutil.rmtree(workdir, ignore_errors=True)
-    print(report(args.against, args.rows, results))
+    print(report(args.against, args.rows, results, args.live))
     return 0
 
 
-def report(rev: str, rows: int, results: dict[str, list[dict[str, Any]]]) -> str:
+def report(
+    rev: str, rows: int, results: dict[str, list[dict[str, Any]]], live: bool = False
+) -> str:
     new, old = results["new"], results["old"]
     rounds = min(len(new), len(old))
+    what = f"{rows:,} rows inserted while running" if live else f"{rows:,}-row drain"
     lines = [
-        f"{rows:,}-row drain, {rounds} alternating rounds: this tree (new) against {rev} (old)",
+        f"{what}, {rounds} alternating rounds: this tree (new) against {rev} (old)",
         "",
         "| metric | old | new | new/old (median of rounds) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for key, label in (
-        ("rows_per_s", "rows/s"),
-        ("cpu_us_per_row", "relay CPU µs per delivery"),
-        ("pg_cpu_us_per_row", "PostgreSQL CPU µs per delivery"),
-    ):
+    keys = [("rows_per_s", "rows/s"), ("cpu_us_per_row", "relay CPU µs per delivery")]
+    if live:
+        keys.append(("p50_ms", "commit → receiver p50 ms"))
+    else:
+        keys.append(("pg_cpu_us_per_row", "PostgreSQL CPU µs per delivery"))
+    for key, label in keys:
         o = statistics.median(x[key] for x in old[:rounds])
         n = statistics.median(x[key] for x in new[:rounds])
         ratio = statistics.median(new[i][key] / old[i][key] for i in range(rounds))

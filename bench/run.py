@@ -498,18 +498,22 @@ class Bench:
         n = s["live_rows"]
         db = self.fresh_db()
         self.reset_receiver()
-        with self.deliverer(kind, db, "live"):
+        with self.deliverer(kind, db, "live") as proc:
             start = time.monotonic()
+            cpu_before = cpu_seconds(proc.pid)
             commits = self.produce(f"live-{kind}", db, n, 0.0)
             inserted = time.monotonic()
             wait_until(lambda: self.unsettled(db) == 0, 600, f"{n} live rows to settle")
             done = time.monotonic()
+            cpu = cpu_seconds(proc.pid) - cpu_before
             ms = self.commit_to_arrival_ms(commits)
         return {
             "rows": n,
             "insert_s": inserted - start,
             "seconds": done - start,
             "rows_per_s": n / (done - start),
+            # PostgreSQL's CPU here would be mostly the producer's inserts: not reported.
+            "cpu_us_per_row": cpu / n * 1e6,
             "latency_ms": percentiles(ms),
         }
 

@@ -30,6 +30,10 @@ from relay.sources.base import Claimed, Source
 log = logs.get("relay.claimer")
 
 RECHECK_FLOOR = 0.1  # seconds: the soonest a timer-driven claim pass repeats
+# While passes keep finding rows, the soonest row scheduled for later is looked up at most this
+# often (a pass that finds nothing always looks). Rows come at the rate of their notifications;
+# one `next_due` statement per pass doubled the statements of a single-row delivery.
+NEXT_DUE_EVERY = 1.0
 
 
 class ClaimStore(Protocol):
@@ -54,6 +58,8 @@ class Claimer:
         self._kick = asyncio.Event()
         self._woken = True  # claim once at start
         self._deadline = 0.0
+        self._next_due_by = 0.0  # loop time by which next_due runs again
+        self._known_due: float | None = None  # loop time the soonest scheduled row falls due
         self.claimed = 0  # rows
         self.claims = 0  # claim statements that returned (for /metrics)
         self.failure: str | None = None  # why this source is failing, if it is
@@ -120,9 +126,20 @@ class Claimer:
                 break
             self._woken = False
             self._deadline = loop.time() + self.config.sweep_interval
+            before = self.claimed
             try:
                 await self._drain(stop)
+                now = loop.time()
+                if self.claimed > before and now < self._next_due_by:
+                    # Rows came and more may: the soonest scheduled row is as it was looked
+                    # up less than NEXT_DUE_EVERY ago; look again by then all the same.
+                    wake = self._next_due_by
+                    if self._known_due is not None and self._known_due > now:
+                        wake = min(wake, self._known_due)
+                    self.schedule(max(wake - now, 0.0))
+                    continue
                 due = await self.store.next_due(self.source.name)
+                self._next_due_by = loop.time() + NEXT_DUE_EVERY
             except RETRYABLE as exc:
                 # The database is away; the listener's reconnect will wake us, and the timer
                 # tries again meanwhile.
@@ -133,12 +150,15 @@ class Claimer:
                 # Not the connection: the database refuses this source's query.
                 await self.diagnose(exc)
                 continue
+            self._known_due = None
             if due is not None:
                 # A row not due yet: claim it when it is (a wake-up may come a little early,
                 # see WAKE_AHEAD). One already due that this pass did not get (it fell due
                 # just after the claim, or another relay holds it): look again shortly, never
                 # in a busy loop.
-                self.schedule(due if due > 0 else RECHECK_FLOOR)
+                delay = due if due > 0 else RECHECK_FLOOR
+                self._known_due = loop.time() + delay
+                self.schedule(delay)
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import pytest
+
+from relay import claimer as claimer_mod
 from relay.budget import Slots
 from relay.claimer import Claimer
 from relay.config import Config
@@ -21,6 +24,8 @@ class FakeStore:
         self.claims: list[int] = []
         self.due: float | None = None
         self.claimed_event = asyncio.Event()
+        self.next_due_calls = 0
+        self.asked = asyncio.Event()
 
     async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
         self.claims.append(limit)
@@ -29,6 +34,8 @@ class FakeStore:
         return [Claimed(k, NOW, 1, 5, None, None, None, "{}") for k in taken]
 
     async def next_due(self, source: str) -> float | None:
+        self.next_due_calls += 1
+        self.asked.set()
         return self.due
 
 
@@ -150,3 +157,30 @@ async def test_the_next_due_row_sets_a_timer() -> None:
     stop.set()
     claimer.kick()
     await asyncio.wait_for(task, 5)
+
+
+async def test_while_rows_keep_coming_the_next_due_row_is_looked_up_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claimer_mod, "NEXT_DUE_EVERY", 0.2)
+    cfg = config(max_in_flight=3, batch=4)
+    store = FakeStore(rows=0)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
+    deliveries = HeldDeliveries(slots)
+    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    # The pass at start finds nothing, and looks up the next scheduled row.
+    await wait_until(store.asked, lambda: store.next_due_calls == 1)
+    # Ten rows, one per notification, each claimed by a pass of its own: none asks again.
+    for n in range(10):
+        store.waiting.append(n)
+        claimer.wake()
+        await wait_until(deliveries.changed, lambda n=n: len(deliveries.started) == n + 1)
+        deliveries.finish(1)
+    assert store.next_due_calls == 1
+    # The rows stop coming: by NEXT_DUE_EVERY it looks again, with no wake-up at all.
+    await wait_until(store.asked, lambda: store.next_due_calls == 2)
+    stop.set()
+    claimer.kick()
+    await task

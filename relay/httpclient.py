@@ -413,29 +413,35 @@ class Client:
         HttpError for the rest."""
         data = self._encode(url, method, body, headers)
         head_only = method == "HEAD"
-        async with asyncio.timeout(self.timeout):
-            conn = self._reuse(url)
-            if conn is not None:
-                try:
-                    return await self._exchange(conn, data, head_only, cap)
-                except HttpError:
-                    if conn.received:
-                        raise
-                    # Closed while idle, as the request went out: once more, on a new one.
+        # The whole request is bounded by one deadline: the exchange by a timer on its answer
+        # (cheaper than a timeout scope around every request), a new connection by a scope.
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        conn = self._reuse(url)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, head_only, cap, deadline)
+            except HttpError:
+                if conn.received:
+                    raise
+                # Closed while idle, as the request went out: once more, on a new one.
+        async with asyncio.timeout_at(deadline):
             conn = await self._connect(url)
-            return await self._exchange(conn, data, head_only, cap)
+        return await self._exchange(conn, data, head_only, cap, deadline)
 
     async def _exchange(
-        self, conn: _Connection, data: bytes, head_only: bool, cap: int
+        self, conn: _Connection, data: bytes, head_only: bool, cap: int, deadline: float
     ) -> Response:
         self._busy.add(conn)
+        waiter = conn.send(data, head_only, cap)
+        timer = asyncio.get_running_loop().call_at(deadline, _expire, waiter)
         try:
-            response = await conn.send(data, head_only, cap)
+            response = await waiter
         except BaseException:
             # Timed out, cancelled or failed mid-exchange: what is left on it is unknown.
             conn.abort()
             raise
         finally:
+            timer.cancel()
             self._busy.discard(conn)
         if conn.reusable:
             self._keep(conn)
@@ -594,6 +600,11 @@ class Client:
         for conn in list(self._busy):
             conn.abort()
         await self.guard.resolver.close()
+
+
+def _expire(waiter: asyncio.Future[Response]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 _CONTEXT: ssl.SSLContext | None = None

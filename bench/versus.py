@@ -106,16 +106,15 @@ def install(timeout: float = 300.0) -> tuple[str | None, str]:
     lock) unless the locked version is already there. (version, "") or (None, why not)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        return None, "node and npm are needed (" + ", ".join(
-            f"{name} not found on PATH" for name, path in (("node", node), ("npm", npm)) if not path
-        ) + ")"
+        missing = [name for name, path in (("node", node), ("npm", npm)) if path is None]
+        return None, f"node and npm are needed: {' and '.join(missing)} not found on PATH"
     wanted = locked_version()
     have = installed_version()
     if have is None or (wanted is not None and have != wanted):
         verb = "ci" if wanted is not None else "install"
         try:
             done = subprocess.run(
-                [npm, verb, "--no-audit", "--no-fund", "--loglevel=error"],
+                [npm, verb, "--prefer-offline", "--fetch-retries=1", "--no-audit", "--no-fund"],
                 cwd=GRAPHILE_DIR,
                 capture_output=True,
                 text=True,
@@ -124,8 +123,9 @@ def install(timeout: float = 300.0) -> tuple[str | None, str]:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"npm {verb} failed: {exc!r}"[:500]
         if done.returncode != 0:
-            tail = " ".join((done.stderr or done.stdout).split())[-400:]
-            return None, f"npm {verb} exited {done.returncode}: {tail}"
+            said = [line.strip() for line in (done.stderr or done.stdout).splitlines()]
+            head = "; ".join(line for line in said if line)[:300]
+            return None, f"npm {verb} exited {done.returncode}: {head}"
         have = installed_version()
         if have is None:
             return None, f"npm {verb} left no node_modules/graphile-worker"
@@ -302,13 +302,18 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
             )
             + ".",
         ]
+    if graphile is not None:
+        lines += [
+            "",
+            f"Graphile Worker {graphile} with {json.dumps(res.get('graphile_settings'))} "
+            "(its documented performance preset; NO_LOG_SUCCESS=1); jobs added with "
+            "`graphile_worker.add_job('deliver', …, max_attempts => 5)`, one per row in the "
+            "producer's transaction, where relay's and the reference's producer INSERT a row "
+            "into webhook_delivery_queue.",
+        ]
     lines += [
         "",
-        f"Graphile Worker {graphile or '-'} with {json.dumps(res.get('graphile_settings'))} "
-        "(its documented performance preset; NO_LOG_SUCCESS=1); jobs added with "
-        "`graphile_worker.add_job('deliver', …, max_attempts => 5)`, one per row in the "
-        "producer's transaction, where relay's and the reference's producer INSERT a row into "
-        "webhook_delivery_queue. Latency: "
+        "Latency: "
         f"{s['versus_latency_rows']} rows a round, one per transaction, "
         f"{s['pace_s'] * 1000:.0f} ms apart, from the producer's commit returning to the "
         "receiver having the request. Drain: the backlog committed first, deliveries/s from "

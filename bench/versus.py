@@ -288,6 +288,19 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
             f"inserted while running {per_round('live_rows_per_s')}; "
             f"worker + PostgreSQL CPU per delivery {per_round('drain_worker_pg_cpu_s_per_1k')}.",
         ]
+    drains = {p: summary["peers"].get(p, {}).get("drain", {}) for p in order}
+    if any(drains.values()):
+        lines += [
+            "",
+            "Drain, % of one core (the machine has "
+            f"{os.cpu_count()}) for the deliverer / PostgreSQL / the receiver: "
+            + "; ".join(
+                f"{LABELS[p]} {_f(v.get('worker_cpu_pct_of_core'))} / "
+                f"{_f(v.get('pg_cpu_pct_of_core'))} / {_f(v.get('receiver_cpu_pct_of_core'))}"
+                for p, v in drains.items()
+            )
+            + ".",
+        ]
     live = {p: summary["peers"].get(p, {}).get("live", {}) for p in order}
     if any(live.values()):
         lines += [

@@ -1354,7 +1354,7 @@ def _pair(lat: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller workloads, under two minutes")
+    p.add_argument("--quick", action="store_true", help="smaller workloads, under three minutes")
     p.add_argument("--fsync", action="store_true", help="durable PostgreSQL (fsync on)")
     p.add_argument(
         "--only",

@@ -4,6 +4,8 @@
 {"lat": i, "sent": time before the INSERT}. Prints {"commits": {i: time.time() when the commit
 returned}} as JSON, which the harness joins with the receiver's arrival times (same clock).
 `--pace 0` writes as fast as one connection can (the "rows inserted while running" workload).
+`--graphile`: each transaction is `SELECT graphile_worker.add_job('deliver', {url, payload})`
+instead of the INSERT (Graphile Worker's jobs, bench/versus.py), with the same payloads.
 
 `tps`: single-row INSERT transactions for `--seconds` from one connection; prints
 {"inserts": n, "seconds": s, "tps": r}.
@@ -17,15 +19,17 @@ import time
 import orjson
 import psycopg
 
+from bench.versus import ADD_JOB
+
 INSERT = "INSERT INTO webhook_delivery_queue (url, payload) VALUES (%s, %s::jsonb)"
 
 
-def latency(db: str, target: str, n: int, pace: float) -> None:
+def latency(db: str, target: str, n: int, pace: float, statement: str = INSERT) -> None:
     commits: dict[int, float] = {}
     with psycopg.connect(db, autocommit=True) as conn:
         for i in range(n):
             sent = time.time()
-            conn.execute(INSERT, (target, orjson.dumps({"lat": i, "sent": sent}).decode()))
+            conn.execute(statement, (target, orjson.dumps({"lat": i, "sent": sent}).decode()))
             commits[i] = time.time()
             if pace:
                 time.sleep(pace)
@@ -52,9 +56,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--pace", type=float, default=0.02)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--graphile", action="store_true", help="add Graphile Worker jobs instead")
     args = p.parse_args()
     if args.mode == "latency":
-        latency(args.db, args.target, args.n, args.pace)
+        latency(args.db, args.target, args.n, args.pace, ADD_JOB if args.graphile else INSERT)
     else:
         tps(args.db, args.target, args.seconds)
 

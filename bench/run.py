@@ -18,7 +18,11 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    writes the row at claim time), (c) the same writing nothing at claim, (d) the same table
    and mapping as (b) with claims kept in the row (`lease_column`); with relay's and
    PostgreSQL's CPU per delivery and, from pg_stat_statements, the statements relay ran per
-   1,000 rows, the claim's and the settle's mean time and where PostgreSQL spent its time.
+   1,000 rows, the claim's and the settle's mean time and where PostgreSQL spent its time;
+7. graphile: relay, Graphile Worker (bench/versus.py, bench/graphile/; installed with npm when
+   node and npm are there, else "not measured") and the reference in interleaved rounds on
+   latency, a drain and rows inserted while running, with every process's CPU per delivery,
+   peak RSS and statements per 1,000 deliveries (`--only graphile` runs it alone).
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -33,6 +37,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -53,7 +58,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
-from bench import history
+from bench import history, versus
 from relay.db.sqltext import sql_dir
 from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
@@ -93,6 +98,11 @@ FULL = {
     "history_rows": 300000,
     "history_drain": 30000,
     "history_rounds": 6,
+    # relay vs Graphile Worker (and the reference), interleaved rounds of each workload.
+    "versus_rounds": 6,
+    "versus_latency_rows": 500,
+    "versus_drain_rows": 20000,
+    "versus_live_rows": 20000,
 }
 QUICK = {
     **FULL,
@@ -104,6 +114,10 @@ QUICK = {
     "history_rows": 50000,
     "history_drain": 5000,
     "history_rounds": 3,
+    "versus_rounds": 2,
+    "versus_latency_rows": 200,
+    "versus_drain_rows": 5000,
+    "versus_live_rows": 5000,
 }
 
 UNSETTLED = (
@@ -155,14 +169,21 @@ class Procs:
         self.live: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, name: str, *args: str, stdout: Any = None, under: Sequence[str] = ()
+        self,
+        name: str,
+        *args: str,
+        stdout: Any = None,
+        under: Sequence[str] = (),
+        program: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """`python *args`, or `*under python *args` (a profiler, say)."""
+        """`python *args`, or `*under python *args` (a profiler, say), or `program *args`;
+        `env` on top of the bench's environment."""
         err = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [*under, PY, *args],
+            [program, *args] if program else [*under, PY, *args],
             cwd=ROOT,
-            env=ENV,
+            env={**ENV, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=stdout if stdout is not None else err,
             stderr=err,
@@ -247,6 +268,7 @@ class Bench:
         self.workdir = workdir
         self.dbs = 0
         self.receiver_port = 0
+        self.receiver_pid = 0
         self.explain = explain
         self.statement_stats = False
         self.history_templates: dict[str, str] = {}
@@ -335,6 +357,7 @@ class Bench:
         if not line.startswith("ready "):
             raise RuntimeError(f"receiver did not start: {self.procs.log_tail('receiver')}")
         self.receiver_port = int(line.split()[1])
+        self.receiver_pid = proc.pid
 
     def receiver_stats(self, full: bool = False) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.receiver_port}/stats" + ("?full=1" if full else "")
@@ -355,7 +378,8 @@ class Bench:
         under: Sequence[str] = (),
         source: dict[str, Any] = QUEUE_SOURCE,
     ) -> Iterator[subprocess.Popen[bytes]]:
-        """relay or the reference running on `db` until the block ends; yields once it listens.
+        """relay, the reference or Graphile Worker (`kind`: relay, reference, graphile)
+        running on `db` until the block ends; yields once it listens.
         `under` runs relay under another command (py-spy), which is stopped with SIGINT;
         `source` is relay's source "deliveries" (by default the demo's mapping of the queue
         table)."""
@@ -379,6 +403,19 @@ class Bench:
             except BaseException:
                 self.procs.stop(proc, sig=stop_with)
                 raise
+        elif kind == "graphile":
+            proc = self.procs.start(
+                tag,
+                str(versus.RUNNER),
+                stdout=subprocess.PIPE,
+                program=shutil.which("node") or "node",
+                env=versus.env(db),
+            )
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            if not ready or proc.stdout.readline().strip() != b"ready":
+                self.procs.stop(proc)
+                raise RuntimeError(f"{tag} did not start: {self.procs.log_tail(tag)}")
         else:
             args = ["--concurrency", str(REF_SETTINGS["concurrency"])]
             args += ["--batch", str(REF_SETTINGS["batch"])]
@@ -426,8 +463,11 @@ class Bench:
             ms = self.commit_to_arrival_ms(commits)
         return {"rows": n, "received": len(ms), **percentiles(ms)}
 
-    def produce(self, name: str, db: str, n: int, pace: float) -> dict[str, float]:
-        """n rows, one committed transaction each, from the producer process; commit times."""
+    def produce(
+        self, name: str, db: str, n: int, pace: float, graphile: bool = False
+    ) -> dict[str, float]:
+        """n rows, one committed transaction each, from the producer process; commit times.
+        `graphile`: one graphile_worker.add_job per transaction instead of an INSERT."""
         out = run_json(
             self.procs,
             f"producer-{name}",
@@ -442,6 +482,7 @@ class Bench:
             str(n),
             "--pace",
             str(pace),
+            *(["--graphile"] if graphile else []),
             timeout=n * pace * 5 + 600,
         )
         commits: dict[str, float] = out["commits"]
@@ -760,6 +801,202 @@ class Bench:
                 result["plans_log"] = f.read().decode(errors="replace")
         return result
 
+    # relay vs Graphile Worker (bench/versus.py)
+
+    def graphile_template(self) -> None:
+        """A database with Graphile Worker's schema, installed by its own migrations."""
+        with self.admin() as conn:
+            conn.execute("CREATE DATABASE bench_graphile")
+        db = self.pg.url("bench_graphile")
+        done = subprocess.run(
+            [shutil.which("node") or "node", str(versus.RUNNER), "--schema-only"],
+            cwd=ROOT,
+            env={**ENV, **versus.env(db)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"exited {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
+
+    def versus(self, s: dict[str, Any]) -> dict[str, Any]:
+        """relay, Graphile Worker and the reference, each workload in `versus_rounds` rounds,
+        the peers in order in one round and reversed in the next, a fresh database each run.
+        Graphile Worker is left out, with the reason, when it cannot be installed or started;
+        a run of it that fails is reported and does not fail the bench."""
+        res: dict[str, Any] = {"graphile_settings": versus.GRAPHILE_SETTINGS}
+        version, why = versus.install()
+        if version is not None:
+            try:
+                self.graphile_template()
+            except Exception as exc:
+                version, why = None, f"its schema could not be installed: {exc!r}"[:500]
+        peers = list(versus.PEERS if version else (p for p in versus.PEERS if p != "graphile"))
+        res.update(graphile_version=version, peers=peers)
+        if version is None:
+            res["not_measured"] = why
+            log(f"Graphile Worker not measured: {why}")
+        else:
+            log(f"Graphile Worker {version}: {json.dumps(versus.GRAPHILE_SETTINGS)}")
+        self.enable_statement_stats()
+        runs: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+            "latency": self.versus_latency,
+            "drain": self.versus_drain,
+            "live": self.versus_live,
+        }
+        rounds: dict[str, list[dict[str, Any]]] = {w: [] for w in runs}
+        latencies: dict[str, list[float]] = {p: [] for p in peers}
+        errors: dict[str, str] = {}
+        for workload, run in runs.items():
+            for i in range(s["versus_rounds"]):
+                one: dict[str, Any] = {}
+                for peer in peers[:: -1 if i % 2 else 1]:
+                    try:
+                        one[peer] = run(peer, s)
+                    except Exception as exc:
+                        traceback.print_exc()
+                        errors[f"{workload} round {i + 1} {peer}"] = repr(exc)[:500]
+                        continue
+                    if workload == "latency":
+                        latencies[peer] += one[peer].pop("ms")
+                    log(f"{workload} round {i + 1} {peer}: {versus_line(one[peer])}")
+                rounds[workload].append(one)
+        res["rounds"] = rounds
+        res["summary"] = versus.summarise(rounds, latencies, peers)
+        # A failing Graphile Worker is reported with the section; relay's failures fail the bench.
+        res["graphile_errors"] = {k: v for k, v in errors.items() if k.endswith(" graphile")}
+        res["errors"] = {k: v for k, v in errors.items() if not k.endswith(" graphile")}
+        return res
+
+    def versus_unsettled(self, conn: psycopg.Connection[Any], peer: str) -> int:
+        row = conn.execute(versus.UNSETTLED if peer == "graphile" else UNSETTLED).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def versus_db(self, peer: str) -> str:
+        return self.fresh_db("bench_graphile" if peer == "graphile" else "bench_relay")
+
+    def cpu_snapshot(self, pid: int) -> dict[str, Any]:
+        return {
+            "worker": cpu_seconds(pid),
+            "receiver": cpu_seconds(self.receiver_pid),
+            "pg": self.server_cpu(),
+        }
+
+    @staticmethod
+    def cpu_used(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+        """CPU seconds between two snapshots; a PostgreSQL process that started in between
+        counts from zero (one that ended in between is not seen)."""
+        return {
+            "worker": after["worker"] - before["worker"],
+            "receiver": after["receiver"] - before["receiver"],
+            "pg": sum(t - before["pg"].get(pid, 0.0) for pid, t in after["pg"].items()),
+        }
+
+    def versus_latency(self, peer: str, s: dict[str, Any]) -> dict[str, Any]:
+        n = s["versus_latency_rows"]
+        db = self.versus_db(peer)
+        self.reset_receiver()
+        with self.deliverer(peer, db, "vs-latency"):
+            commits = self.produce(
+                f"vs-latency-{peer}", db, n, s["pace_s"], graphile=peer == "graphile"
+            )
+            wait_until(lambda: self.receiver_stats()["count"] >= n, 60, f"{n} latency rows")
+            ms = self.commit_to_arrival_ms(commits)
+        return {"rows": n, "received": len(ms), **percentiles(ms), "ms": ms}
+
+    def versus_drain(self, peer: str, s: dict[str, Any]) -> dict[str, Any]:
+        """The backlog committed, then the deliverer starts: deliveries/s from listening to the
+        last row settled, every process's CPU over that time, the deliverer's peak RSS and the
+        statements pg_stat_statements saw in the database (the deliverer's start-up included)."""
+        n = s["versus_drain_rows"]
+        db = self.versus_db(peer)
+        dbname = db.rsplit("/", 1)[1]
+        if peer == "graphile":
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(versus.ADD_JOBS_BACKLOG, (self.target, n))
+                conn.execute("VACUUM ANALYZE graphile_worker._private_jobs")
+        else:
+            self.insert_pending(db, self.target, n)
+        with self.admin() as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'top'").format(
+                    sql.Identifier(dbname)
+                )
+            )
+            conn.execute("SELECT pg_stat_statements_reset()")
+        self.reset_receiver()
+        sampler = RssSampler()
+        with contextlib.ExitStack() as stack:
+            poll = stack.enter_context(psycopg.connect(db, autocommit=True))
+            poll.execute("SET pg_stat_statements.track = 'none'")
+            spawned = time.monotonic()
+            proc = stack.enter_context(self.deliverer(peer, db, "vs-drain"))
+            ready = time.monotonic()
+            before = self.cpu_snapshot(proc.pid)
+            sampler.start(proc.pid)
+            try:
+                wait_until(
+                    lambda: self.versus_unsettled(poll, peer) == 0, 600, f"{n} rows to settle"
+                )
+            finally:
+                sampler.stop()
+            done = time.monotonic()
+            cpu = self.cpu_used(before, self.cpu_snapshot(proc.pid))
+        stats = self.statements(dbname, n)
+        per_1k = {f"{k}_cpu_s_per_1k": v / n * 1000 for k, v in cpu.items()}
+        return {
+            "rows": n,
+            "seconds": done - ready,
+            "rows_per_s": n / (done - ready),
+            "startup_s": ready - spawned,
+            "received": self.receiver_stats()["count"],
+            **per_1k,
+            "worker_pg_cpu_s_per_1k": per_1k["worker_cpu_s_per_1k"] + per_1k["pg_cpu_s_per_1k"],
+            "total_cpu_s_per_1k": sum(per_1k.values()),
+            "worker_cpu_pct_of_core": 100 * cpu["worker"] / (done - ready),
+            "pg_cpu_pct_of_core": 100 * cpu["pg"] / (done - ready),
+            "receiver_cpu_pct_of_core": 100 * cpu["receiver"] / (done - ready),
+            "peak_rss_mb": sampler.peak / 2**20,
+            "statements_per_1k": stats["statements_per_1k_rows"],
+            "statement_ms_per_1k": stats["statement_ms_per_1k_rows"],
+            "statements": stats["statements"],
+        }
+
+    def versus_live(self, peer: str, s: dict[str, Any]) -> dict[str, Any]:
+        """Rows inserted one per transaction, unpaced, from one connection, while the
+        deliverer runs: deliveries/s from the first insert to the last row settled, the
+        deliverer's and the receiver's CPU (not PostgreSQL's: the producer's backend is gone by
+        the end), commit-to-arrival under that load."""
+        n = s["versus_live_rows"]
+        db = self.versus_db(peer)
+        self.reset_receiver()
+        with contextlib.ExitStack() as stack:
+            poll = stack.enter_context(psycopg.connect(db, autocommit=True))
+            proc = stack.enter_context(self.deliverer(peer, db, "vs-live"))
+            before = self.cpu_snapshot(proc.pid)
+            start = time.monotonic()
+            commits = self.produce(f"vs-live-{peer}", db, n, 0.0, graphile=peer == "graphile")
+            inserted = time.monotonic()
+            wait_until(
+                lambda: self.versus_unsettled(poll, peer) == 0, 600, f"{n} live rows to settle"
+            )
+            done = time.monotonic()
+            cpu = self.cpu_used(before, self.cpu_snapshot(proc.pid))
+            lat = percentiles(self.commit_to_arrival_ms(commits))
+        return {
+            "rows": n,
+            "insert_s": inserted - start,
+            "seconds": done - start,
+            "rows_per_s": n / (done - start),
+            # What the producer alone managed: add_job costs more than an INSERT.
+            "producer_rows_per_s": n / (inserted - start),
+            "worker_cpu_s_per_1k": cpu["worker"] / n * 1000,
+            "receiver_cpu_s_per_1k": cpu["receiver"] / n * 1000,
+            "latency_p50_ms": lat["p50_ms"],
+            "latency_p99_ms": lat["p99_ms"],
+        }
+
     def server_cpu(self) -> dict[int, float]:
         """CPU seconds of every PostgreSQL process (the postmaster and its children) by pid."""
         pid = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
@@ -808,6 +1045,19 @@ class Bench:
                 for q, c, r, ex, pl in found[:8]
             ],
         }
+
+
+def versus_line(r: dict[str, Any]) -> str:
+    """One run of the comparison in a log line."""
+    if "p50_ms" in r:
+        return f"p50 {fmt(r['p50_ms'], 2)} ms, p99 {fmt(r['p99_ms'], 2)} ms"
+    line = f"{r['rows_per_s']:,.0f} deliveries/s, worker {r['worker_cpu_s_per_1k']:.3f} s"
+    if "pg_cpu_s_per_1k" in r:
+        line += f" + PostgreSQL {r['pg_cpu_s_per_1k']:.3f} s"
+    line += f" + receiver {r['receiver_cpu_s_per_1k']:.3f} s CPU per 1,000"
+    if "statements_per_1k" in r:
+        line += f", {r['statements_per_1k']:.0f} statements per 1,000"
+    return line
 
 
 def merge_statements(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -1009,9 +1259,10 @@ def markdown(r: dict[str, Any]) -> str:
         ceil.get("rps"),
         None,
     )
-    if not set(w) - {"leases"}:  # --only leases: no empty table of the others
+    if not set(w) - {"leases", "graphile"}:  # --only leases/graphile: no empty table of the others
         del lines[table_start - 1 :]
     lines += leases_markdown(r)
+    lines += versus.markdown(w.get("graphile"), s)
     if r["errors"]:
         lines += ["", "Errors:", *[f"- {k}: {v}" for k, v in r["errors"].items()]]
     lines += [
@@ -1112,12 +1363,12 @@ def _pair(lat: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller workloads, under two minutes")
+    p.add_argument("--quick", action="store_true", help="smaller workloads, under three minutes")
     p.add_argument("--fsync", action="store_true", help="durable PostgreSQL (fsync on)")
     p.add_argument(
         "--only",
         metavar="NAMES",
-        help="comma-separated workload names or prefixes (e.g. leases, backlog_relay)",
+        help="comma-separated workload names or prefixes (e.g. leases, backlog_relay, graphile)",
     )
     p.add_argument(
         "--explain",
@@ -1172,7 +1423,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench.drain("reference", s["backlog_rows"], "backlog", rss=True),
             ),
             ("idle_relay", lambda: bench.idle(s)),
-            # Last: it restarts PostgreSQL with pg_stat_statements loaded.
+            # These two restart PostgreSQL with pg_stat_statements loaded: last.
+            ("graphile", lambda: bench.versus(s)),
             ("leases", lambda: bench.leases(s)),
         ]
         if args.only:
@@ -1182,6 +1434,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} ...")
             try:
                 results["workloads"][name] = step()
+                for what, err in results["workloads"][name].pop("errors", {}).items():
+                    results["errors"][f"{name} {what}"] = err
                 if "plans_log" in results["workloads"][name]:
                     plans[name] = results["workloads"][name].pop("plans_log")
                 log(f"{name}: {json.dumps(results['workloads'][name], default=str)[:300]}")

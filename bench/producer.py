@@ -4,8 +4,9 @@
 {"lat": i, "sent": time before the INSERT}. Prints {"commits": {i: time.time() when the commit
 returned}} as JSON, which the harness joins with the receiver's arrival times (same clock).
 `--pace 0` writes as fast as one connection can (the "rows inserted while running" workload).
-`--graphile`: each transaction is `SELECT graphile_worker.add_job('deliver', {url, payload})`
-instead of the INSERT (Graphile Worker's jobs, bench/versus.py), with the same payloads.
+`--into graphile`: each transaction is `SELECT graphile_worker.add_job('deliver', {url,
+payload})` instead of the INSERT (Graphile Worker's jobs, bench/versus.py); `--into outbox`: an
+INSERT into relay.outbox; the same payloads.
 
 `tps`: single-row INSERT transactions for `--seconds` from one connection; prints
 {"inserts": n, "seconds": s, "tps": r}.
@@ -19,9 +20,10 @@ import time
 import orjson
 import psycopg
 
-from bench.versus import ADD_JOB
+from bench.versus import ADD_JOB, PUBLISH
 
-INSERT = "INSERT INTO webhook_delivery_queue (url, payload) VALUES (%s, %s::jsonb)"
+INSERT = "INSERT INTO webhook_delivery_queue (url, payload) VALUES (%(url)s, %(payload)s::jsonb)"
+STATEMENTS = {"table": INSERT, "graphile": ADD_JOB, "outbox": PUBLISH}
 
 
 def latency(db: str, target: str, n: int, pace: float, statement: str = INSERT) -> None:
@@ -29,7 +31,8 @@ def latency(db: str, target: str, n: int, pace: float, statement: str = INSERT) 
     with psycopg.connect(db, autocommit=True) as conn:
         for i in range(n):
             sent = time.time()
-            conn.execute(statement, (target, orjson.dumps({"lat": i, "sent": sent}).decode()))
+            payload = orjson.dumps({"lat": i, "sent": sent}).decode()
+            conn.execute(statement, {"url": target, "payload": payload})
             commits[i] = time.time()
             if pace:
                 time.sleep(pace)
@@ -42,7 +45,7 @@ def tps(db: str, target: str, seconds: float) -> None:
         start = time.monotonic()
         deadline = start + seconds
         while time.monotonic() < deadline:
-            conn.execute(INSERT, (target, '{"n": 0}'))
+            conn.execute(INSERT, {"url": target, "payload": '{"n": 0}'})
             done += 1
         elapsed = time.monotonic() - start
     print(orjson.dumps({"inserts": done, "seconds": elapsed, "tps": done / elapsed}).decode())
@@ -56,10 +59,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--pace", type=float, default=0.02)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--graphile", action="store_true", help="add Graphile Worker jobs instead")
+    p.add_argument(
+        "--into",
+        choices=sorted(STATEMENTS),
+        default="table",
+        help="webhook_delivery_queue (table), Graphile Worker's jobs, or relay.outbox",
+    )
     args = p.parse_args()
     if args.mode == "latency":
-        latency(args.db, args.target, args.n, args.pace, ADD_JOB if args.graphile else INSERT)
+        latency(args.db, args.target, args.n, args.pace, STATEMENTS[args.into])
     else:
         tps(args.db, args.target, args.seconds)
 

@@ -66,11 +66,8 @@ from relay.embedded import EmbeddedPostgres, free_port
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
 PY = sys.executable
-RELAY_SETTINGS = {
-    "max_in_flight": 20,
-    "batch_size": 50,
-    **json.loads(os.environ.get("BENCH_RELAY", "{}")),
-}
+# relay's own defaults (max_in_flight 20, batch_size 100), unless BENCH_RELAY says otherwise.
+RELAY_SETTINGS: dict[str, Any] = {**json.loads(os.environ.get("BENCH_RELAY", "{}"))}
 REF_SETTINGS = {"concurrency": 20, "batch": 50}
 # Hermetic: relay must read the database from our config file, whatever the shell exports.
 ENV = {
@@ -120,6 +117,8 @@ QUICK = {
     "versus_live_rows": 5000,
 }
 
+# What each peer's producer writes into (bench/producer.py --into).
+INTO = {"graphile": "graphile", "outbox": "outbox"}
 UNSETTLED = (
     "SELECT count(*) FROM webhook_delivery_queue WHERE status NOT IN ('delivered', 'dead_letter')"
 )
@@ -464,10 +463,10 @@ class Bench:
         return {"rows": n, "received": len(ms), **percentiles(ms)}
 
     def produce(
-        self, name: str, db: str, n: int, pace: float, graphile: bool = False
+        self, name: str, db: str, n: int, pace: float, into: str = "table"
     ) -> dict[str, float]:
         """n rows, one committed transaction each, from the producer process; commit times.
-        `graphile`: one graphile_worker.add_job per transaction instead of an INSERT."""
+        `into`: table (webhook_delivery_queue), graphile (add_job) or outbox (relay.outbox)."""
         out = run_json(
             self.procs,
             f"producer-{name}",
@@ -482,7 +481,8 @@ class Bench:
             str(n),
             "--pace",
             str(pace),
-            *(["--graphile"] if graphile else []),
+            "--into",
+            into,
             timeout=n * pace * 5 + 600,
         )
         commits: dict[str, float] = out["commits"]
@@ -833,6 +833,7 @@ class Bench:
                 version, why = None, f"its schema could not be installed: {exc!r}"[:500]
         peers = list(versus.PEERS if version else (p for p in versus.PEERS if p != "graphile"))
         res.update(graphile_version=version, peers=peers)
+        self.outbox_template()
         if version is None:
             res["not_measured"] = why
             log(f"Graphile Worker not measured: {why}")
@@ -869,12 +870,31 @@ class Bench:
         return res
 
     def versus_unsettled(self, conn: psycopg.Connection[Any], peer: str) -> int:
-        row = conn.execute(versus.UNSETTLED if peer == "graphile" else UNSETTLED).fetchone()
+        query = {"graphile": versus.UNSETTLED, "outbox": versus.OUTBOX_UNSETTLED}
+        row = conn.execute(query.get(peer, UNSETTLED)).fetchone()
         assert row is not None
         return int(row[0])
 
     def versus_db(self, peer: str) -> str:
-        return self.fresh_db("bench_graphile" if peer == "graphile" else "bench_relay")
+        template = {"graphile": "bench_graphile", "outbox": "bench_outbox"}
+        return self.fresh_db(template.get(peer, "bench_relay"))
+
+    def versus_deliverer(
+        self, peer: str, db: str, name: str
+    ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+        if peer == "outbox":
+            return self.deliverer("relay", db, name, source=self.outbox_source)
+        return self.deliverer(peer, db, name)
+
+    @property
+    def outbox_source(self) -> dict[str, Any]:
+        return {"kind": "outbox", "url": self.target}
+
+    def outbox_template(self) -> None:
+        """relay's schema with its outbox's trigger installed (the queue table's is not)."""
+        with self.admin() as conn:
+            conn.execute("CREATE DATABASE bench_outbox TEMPLATE bench_plain")
+        self.install(self.pg.url("bench_outbox"), "install-outbox", source=self.outbox_source)
 
     def cpu_snapshot(self, pid: int) -> dict[str, Any]:
         return {
@@ -897,9 +917,9 @@ class Bench:
         n = s["versus_latency_rows"]
         db = self.versus_db(peer)
         self.reset_receiver()
-        with self.deliverer(peer, db, "vs-latency"):
+        with self.versus_deliverer(peer, db, "vs-latency"):
             commits = self.produce(
-                f"vs-latency-{peer}", db, n, s["pace_s"], graphile=peer == "graphile"
+                f"vs-latency-{peer}", db, n, s["pace_s"], into=INTO.get(peer, "table")
             )
             wait_until(lambda: self.receiver_stats()["count"] >= n, 60, f"{n} latency rows")
             ms = self.commit_to_arrival_ms(commits)
@@ -916,6 +936,10 @@ class Bench:
             with psycopg.connect(db, autocommit=True) as conn:
                 conn.execute(versus.ADD_JOBS_BACKLOG, (self.target, n))
                 conn.execute("VACUUM ANALYZE graphile_worker._private_jobs")
+        elif peer == "outbox":
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(versus.OUTBOX_BACKLOG, (n,))
+                conn.execute("VACUUM ANALYZE relay.outbox")
         else:
             self.insert_pending(db, self.target, n)
         with self.admin() as conn:
@@ -931,7 +955,7 @@ class Bench:
             poll = stack.enter_context(psycopg.connect(db, autocommit=True))
             poll.execute("SET pg_stat_statements.track = 'none'")
             spawned = time.monotonic()
-            proc = stack.enter_context(self.deliverer(peer, db, "vs-drain"))
+            proc = stack.enter_context(self.versus_deliverer(peer, db, "vs-drain"))
             ready = time.monotonic()
             before = self.cpu_snapshot(proc.pid)
             sampler.start(proc.pid)
@@ -973,10 +997,10 @@ class Bench:
         self.reset_receiver()
         with contextlib.ExitStack() as stack:
             poll = stack.enter_context(psycopg.connect(db, autocommit=True))
-            proc = stack.enter_context(self.deliverer(peer, db, "vs-live"))
+            proc = stack.enter_context(self.versus_deliverer(peer, db, "vs-live"))
             before = self.cpu_snapshot(proc.pid)
             start = time.monotonic()
-            commits = self.produce(f"vs-live-{peer}", db, n, 0.0, graphile=peer == "graphile")
+            commits = self.produce(f"vs-live-{peer}", db, n, 0.0, into=INTO.get(peer, "table"))
             inserted = time.monotonic()
             wait_until(
                 lambda: self.versus_unsettled(poll, peer) == 0, 600, f"{n} live rows to settle"
@@ -1384,7 +1408,11 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "quick": args.quick,
         "settings": settings,
-        "relay_settings": {**RELAY_SETTINGS, "log_level": "INFO (default)"},
+        "relay_settings": {
+            **RELAY_SETTINGS,
+            "defaults": "relay's own",
+            "log_level": "INFO (default)",
+        },
         "reference_settings": REF_SETTINGS,
         "postgres_settings": "fsync on" if args.fsync else "fsync/synchronous_commit off",
         "machine": machine(),

@@ -53,8 +53,17 @@ GRAPHILE_SETTINGS: dict[str, Any] = {
 # Graphile Worker's default max_attempts is 25; the demo queue's is 5, so retries count alike.
 ADD_JOB = (
     "SELECT graphile_worker.add_job('deliver', "
-    "json_build_object('url', %s::text, 'payload', %s::json), max_attempts => 5)"
+    "json_build_object('url', %(url)s::text, 'payload', %(payload)s::json), max_attempts => 5)"
 )
+# relay's own outbox, the queue of relay's that Graphile Worker's jobs table compares with: a
+# row per event in the writer's transaction (as relay.publish does; its source sends every
+# topic to the receiver, the URL being in relay's configuration, not in the row).
+PUBLISH = "INSERT INTO relay.outbox (topic, payload) VALUES ('bench', %(payload)s::jsonb)"
+OUTBOX_BACKLOG = (
+    "INSERT INTO relay.outbox (topic, payload) "
+    "SELECT 'bench', jsonb_build_object('n', g) FROM generate_series(1, %s) g"
+)
+OUTBOX_UNSETTLED = "SELECT count(*) FROM relay.outbox WHERE status IN ('pending', 'processing')"
 # The drain's backlog, in one statement as relay's (an INSERT ... SELECT): the same jobs through
 # add_jobs, Graphile Worker's bulk form (20,000 add_job calls took 15 s of the bench's time).
 ADD_JOBS_BACKLOG = (
@@ -71,8 +80,14 @@ UNSETTLED = (
     "WHERE locked_at IS NOT NULL OR attempts < max_attempts"
 )
 
-PEERS = ("relay", "graphile", "reference")
-LABELS = {"relay": "relay", "graphile": "Graphile Worker", "reference": "reference loop"}
+PEERS = ("relay", "outbox", "graphile", "reference")
+LABELS = {
+    "relay": "relay, your table",
+    "outbox": "relay, its outbox",
+    "graphile": "Graphile Worker",
+    "reference": "reference loop",
+}
+MINE = ("relay", "outbox")  # the peers that are relay
 
 
 def env(db: str) -> dict[str, str]:
@@ -183,32 +198,40 @@ def summarise(
             }
             one[workload]["rows_per_s_per_round"] = [run["rows_per_s"] for run in runs]
         out["peers"][peer] = one
-    for other in ("graphile", "reference"):
-        if other not in peers:
+    for mine in MINE:
+        if mine not in peers:
             continue
-        r: dict[str, Any] = {}
-        for workload, key in (
-            ("drain", "rows_per_s"),
-            ("drain", "worker_cpu_s_per_1k"),
-            ("drain", "pg_cpu_s_per_1k"),
-            ("drain", "receiver_cpu_s_per_1k"),
-            ("drain", "worker_pg_cpu_s_per_1k"),
-            ("drain", "total_cpu_s_per_1k"),
-            ("drain", "statements_per_1k"),
-            ("drain", "peak_rss_mb"),
-            ("live", "rows_per_s"),
-            ("live", "worker_cpu_s_per_1k"),
-            ("latency", "p50_ms"),
-            ("latency", "p99_ms"),
-        ):
-            per_round = ratios(rounds.get(workload, []), key, "relay", other)
-            r[f"{workload}_{key}"] = {"median": median(per_round), "per_round": per_round}
-        for p in ("p50_ms", "p99_ms"):
-            x = out["peers"]["relay"].get("latency", {}).get(p)
-            y = out["peers"][other].get("latency", {}).get(p)
-            r[f"latency_{p}_pooled"] = x / y if x is not None and y else None
-        out["ratios"][f"relay_over_{other}"] = r
+        for other in ("graphile", "reference"):
+            if other in peers:
+                out["ratios"][f"{mine}_over_{other}"] = _ratios(rounds, out, mine, other)
     return out
+
+
+def _ratios(
+    rounds: dict[str, list[dict[str, Any]]], out: dict[str, Any], mine: str, other: str
+) -> dict[str, Any]:
+    r: dict[str, Any] = {}
+    for workload, key in (
+        ("drain", "rows_per_s"),
+        ("drain", "worker_cpu_s_per_1k"),
+        ("drain", "pg_cpu_s_per_1k"),
+        ("drain", "receiver_cpu_s_per_1k"),
+        ("drain", "worker_pg_cpu_s_per_1k"),
+        ("drain", "total_cpu_s_per_1k"),
+        ("drain", "statements_per_1k"),
+        ("drain", "peak_rss_mb"),
+        ("live", "rows_per_s"),
+        ("live", "worker_cpu_s_per_1k"),
+        ("latency", "p50_ms"),
+        ("latency", "p99_ms"),
+    ):
+        per_round = ratios(rounds.get(workload, []), key, mine, other)
+        r[f"{workload}_{key}"] = {"median": median(per_round), "per_round": per_round}
+    for p in ("p50_ms", "p99_ms"):
+        x = out["peers"][mine].get("latency", {}).get(p)
+        y = out["peers"][other].get("latency", {}).get(p)
+        r[f"latency_{p}_pooled"] = x / y if x is not None and y else None
+    return r
 
 
 def _f(v: Any, digits: int = 0) -> str:
@@ -246,7 +269,7 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
         "| worker + PostgreSQL | statements per 1,000 | peak RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    order = [p for p in ("graphile", "relay", "reference") if p in peers]
+    order = [p for p in ("graphile", "outbox", "relay", "reference") if p in peers]
     for peer in order:
         one = summary["peers"].get(peer, {})
         lat, dr, lv = one.get("latency", {}), one.get("drain", {}), one.get("live", {})
@@ -262,8 +285,8 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
             _f(dr.get("peak_rss_mb")),
         ]
         lines.append(f"| {LABELS[peer]} | " + " | ".join(cells) + " |")
-    for other in ("graphile", "reference"):
-        r = summary["ratios"].get(f"relay_over_{other}")
+    for mine, other in [(m, o) for m in MINE for o in ("graphile", "reference")]:
+        r = summary["ratios"].get(f"{mine}_over_{other}")
         if r is None:
             continue
 
@@ -273,21 +296,23 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
             return "-" if v is None else f"{v:.2f}"
 
         lines.append(
-            f"| relay / {LABELS[other]} | {m('latency_p50_ms_pooled')} / "
+            f"| {LABELS[mine]} / {LABELS[other]} | {m('latency_p50_ms_pooled')} / "
             f"{m('latency_p99_ms_pooled')} | {m('drain_rows_per_s')} | {m('live_rows_per_s')} | "
             f"{m('drain_worker_cpu_s_per_1k')} | {m('drain_pg_cpu_s_per_1k')} | "
             f"{m('drain_receiver_cpu_s_per_1k')} | {m('drain_worker_pg_cpu_s_per_1k')} | "
             f"{m('drain_statements_per_1k')} | {m('drain_peak_rss_mb')} |"
         )
-    r = summary["ratios"].get("relay_over_graphile")
-    if r is not None:
+    for mine in MINE:
+        r = summary["ratios"].get(f"{mine}_over_graphile")
+        if r is None:
+            continue
 
-        def per_round(key: str) -> str:
+        def per_round(key: str, r: dict[str, Any] = r) -> str:
             return ", ".join(f"{v:.2f}" for v in r[key]["per_round"]) or "-"
 
         lines += [
             "",
-            f"relay / Graphile Worker per round: drain {per_round('drain_rows_per_s')}; "
+            f"{LABELS[mine]} / Graphile Worker per round: drain {per_round('drain_rows_per_s')}; "
             f"inserted while running {per_round('live_rows_per_s')}; "
             f"worker + PostgreSQL CPU per delivery {per_round('drain_worker_pg_cpu_s_per_1k')}.",
         ]
@@ -325,7 +350,8 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
             "(its documented performance preset; NO_LOG_SUCCESS=1); jobs added with "
             "`graphile_worker.add_job('deliver', …, max_attempts => 5)`, one per row in the "
             "producer's transaction, where relay's and the reference's producer INSERT a row "
-            "into webhook_delivery_queue.",
+            "into webhook_delivery_queue (relay, your table: the demo's mapping, claims in "
+            "relay.leases) or into relay.outbox (relay, its outbox: claimed in place).",
         ]
     lines += [
         "",

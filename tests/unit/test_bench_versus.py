@@ -79,7 +79,7 @@ def test_ratios_are_taken_within_each_round_and_a_failed_run_is_left_out() -> No
             SETTINGS,
         )
     )
-    assert "| relay / Graphile Worker | 2.00 / 2.00 | 1.50 |" in lines
+    assert "| relay, your table / Graphile Worker | 2.00 / 2.00 | 1.50 |" in lines
 
 
 def test_not_measured_is_said_in_the_report() -> None:

@@ -30,7 +30,7 @@ def error(raw: dict[str, Any], env: dict[str, str] | None = None) -> str:
 def test_defaults_are_sane() -> None:
     cfg = build()
     assert cfg.max_in_flight == 20
-    assert cfg.batch_size == 50
+    assert cfg.batch_size == 100
     assert cfg.listen_url == DB
     assert cfg.health_port == 8081
     (source,) = cfg.sources
@@ -143,7 +143,7 @@ def test_claim_ahead_defaults_to_what_a_hung_receiver_leaves_time_for(
     # A table source's claims heartbeat while its rows wait: a whole batch may wait.
     table = build(relay={"max_in_flight": 5})
     assert table.start_within(table.sources[0]) == float("inf")
-    assert table.claim_ahead == 50
+    assert table.claim_ahead == 100
     # Asking for more is allowed, with a warning that names the safe figure.
     assert build(relay={"max_in_flight": 5, "claim_ahead": 50}, sources=events).claim_ahead == 50
     [warning] = [r.getMessage() for r in caplog.records]

@@ -60,6 +60,7 @@ def _valid_name(name: bytes) -> bool:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+NEXT_AFTER = 1.0  # seconds an address of several may take to connect before the next is tried
 
 
 class HttpError(Exception):
@@ -525,11 +526,19 @@ class Client:
         _, host, port = key
         addresses = await self._resolve(host, port)
         errors: list[str] = []
-        for family, proto, sockaddr in addresses:
+        for n, (family, proto, sockaddr) in enumerate(addresses, 1):
             addr_info: guard.AddrInfo = (family, socket.SOCK_STREAM, proto, "", sockaddr)
             sock = self.guard.socket_factory(addr_info)  # raises Refused
+            # An address that does not answer (an IPv6 route that goes nowhere) must not use up
+            # the request's time while the name has others: each but the last gets NEXT_AFTER.
+            within = NEXT_AFTER if n < len(addresses) else None
             try:
-                conn = await self._open(sock, key, sockaddr)
+                async with asyncio.timeout(within):
+                    conn = await self._open(sock, key, sockaddr)
+            except TimeoutError:
+                sock.close()
+                errors.append(f"{sockaddr[0]}: no answer within {NEXT_AFTER:g}s")
+                continue
             except ssl.SSLError as exc:  # an OSError too: before it
                 sock.close()
                 raise HttpError(f"TLS with {guard.host_name(host)}:{port} failed: {exc}") from None

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import ipaddress
+import select
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +24,7 @@ from yarl import URL
 
 from relay import guard
 from relay.httpclient import MAX_HEAD, Client, HttpError
-from tests.network import Tripwire
+from tests.network import FixedResolver, Tripwire
 
 LOOPBACK = guard.allow(["127.0.0.0/8", "::1", "localhost"])
 
@@ -42,8 +45,9 @@ class RawServer:
     """Answers each request on a connection with `answer(request, n)` (None: say nothing);
     records the requests and how many connections were made."""
 
-    def __init__(self, answer: Answer, close_after: bool = False) -> None:
+    def __init__(self, answer: Answer, close_after: bool = False, host: str = "127.0.0.1") -> None:
         self.answer = answer
+        self.host = host
         self.close_after = close_after  # close each connection after its answer
         self.requests: list[bytes] = []
         self.connections = 0
@@ -75,7 +79,7 @@ class RawServer:
             writer.close()
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -84,7 +88,7 @@ class RawServer:
         self._server.close()
 
     def url(self, path: str = "/hook") -> URL:
-        return URL(f"http://127.0.0.1:{self.port}{path}")
+        return URL(f"http://{self.host}:{self.port}{path}")
 
 
 def ok(body: bytes = b"ok", extra: bytes = b"") -> Answer:
@@ -249,6 +253,41 @@ async def test_the_guard_decides_every_address() -> None:
     with pytest.raises(guard.Refused):
         await http.request(URL("http://localhost:9/hook"), "POST", b"{}", {}, 100)
     await http.close()
+
+
+async def test_an_address_that_does_not_answer_gives_way_to_the_next() -> None:
+    # two.test is 127.0.0.1 and 127.0.0.2. On 127.0.0.1 the port is a listener whose queue is
+    # full, so the kernel drops new SYNs and a connect there hangs; 127.0.0.2 answers.
+    async with RawServer(ok(), host="127.0.0.2") as server:
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", server.port))
+        hole.listen(0)
+        waiting = []
+        try:
+            while True:  # fill its queue: until a connect gets no answer
+                s = socket.socket()
+                s.setblocking(False)
+                waiting.append(s)
+                if s.connect_ex(("127.0.0.1", server.port)) not in (0, errno.EINPROGRESS):
+                    break
+                _, writable, _ = select.select([], [s], [], 0.2)
+                if not writable:
+                    break
+            checks = guard.Guard(
+                guard.allow(["127.0.0.0/8", "two.test"]),
+                FixedResolver({"two.test": ["127.0.0.1", "127.0.0.2"]}),
+                Tripwire(),
+            )
+            http = Client(checks, timeout=5, user_agent="relay/test", max_idle=1)
+            response = await http.request(
+                URL(f"http://two.test:{server.port}/hook"), "POST", b"{}", {}, 100
+            )
+            assert response.status == 200 and server.connections == 1
+            await http.close()
+        finally:
+            for s in waiting:
+                s.close()
+            hole.close()
 
 
 async def test_connection_refused_names_the_host_and_port() -> None:

@@ -343,10 +343,21 @@ class Store:
             return True
 
     async def ping(self) -> str | None:
-        """Why the pool cannot run a query now (within PING_WITHIN), or None: for /readyz."""
+        """Why the pool cannot run a query now (within PING_WITHIN), or None: for /readyz.
+
+        A connection the server dropped (it restarted) fails once and leaves the pool; the
+        question is whether the database answers, so a lost connection is tried again on
+        another, within the same bound."""
         try:
-            async with asyncio.timeout(PING_WITHIN), self._connection() as conn:
-                await conn.execute("SELECT 1")
+            async with asyncio.timeout(PING_WITHIN):
+                for tries_left in (1, 0):
+                    try:
+                        async with self._connection() as conn:
+                            await conn.execute("SELECT 1")
+                        return None
+                    except psycopg.OperationalError:
+                        if not tries_left:
+                            raise
         except TimeoutError:
             return f"no answer from the database within {PING_WITHIN:g}s"
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:

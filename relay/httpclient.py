@@ -404,6 +404,7 @@ class Client:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._idle_count = 0
         self._busy: set[_Connection] = set()
+        self._reaper: asyncio.TimerHandle | None = None  # closes expired idle connections
         self.connections_made = 0  # for tests and status
 
     async def request(
@@ -511,6 +512,28 @@ class Client:
         self._idle_count += 1
         if self._idle_count > self.max_idle:
             self._drop_oldest()
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.keepalive, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle for `keepalive` (to hosts relay no longer sends to, say):
+        an idle socket is bounded in time too, not only in number."""
+        self._reaper = None
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            kept = [c for c in idle if c.reusable and now - c.idle_since < self.keepalive]
+            for conn in idle:
+                if conn not in kept:
+                    conn.abort()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        self._idle_count = sum(len(idle) for idle in self._idle.values())
+        if self._idle_count:
+            oldest = min(c.idle_since for idle in self._idle.values() for c in idle)
+            wait = max(oldest + self.keepalive - now, 0.0)
+            self._reaper = asyncio.get_running_loop().call_later(wait, self._reap)
 
     def _drop_oldest(self) -> None:
         oldest: list[_Connection] | None = None
@@ -601,6 +624,9 @@ class Client:
         return out
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.abort()

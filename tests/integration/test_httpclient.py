@@ -51,6 +51,7 @@ class RawServer:
         self.close_after = close_after  # close each connection after its answer
         self.requests: list[bytes] = []
         self.connections = 0
+        self.closed = asyncio.Event()  # a connection ended (the client closed it, say)
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -77,6 +78,7 @@ class RawServer:
             pass  # the client went, or the test ended
         finally:
             writer.close()
+            self.closed.set()
 
     async def __aenter__(self) -> RawServer:
         self._server = await asyncio.start_server(self._handle, self.host, 0)
@@ -294,6 +296,18 @@ async def test_connection_refused_names_the_host_and_port() -> None:
     http = client()
     with pytest.raises(HttpError, match=r"cannot connect to 127\.0\.0\.1:9: 127\.0\.0\.1: "):
         await http.request(URL("http://127.0.0.1:9/hook"), "POST", b"{}", {}, 100)
+    await http.close()
+
+
+async def test_an_idle_connection_is_closed_after_keepalive() -> None:
+    checks = guard.Guard(LOOPBACK, guard.default_resolver(), Tripwire())
+    http = Client(checks, timeout=5, user_agent="relay/test", max_idle=4, keepalive=0.2)
+    async with RawServer(ok()) as server:
+        await http.request(server.url(), "POST", b"{}", {}, 100)
+        assert http._idle_count == 1 and not server.closed.is_set()
+        # Nothing more is sent there: the client closes it, the server sees the end.
+        await asyncio.wait_for(server.closed.wait(), 5)
+        assert http._idle_count == 0
     await http.close()
 
 

@@ -18,6 +18,7 @@ action is logged with the token's name.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,9 @@ from relay.readers import ConfigError
 log = logs.get("relay.admin")
 
 MAX_PAGE = 1000
+# How long counted depths answer /admin/sources and /admin/overview again (the dashboard
+# refreshes every 5 s; any number of them then costs one count per source in that time).
+DEPTHS_FRESH = 4.0
 
 
 def parse(raw: Any, env: Mapping[str, str]) -> dict[str, str]:
@@ -105,7 +109,19 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
             )
         return name
 
+    # The last depths and when, for the relay they were counted on: each is a count by status
+    # of every source's table (a scan of it), and every open dashboard asks every few seconds.
+    counted: dict[str, Any] = {}
+
     async def depths(current: Any) -> dict[str, Any]:
+        now = time.monotonic()
+        if counted.get("relay") is current and now - counted["at"] < DEPTHS_FRESH:
+            return counted["depths"]  # type: ignore[no-any-return]
+        out = await count_depths(current)
+        counted.update(relay=current, at=now, depths=out)
+        return out
+
+    async def count_depths(current: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in current.store.sources:
             failing = current.failing().get(name)
@@ -192,6 +208,7 @@ def routes(tokens: Mapping[str, str], relay: Callable[[], Any]) -> list[tuple[st
         count = await relay().store.retry_dead(
             name, None if keys is None else [str(k) for k in keys], when
         )
+        counted.clear()  # the depths changed: the next look counts again
         log.info(
             "admin.retry",
             who=who_,

@@ -99,6 +99,28 @@ async def test_the_admin_api_lists_dead_rows_and_retries_chosen_ones(
     assert "admin.retry who=ops source=deliveries keys=2 since=- retried=1" in caplog.text
 
 
+async def test_depths_are_counted_once_for_every_look_within_a_few_seconds_and_after_a_retry(
+    db: str,
+) -> None:
+    execute(db, DEAD)
+    config = config_mod.from_mapping(admin_raw(db), {})
+    await install(config)
+    async with serving(config) as service:
+        port = service.health_port
+        assert port is not None
+        _, first = await call(port, "GET", "/admin/sources")
+        assert first["deliveries"]["counts"] == {"dead_letter": 3, "delivered": 1}
+        # A dead row more: the dashboards' looks within DEPTHS_FRESH share one count...
+        execute(db, "INSERT INTO webhook_delivery_queue (url, status) VALUES ('x', 'dead_letter')")
+        assert (await call(port, "GET", "/admin/sources"))[1] == first
+        _, overview = await call(port, "GET", "/admin/overview")
+        assert overview["sources"] == first
+        # ...and a retry, which changes them, has the next look count again.
+        await call(port, "POST", "/admin/sources/deliveries/retry", {"keys": [999]})
+        _, after = await call(port, "GET", "/admin/sources")
+        assert after["deliveries"]["counts"] == {"dead_letter": 4, "delivered": 1}
+
+
 async def test_the_admin_api_runs_a_job_now_and_shows_it(
     db: str, caplog: pytest.LogCaptureFixture
 ) -> None:

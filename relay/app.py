@@ -157,6 +157,8 @@ class Relay:
             },
             "severed_connections": self.store.watchdog.severed + self.listener.watchdog.severed,
             "jobs": self.scheduler.status(),
+            # Endpoints paused, busy or deferred to, and targets disabled (relay.endpoints).
+            **self.deliverer.endpoints.status(),
         }
 
     async def _report(self, stop: asyncio.Event) -> None:

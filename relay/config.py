@@ -21,6 +21,7 @@ import psycopg
 
 from relay import __version__, guard, logs, readers, sources
 from relay import admin as admin_mod
+from relay import endpoints as endpoints_mod
 from relay import inbox as inbox_mod
 from relay import jobs as jobs_mod
 from relay import metrics as metrics_mod
@@ -40,7 +41,7 @@ class Config:
     listen_url: str = field(repr=False)  # the direct (non-PgBouncer) URL the listener uses
     worker_id: str
     sources: tuple[Source, ...]
-    max_in_flight: int = 20
+    max_in_flight: int = 40
     batch_size: int = 100
     # Rows claimed ahead of a free delivery slot, so that claims stay whole batches under load.
     claim_ahead: int = 50
@@ -76,6 +77,8 @@ class Config:
     metrics: metrics_mod.Settings = field(default_factory=metrics_mod.Settings)  # [metrics]
     # [log] deliveries: a `delivery.succeeded` line per success at INFO rather than DEBUG.
     log_deliveries: bool = False
+    # [endpoints]: per host and port, a request cap, a rate, the circuit breaker.
+    endpoints: endpoints_mod.Settings = field(default_factory=endpoints_mod.Settings)
 
     def claim_lifetime(self, source: Source) -> float:
         """How long a claim on this source's rows lasts before another worker may take it
@@ -160,6 +163,7 @@ _TOP_KEYS = {
     "admin",
     "metrics",
     "log",
+    "endpoints",
 }
 _SECTION_KEYS = {
     "database": {"url", "listen_url", "pgbouncer", "statement_timeout"},
@@ -319,7 +323,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
                 f"mounted on that server otherwise)"
             )
     channel = readers.ident("relay.channel", relay.get("channel", "relay"))
-    max_in_flight = readers.integer("relay.max_in_flight", relay.get("max_in_flight", 20))
+    # Requests at once, over every endpoint; each endpoint takes at most half unless
+    # [endpoints] says otherwise, so one that hangs leaves the other half to the rest.
+    max_in_flight = readers.integer("relay.max_in_flight", relay.get("max_in_flight", 40))
     # 100: a claim of ~50 rows costs PostgreSQL ~15% less per row than one of ~30 (each claim
     # is planned anew), and claim_ahead follows it within its safe bound (below).
     batch_size = readers.integer("relay.batch_size", relay.get("batch_size", 100))
@@ -409,6 +415,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         admin_tokens=admin_tokens,
         metrics=metrics_mod.parse(raw.get("metrics"), (s.name for s in configured)),
         log_deliveries=readers.boolean("log.deliveries", log_table.get("deliveries", False)),
+        endpoints=endpoints_mod.parse(raw.get("endpoints"), max_in_flight),
     )
 
 

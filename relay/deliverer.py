@@ -22,7 +22,7 @@ import orjson
 import psycopg
 from yarl import URL
 
-from relay import guard, httpclient, logs, metrics, retry
+from relay import endpoints, guard, httpclient, logs, metrics, retry
 from relay.budget import Slots
 from relay.config import Config
 from relay.db.store import RETRYABLE, oversize_reason
@@ -72,6 +72,62 @@ class Failure:
 RECENT_FAILURES = 50
 
 
+@dataclass(slots=True)
+class Job:
+    """A claimed row on its way: queued, waiting for its endpoint, or admitted (`ticket`)."""
+
+    source: Source
+    row: Claimed
+    claimed_at: float  # loop time its claim's clock started
+    request: Request | None = None
+    target: URL | None = None
+    shaped_at: datetime | None = None
+    endpoint: endpoints.Endpoint | None = None
+    ticket: float | None = None  # set once its endpoint let it send (a slot is taken)
+
+
+class Jobs:
+    """The workers' queue: claimed rows in claim order, with rows their endpoint has just let
+    through (after waiting for it) ahead of them."""
+
+    def __init__(self) -> None:
+        self._items: deque[Job] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+
+    def put(self, job: Job, *, first: bool = False) -> None:
+        if first:
+            self._items.appendleft(job)
+        else:
+            self._items.append(job)
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    async def get(self) -> Job:
+        # The job stays queued until a woken worker takes it: a worker cancelled while it
+        # wakes loses nothing.
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except asyncio.CancelledError:
+                if getter.done() and not getter.cancelled() and self._items:
+                    self.put(self._items.popleft(), first=True)  # wake another worker
+                raise
+        return self._items.popleft()
+
+    def take_all(self) -> list[Job]:
+        taken = list(self._items)
+        self._items.clear()
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def excerpt(body: bytes, limit: int) -> str:
     """At most `limit` characters from the start of a response body, for last_error and the
     log: decoded leniently, NUL dropped (PostgreSQL text cannot hold it, and one NUL would fail
@@ -91,8 +147,9 @@ class HeartbeatStore(Protocol):
 
 class Deliverer:
     """`max_in_flight` workers that take claimed rows in order, deliver each and hand its
-    settlement to the Settler. Rows claimed ahead of a free worker wait in `_queue` (the claim
-    budget bounds it to `claim_ahead` rows)."""
+    settlement to the Settler. Rows claimed ahead of a free worker wait in `_jobs` (the claim
+    budget bounds them to `claim_ahead` rows), and rows whose endpoint is busy wait in its line
+    or are deferred (relay.endpoints)."""
 
     def __init__(
         self,
@@ -112,7 +169,11 @@ class Deliverer:
         self.rand = rand
         self.network = network or guard.Network()
         self._guard: guard.Guard | None = None
-        self._queue: asyncio.Queue[tuple[Source, Claimed, float]] = asyncio.Queue()
+        self._jobs = Jobs()
+        # Per host and port: request caps, rates, the circuit breaker, disabled targets.
+        self.endpoints = endpoints.Endpoints(config.endpoints, probe_wait=config.http_timeout)
+        # Told when an endpoint is paused or resumed, or a target disabled (to record it).
+        self.on_endpoint: Callable[[str, dict[str, Any]], None] | None = None
         self._idle = asyncio.Event()
         self._finish = asyncio.Event()
         self._client: httpclient.Client | None = None
@@ -127,6 +188,8 @@ class Deliverer:
             s.name: {} for s in config.sources if s.heartbeat
         }
         self.heartbeats = 0  # heartbeat statements run (for status and tests)
+        self.deferred = {s.name: 0 for s in config.sources}  # rows deferred, per source
+        self.pauses = 0  # endpoints paused by the breaker
         self.busy = 0
         self.delivered = 0
         self.failed = 0
@@ -183,7 +246,8 @@ class Deliverer:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Rows claimed and waiting for a worker or for their endpoint."""
+        return len(self._jobs) + sum(len(e.waiting) for e in self.endpoints)
 
     async def run(self) -> None:
         """The workers, until `drain` has finished with them. A worker that dies of a bug takes
@@ -205,7 +269,7 @@ class Deliverer:
         held = self._held.get(source.name)
         if held is not None:
             held[row.key] = row.lease
-        self._queue.put_nowait((source, row, claimed_at))
+        self._jobs.put(Job(source, row, claimed_at))
 
     async def _heartbeat(self) -> None:
         """Extend the claims of the rows held, a third of a claim's lifetime apart: a claim can
@@ -266,12 +330,23 @@ class Deliverer:
             log.warning("shutdown.releasing", unfinished=self.busy)
 
     def _release_queued(self) -> int:
-        n = 0
-        while not self._queue.empty():
-            source, row, _ = self._queue.get_nowait()
-            self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
-            n += 1
-        return n
+        jobs = self._jobs.take_all()
+        for endpoint in self.endpoints:
+            if endpoint.timer is not None:
+                endpoint.timer.cancel()
+                endpoint.timer = None
+            jobs.extend(endpoint.waiting)
+            endpoint.waiting.clear()
+        for job in jobs:
+            self._release(job)
+        return len(jobs)
+
+    def _release(self, job: Job, delay: float = 0.0) -> None:
+        """Hand a row back unsent, its attempt not counted (and its endpoint slot, if any)."""
+        if job.endpoint is not None and job.ticket is not None:
+            job.endpoint.cancel(job.ticket)
+            job.ticket = None
+        self._hand_over(job.source, Settlement(job.row.key, job.row.lease, Outcome.release, delay))
 
     def _hand_over(self, source: Source, settlement: Settlement) -> None:
         held = self._held.get(source.name)
@@ -296,8 +371,9 @@ class Deliverer:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            source, row, claimed_at = await self._queue.get()
-            if loop.time() - claimed_at > self._start_within[source.name]:
+            job = await self._jobs.get()
+            source, row = job.source, job.row
+            if loop.time() - job.claimed_at > self._start_within[source.name]:
                 # It waited so long for a slot that its claim could expire mid-request.
                 log.warning(
                     "delivery.released",
@@ -306,26 +382,142 @@ class Deliverer:
                     reason="claim too close to expiry to start a request (raise "
                     "relay.claim_timeout or lower relay.claim_ahead)",
                 )
-                self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
+                self._release(job)
                 continue
             self.busy += 1
             try:
-                settlement = await self._deliver(source, row)
+                settlement = await self._deliver(job)
             except asyncio.CancelledError:
                 # Shutdown ran out of grace: hand the row back without counting the attempt.
-                self._hand_over(source, Settlement(row.key, row.lease, Outcome.release))
+                self._release(job)
                 raise
             except Exception as exc:  # a bug here must not lose the row or kill the relay
                 log.exception("delivery.crashed", source=source.name, key=row.key)
+                if job.endpoint is not None and job.ticket is not None:
+                    job.endpoint.cancel(job.ticket)
                 crashed = Attempt(False, None, f"relay error: {exc!r}")
                 settlement = self._settle_attempt(source, row, crashed, None, None)
             finally:
                 self.busy -= 1
                 if not self.busy:
                     self._idle.set()
+            if settlement is None:
+                continue  # waiting for its endpoint
             self._hand_over(source, settlement)
             if self.histograms is not None and settlement.outcome is Outcome.done:
-                self.histograms.delivered(source.name, loop.time() - claimed_at, row.since)
+                self.histograms.delivered(source.name, loop.time() - job.claimed_at, row.since)
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def _admit(self, job: Job, target: URL) -> Settlement | None:
+        """Let the row's request go (None, `job.ticket` set), wait for its endpoint (None, the
+        row in the endpoint's waiting line) or come back later (a release with a delay)."""
+        endpoint = self.endpoints.get(target)
+        loop = asyncio.get_running_loop()
+        if endpoint.waiting:
+            # Behind the rows already waiting (unless their endpoint lets more through).
+            endpoint.waiting.append(job)
+            self._let_through(endpoint)
+            return None
+        gate, value = endpoint.admit(loop.time(), 0)
+        if gate is endpoints.Gate.go:
+            job.endpoint, job.ticket = endpoint, value
+            return None
+        if gate is endpoints.Gate.wait:
+            endpoint.waiting.append(job)
+            self._tick_after(endpoint, value)
+            return None
+        return self._deferred(job, endpoint, value)
+
+    def _deferred(self, job: Job, endpoint: endpoints.Endpoint, delay: float) -> Settlement:
+        self.deferred[job.source.name] += 1
+        log.debug(
+            "delivery.deferred",
+            source=job.source.name,
+            key=job.row.key,
+            endpoint=endpoint.key,
+            state=endpoint.state.value,
+            retry_in_s=round(delay, 3),
+        )
+        return Settlement(job.row.key, job.row.lease, Outcome.release, delay)
+
+    def _tick_after(self, endpoint: endpoints.Endpoint, wait: float) -> None:
+        if endpoint.timer is None:
+            loop = asyncio.get_running_loop()
+            endpoint.timer = loop.call_later(max(wait, 0.001), self._let_through, endpoint)
+
+    def _let_through(self, endpoint: endpoints.Endpoint) -> None:
+        """The rows waiting for an endpoint: those it can take now go to the workers first,
+        those it cannot take soon are deferred, the rest wait for the next slot or tick."""
+        if endpoint.timer is not None:
+            endpoint.timer.cancel()
+            endpoint.timer = None
+        now = asyncio.get_running_loop().time()
+        while endpoint.waiting:
+            gate, value = endpoint.admit(now, 0)
+            if gate is endpoints.Gate.wait:
+                self._tick_after(endpoint, value)
+                return
+            job = endpoint.waiting.popleft()
+            if gate is endpoints.Gate.go:
+                job.endpoint, job.ticket = endpoint, value
+                self._jobs.put(job, first=True)
+            else:
+                self._hand_over(job.source, self._deferred(job, endpoint, value))
+
+    def _ended(self, job: Job, result: Attempt) -> None:
+        """A request ended: the endpoint's slot back, its breaker told, its waiting rows on."""
+        endpoint, ticket = job.endpoint, job.ticket
+        assert endpoint is not None and ticket is not None
+        job.ticket = None
+        answered = result.ms / 1000 if result.http_status is not None else None
+        change = endpoint.finish(
+            ticket,
+            asyncio.get_running_loop().time(),
+            answered,
+            endpoints.is_failure(result.http_status, result.final),
+        )
+        if change == "paused":
+            self.pauses += 1
+            log.warning(
+                "endpoint.paused",
+                endpoint=endpoint.key,
+                pause_s=endpoint.pause,
+                reason=endpoint.reason,
+                error=result.error,
+                next="one request probes it after the pause; its rows wait without using attempts",
+            )
+        elif change == "resumed":
+            log.info("endpoint.resumed", endpoint=endpoint.key)
+        if change is not None and self.on_endpoint is not None:
+            self.on_endpoint(change, {"endpoint": endpoint.key, **endpoint.status(0.0)})
+        if endpoint.waiting:
+            self._let_through(endpoint)
+
+    def _disable(self, source: Source, target: URL, result: Attempt) -> None:
+        """The target answered a status in endpoints.disable_on: no more requests to it for
+        this source until re-enabled; the row goes dead with the reason (kept, replayable)."""
+        shown = self.endpoints.target(target)
+        reason = (
+            f"HTTP {result.http_status} from {guard.display_url(shown)}: target disabled for "
+            f"source {source.name} (endpoints.disable_on); its rows are settled dead and kept; "
+            f"`relay enable {source.name} {guard.display_url(shown)}` then `relay retry "
+            f"{source.name}` sends them"
+        )
+        if (source.name, shown) not in self.endpoints.disabled:
+            self.endpoints.disabled[(source.name, shown)] = endpoints.Disabled(reason, time.time())
+            log.warning(
+                "target.disabled",
+                source=source.name,
+                target=guard.display_url(shown),
+                status=result.http_status,
+            )
+            if self.on_endpoint is not None:
+                self.on_endpoint(
+                    "disabled", {"source": source.name, "target": shown, "reason": reason}
+                )
+        result.final = True
+        result.error = f"{result.error}; {reason}"
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -334,7 +526,28 @@ class Deliverer:
         log.error("delivery.dead", source=source.name, key=row.key, reason=reason)
         return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None, row.attempt)
 
-    async def _deliver(self, source: Source, row: Claimed) -> Settlement:
+    async def _deliver(self, job: Job) -> Settlement | None:
+        source, row = job.source, job.row
+        if job.ticket is None:
+            early = self._shape(job)
+            if early is not None:
+                return early
+            if job.ticket is None:
+                return None  # waiting for its endpoint
+        request, target, now = job.request, job.target, job.shaped_at
+        assert request is not None and target is not None and now is not None
+        result = await self._post(target, request)
+        self._ended(job, result)
+        if result.http_status in self.config.endpoints.disable_on:
+            self._disable(source, target, result)
+        if self.histograms is not None:
+            self.histograms.request(source.name, result.ms / 1000)
+        return self._attempted(source, row, request, result, now)
+
+    def _shape(self, job: Job) -> Settlement | None:
+        """Everything before the request: the row's checks, its request, its target and its
+        endpoint's say. A settlement if it ends here (dead, failed, deferred)."""
+        source, row = job.source, job.row
         if row.oversize is not None:
             reason = oversize_reason(source.name, row.oversize, self.config.max_payload_bytes)
             return self._dead(source, row, reason)
@@ -356,11 +569,16 @@ class Deliverer:
             return self._settle_attempt(source, row, failed, None, None)
         target = self._checked(request.url, request.origin)
         if isinstance(target, Attempt):
-            result = target
-        else:
-            result = await self._post(target, request)
-            if self.histograms is not None:
-                self.histograms.request(source.name, result.ms / 1000)
+            return self._attempted(source, row, request, target, now)
+        disabled = self.endpoints.disabled_reason(source.name, target)
+        if disabled is not None:
+            return self._dead(source, row, disabled)
+        job.request, job.target, job.shaped_at = request, target, now
+        return self._admit(job, target)
+
+    def _attempted(
+        self, source: Source, row: Claimed, request: Request, result: Attempt, now: datetime
+    ) -> Settlement:
         labelled = self.labelled.get(source.name)
         record = source.kind.record(source, row, request, result)
         settlement = self._settle_attempt(source, row, result, record, None)

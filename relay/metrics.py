@@ -299,6 +299,9 @@ def counters(relay: Relay) -> Counts:
         add("relay_settles", relay.settler.settles.get(source, 0), source=source)
         add("relay_settled_rows", relay.settler.settled_rows.get(source, 0), source=source)
         add("relay_swept_rows", relay.sweeper.rescued.get(source, 0), source=source)
+    for source, n in relay.deliverer.deferred.items():
+        add("relay_deferred_rows", n, source=source)
+    add("relay_endpoint_pauses", relay.deliverer.pauses)
     add("relay_settles_lost", relay.settler.lost)
     add("relay_sweeps", relay.sweeper.sweeps)
     add("relay_heartbeats", relay.deliverer.heartbeats)
@@ -338,6 +341,15 @@ _HELP = {
     "relay_settles_lost": (
         "Settles that found the row no longer held by this claim (expired and taken over, "
         "deleted or changed by the application).",
+        [],
+    ),
+    "relay_deferred_rows": (
+        "Rows handed back unsent, no attempt counted, because their endpoint was paused, busy "
+        "or slow (endpoints); they come back when it can likely take them.",
+        ["source"],
+    ),
+    "relay_endpoint_pauses": (
+        "Times the circuit breaker paused an endpoint (a failed probe pauses it again).",
         [],
     ),
     "relay_sweeps": ("Sweeps run.", []),
@@ -435,7 +447,43 @@ def _gauges(relay: Relay, metrics: Metrics) -> Iterator[Metric]:
         stats.get("requests_waiting", 0),
     )
     yield _gauge("relay_reloads", "Configurations taken on by SIGHUP.", metrics.reloads())
+    yield from _endpoint_gauges(relay)
     yield from _sampled(relay)
+
+
+MAX_ENDPOINT_SERIES = 100
+
+
+def _endpoint_gauges(relay: Relay) -> Iterator[Metric]:
+    endpoints = relay.deliverer.endpoints
+    paused = [e for e in endpoints if e.state.value != "open"]
+    yield _gauge(
+        "relay_endpoints_paused", "Endpoints the circuit breaker holds paused.", len(paused)
+    )
+    each = GaugeMetricFamily(
+        "relay_endpoint_paused",
+        f"1 for each paused endpoint (host:port; at most {MAX_ENDPOINT_SERIES}).",
+        labels=["endpoint"],
+    )
+    for endpoint in sorted(paused, key=lambda e: e.key)[:MAX_ENDPOINT_SERIES]:
+        each.add_metric([endpoint.key], 1)
+    yield each
+    yield _gauge(
+        "relay_endpoint_waiting",
+        "Claimed rows waiting in relay for their endpoint's next free slot.",
+        sum(len(e.waiting) for e in endpoints),
+    )
+    disabled = GaugeMetricFamily(
+        "relay_targets_disabled",
+        "Targets disabled by their answer (endpoints.disable_on), by source.",
+        labels=["source"],
+    )
+    by_source: dict[str, int] = {}
+    for source, _ in endpoints.disabled:
+        by_source[source] = by_source.get(source, 0) + 1
+    for source, n in sorted(by_source.items()):
+        disabled.add_metric([source], n)
+    yield disabled
 
 
 def _sampled(relay: Relay) -> Iterator[Metric]:

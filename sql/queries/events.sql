@@ -48,7 +48,9 @@ SET {status} = CAST(CASE s.outcome
                         ELSE {release} END AS {status_type}),
     {due} = CASE s.outcome
                 WHEN 'retry' THEN {now} + make_interval(secs => s.delay)
-                WHEN 'release' THEN {now}
+                -- A row handed back unsent: claimable again at once (shutdown), or after the
+                -- delay its endpoint asked for (relay.endpoints: busy, slow or paused).
+                WHEN 'release' THEN {now} + make_interval(secs => s.delay)
                 ELSE t.{due} END,
     {attempts} = CASE s.outcome WHEN 'release' THEN t.{attempts} - 1 ELSE t.{attempts} END
     {extra_sets}

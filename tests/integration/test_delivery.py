@@ -332,7 +332,10 @@ async def test_requests_never_exceed_max_in_flight_and_claims_run_one_batch_ahea
 ) -> None:
     gate = asyncio.Event()
     receiver.behaviour = blocked_until(gate)
-    config = make_config(db, relay={"max_in_flight": 5, "batch_size": 10})
+    # (One receiver: its endpoint may take every slot.)
+    config = make_config(
+        db, relay={"max_in_flight": 5, "batch_size": 10}, endpoints={"max_in_flight": 5}
+    )
     await install(config)
     count = "SELECT count(*) FROM webhook_delivery_queue WHERE status = %(s)s"
     async with running(config) as relay:

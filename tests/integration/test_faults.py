@@ -209,7 +209,9 @@ def hold_until(finish: set[str], release: asyncio.Event, teardown: asyncio.Event
 async def test_sigterm_drains_within_grace_and_releases_the_rest(
     db: str, receiver: Receiver, tmp_config: Path
 ) -> None:
-    raw = raw_config(db, relay={"max_in_flight": 4, "shutdown_grace": 2})
+    raw = raw_config(
+        db, relay={"max_in_flight": 4, "shutdown_grace": 2}, endpoints={"max_in_flight": 4}
+    )
     config = write_config(tmp_config, raw)
     await install(config)
     ids = await insert_rows(db, receiver.url, 6)  # 4 in flight, 2 never claimed
@@ -251,7 +253,9 @@ async def test_sigterm_drains_within_grace_and_releases_the_rest(
 async def test_second_sigterm_while_draining_exits_at_once(
     db: str, receiver: Receiver, tmp_config: Path
 ) -> None:
-    raw = raw_config(db, relay={"max_in_flight": 2, "shutdown_grace": 60})
+    raw = raw_config(
+        db, relay={"max_in_flight": 2, "shutdown_grace": 60}, endpoints={"max_in_flight": 2}
+    )
     config = write_config(tmp_config, raw)
     await install(config)
     ids = await insert_rows(db, receiver.url, 2)

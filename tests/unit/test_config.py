@@ -29,7 +29,13 @@ def error(raw: dict[str, Any], env: dict[str, str] | None = None) -> str:
 
 def test_defaults_are_sane() -> None:
     cfg = build()
-    assert cfg.max_in_flight == 20
+    assert cfg.max_in_flight == 40
+    # Each endpoint takes at most half of the requests at once, with the breaker on and 410
+    # disabling its target.
+    assert cfg.endpoints.default.max_in_flight == 20
+    assert cfg.endpoints.default.rate is None
+    assert cfg.endpoints.breaker.enabled
+    assert cfg.endpoints.disable_on == {410}
     assert cfg.batch_size == 100
     assert cfg.listen_url == DB
     assert cfg.health_port == 8081

@@ -170,6 +170,9 @@ class Deliverer:
         self.network = network or guard.Network()
         self._guard: guard.Guard | None = None
         self._jobs = Jobs()
+        # A row let through by the slot the current worker's request just freed: that worker
+        # sends it next (set and taken with no await between, so it is the worker's own).
+        self._next: Job | None = None
         # Per host and port: request caps, rates, the circuit breaker, disabled targets.
         self.endpoints = endpoints.Endpoints(config.endpoints, probe_wait=config.http_timeout)
         # Told when an endpoint is paused or resumed, or a target disabled (to record it).
@@ -370,8 +373,12 @@ class Deliverer:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        job: Job | None = None
         while True:
-            job = await self._jobs.get()
+            # The row its endpoint let through when this worker's request freed a slot, if
+            # any, else the next in line.
+            if job is None:
+                job = await self._jobs.get()
             source, row = job.source, job.row
             if loop.time() - job.claimed_at > self._start_within[source.name]:
                 # It waited so long for a slot that its claim could expire mid-request.
@@ -383,8 +390,10 @@ class Deliverer:
                     "relay.claim_timeout or lower relay.claim_ahead)",
                 )
                 self._release(job)
+                job = None
                 continue
             self.busy += 1
+            self._next = None
             try:
                 settlement = await self._deliver(job)
             except asyncio.CancelledError:
@@ -401,11 +410,12 @@ class Deliverer:
                 self.busy -= 1
                 if not self.busy:
                     self._idle.set()
+            claimed_at, job, self._next = job.claimed_at, self._next, None
             if settlement is None:
                 continue  # waiting for its endpoint
             self._hand_over(source, settlement)
             if self.histograms is not None and settlement.outcome is Outcome.done:
-                self.histograms.delivered(source.name, loop.time() - job.claimed_at, row.since)
+                self.histograms.delivered(source.name, loop.time() - claimed_at, row.since)
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -442,16 +452,20 @@ class Deliverer:
         return Settlement(job.row.key, job.row.lease, Outcome.release, delay)
 
     def _tick_after(self, endpoint: endpoints.Endpoint, wait: float) -> None:
+        # One timer per endpoint: a slot freed before it fires lets the rows through anyway,
+        # and the timer then finds them gone or still waiting.
         if endpoint.timer is None:
             loop = asyncio.get_running_loop()
-            endpoint.timer = loop.call_later(max(wait, 0.001), self._let_through, endpoint)
+            endpoint.timer = loop.call_later(max(wait, 0.001), self._on_timer, endpoint)
 
-    def _let_through(self, endpoint: endpoints.Endpoint) -> None:
-        """The rows waiting for an endpoint: those it can take now go to the workers first,
-        those it cannot take soon are deferred, the rest wait for the next slot or tick."""
-        if endpoint.timer is not None:
-            endpoint.timer.cancel()
-            endpoint.timer = None
+    def _on_timer(self, endpoint: endpoints.Endpoint) -> None:
+        endpoint.timer = None
+        self._let_through(endpoint)
+
+    def _let_through(self, endpoint: endpoints.Endpoint, freed: bool = False) -> None:
+        """The rows waiting for an endpoint: those it can take now go to the workers (the
+        first, when the current worker's request `freed` a slot, to that worker), those it
+        cannot take soon are deferred, the rest wait for the next slot or tick."""
         now = asyncio.get_running_loop().time()
         while endpoint.waiting:
             gate, value = endpoint.admit(now, 0)
@@ -459,11 +473,14 @@ class Deliverer:
                 self._tick_after(endpoint, value)
                 return
             job = endpoint.waiting.popleft()
-            if gate is endpoints.Gate.go:
-                job.endpoint, job.ticket = endpoint, value
-                self._jobs.put(job, first=True)
-            else:
+            if gate is endpoints.Gate.defer:
                 self._hand_over(job.source, self._deferred(job, endpoint, value))
+                continue
+            job.endpoint, job.ticket = endpoint, value
+            if freed and self._next is None:
+                self._next = job
+            else:
+                self._jobs.put(job, first=True)
 
     def _ended(self, job: Job, result: Attempt) -> None:
         """A request ended: the endpoint's slot back, its breaker told, its waiting rows on."""
@@ -492,7 +509,7 @@ class Deliverer:
         if change is not None and self.on_endpoint is not None:
             self.on_endpoint(change, {"endpoint": endpoint.key, **endpoint.status(0.0)})
         if endpoint.waiting:
-            self._let_through(endpoint)
+            self._let_through(endpoint, freed=True)
 
     def _disable(self, source: Source, target: URL, result: Attempt) -> None:
         """The target answered a status in endpoints.disable_on: no more requests to it for

@@ -225,8 +225,10 @@ class Endpoint:
     def service_time(self, now: float) -> float:
         """How long a request here takes: its recent response time, or longer while the
         oldest request in flight has taken longer."""
-        oldest = now - min(self._started.values()) if self._started else 0.0
-        return max(self.latency, oldest)
+        if not self._started:
+            return self.latency
+        # Tickets are taken in time order and a dict keeps that order: the first is oldest.
+        return max(self.latency, now - next(iter(self._started.values())))
 
     def wait(self, now: float, ahead: int) -> float:
         """Seconds until a request with `ahead` rows waiting before it could start."""

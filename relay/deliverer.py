@@ -268,11 +268,24 @@ class Deliverer:
                 worker.cancel()
 
     def start(self, source: Source, row: Claimed, claimed_at: float) -> None:
-        """Queue a claimed row; `claimed_at` (loop time) is when its claim's clock started."""
+        """Take a claimed row; `claimed_at` (loop time) is when its claim's clock started.
+        Its request is built and its endpoint asked here, as it is claimed: a row its
+        endpoint lets through goes to the workers, one it cannot take yet waits in the
+        endpoint's line (no worker wakes for it), one it cannot take soon is deferred."""
         held = self._held.get(source.name)
         if held is not None:
             held[row.key] = row.lease
-        self._jobs.put(Job(source, row, claimed_at))
+        job = Job(source, row, claimed_at)
+        try:
+            early = self._shape(job)
+        except Exception as exc:  # a bug here must not lose the row or kill the relay
+            log.exception("delivery.crashed", source=source.name, key=row.key)
+            crashed = Attempt(False, None, f"relay error: {exc!r}")
+            early = self._settle_attempt(source, row, crashed, None, None)
+        if early is not None:
+            self._hand_over(source, early)
+        elif job.ticket is not None:
+            self._jobs.put(job)
 
     async def _heartbeat(self) -> None:
         """Extend the claims of the rows held, a third of a claim's lifetime apart: a claim can
@@ -411,8 +424,6 @@ class Deliverer:
                 if not self.busy:
                     self._idle.set()
             claimed_at, job, self._next = job.claimed_at, self._next, None
-            if settlement is None:
-                continue  # waiting for its endpoint
             self._hand_over(source, settlement)
             if self.histograms is not None and settlement.outcome is Outcome.done:
                 self.histograms.delivered(source.name, loop.time() - claimed_at, row.since)
@@ -543,16 +554,13 @@ class Deliverer:
         log.error("delivery.dead", source=source.name, key=row.key, reason=reason)
         return Settlement(row.key, row.lease, Outcome.dead, 0.0, reason, None, row.attempt)
 
-    async def _deliver(self, job: Job) -> Settlement | None:
+    async def _deliver(self, job: Job) -> Settlement:
+        """Send an admitted row's request (`start` built it) and come to its settlement."""
         source, row = job.source, job.row
-        if job.ticket is None:
-            early = self._shape(job)
-            if early is not None:
-                return early
-            if job.ticket is None:
-                return None  # waiting for its endpoint
         request, target, now = job.request, job.target, job.shaped_at
         assert request is not None and target is not None and now is not None
+        if self._wants[source.name]:
+            now = datetime.now(UTC)  # what the attempt log and write-backs see as its start
         result = await self._post(target, request)
         self._ended(job, result)
         if result.http_status in self.config.endpoints.disable_on:

@@ -26,6 +26,7 @@ from relay.config import Config, ConfigError
 from relay.dashboard import History
 from relay.db.store import RETRYABLE, Store
 from relay.deliverer import Deliverer
+from relay.endpoint_states import EndpointStates
 from relay.listener import Listener
 from relay.scheduler import Scheduler
 from relay.server import Route, serve
@@ -91,6 +92,11 @@ class Relay:
             network=network,
             histograms=histograms,
         )
+        # Disabled targets and pauses, kept in relay.endpoints.
+        self.endpoint_states = EndpointStates(
+            self.store, self.deliverer.endpoints, reload_every=config.sweep_interval
+        )
+        self.deliverer.on_endpoint = self.endpoint_states.changed
         self.claimers = {
             s.name: Claimer(s, config, self.store, self.deliverer, self.slots)
             for s in config.sources
@@ -258,6 +264,7 @@ class Relay:
                 tg.create_task(self._report(stop), name="progress"),
                 tg.create_task(self.scheduler.run(stop), name="scheduler"),
                 tg.create_task(self.sampler.run(stop), name="metrics.sampler"),
+                tg.create_task(self.endpoint_states.run(stop), name="endpoint_states"),
                 *(
                     tg.create_task(c.run(stop), name=f"claimer:{n}")
                     for n, c in self.claimers.items()

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="every dead row of the source")
     which.add_argument("--since", help="those made (or, for Documenso jobs, failed) since, ISO")
+    enable = sub.add_parser(
+        "enable", help="send again to targets a source disabled (410 Gone, endpoints.disable_on)"
+    )
+    enable.add_argument("source", help="the source name from the configuration")
+    enable.add_argument("target", nargs="?", help="the target URL (default: all of the source's)")
     jobs = sub.add_parser("jobs", help="the scheduled jobs: last run, next occurrence")
     jobs.add_argument("--run", metavar="NAME", help="run this job now, once")
     return p
@@ -163,6 +168,7 @@ async def _with_store(config: Config, command: str, args: argparse.Namespace) ->
                     print(f"{name}: {shown}; oldest due row waiting: {age}")
                 await _about(store, failing)
                 await _job_lines(store, config)
+                await _endpoint_lines(store)
                 if failing:
                     return EXIT_FAILED
             elif command == "retry-dead":
@@ -172,6 +178,17 @@ async def _with_store(config: Config, command: str, args: argparse.Namespace) ->
                 await _dead(store, _source(store, command, source), args.limit, args.after)
             elif command == "retry":
                 await _retry(store, _source(store, command, source), args)
+            elif command == "enable":
+                enabled = await store.enable_targets(_source(store, command, source), args.target)
+                for target in enabled:
+                    print(f"{source}: {logs.field(target)} enabled")
+                if not enabled:
+                    print(f"{source}: no disabled target{' like that' if args.target else 's'}")
+                else:
+                    print(
+                        f"running relays send to them again within relay.sweep_interval; "
+                        f"`relay retry {source} --all` sends the rows that went dead meanwhile"
+                    )
             elif command == "jobs":
                 if args.run is not None:
                     return await _run_job(store, config, args.run)
@@ -319,6 +336,28 @@ async def _job_lines(store: Store, config: Config) -> None:
             f"{shown}; last run {run.scheduled_for.isoformat()} by {logs.field(run.worker)} "
             f"in {run.duration_ms:.1f} ms: {result}"
         )
+
+
+async def _endpoint_lines(store: Store) -> None:
+    """Endpoints paused by a relay's circuit breaker, and targets disabled by their answer."""
+    try:
+        rows = await store.endpoint_states()
+    except psycopg.errors.UndefinedTable:
+        print("endpoints: relay.endpoints does not exist; run `relay install`")
+        return
+    for state, target, source, worker, reason, since, _until, resumes_in in rows:
+        # Targets and reasons come from rows and answers: shown escaped, never raw.
+        if state == "paused":
+            when = f"probed in {resumes_in:.0f}s" if resumes_in > 0 else "probe overdue (stale?)"
+            print(
+                f"endpoint {logs.field(target)}: paused by {logs.field(worker)} since "
+                f"{since.isoformat()}, {when}: {logs.escape(reason)}"
+            )
+        else:
+            print(
+                f"sources.{source}: target {logs.field(target)} disabled since "
+                f"{since.isoformat()} (`relay enable {source}` to send again)"
+            )
 
 
 async def _prepare(store: Store, each: bool) -> dict[str, str]:

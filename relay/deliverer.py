@@ -499,12 +499,9 @@ class Deliverer:
         assert endpoint is not None and ticket is not None
         job.ticket = None
         answered = result.ms / 1000 if result.http_status is not None else None
-        change = endpoint.finish(
-            ticket,
-            asyncio.get_running_loop().time(),
-            answered,
-            endpoints.is_failure(result.http_status, result.final),
-        )
+        now = asyncio.get_running_loop().time()
+        failed = endpoints.is_failure(result.http_status, result.final)
+        change = endpoint.finish(ticket, now, answered, failed)
         if change == "paused":
             self.pauses += 1
             log.warning(
@@ -518,7 +515,7 @@ class Deliverer:
         elif change == "resumed":
             log.info("endpoint.resumed", endpoint=endpoint.key)
         if change is not None and self.on_endpoint is not None:
-            self.on_endpoint(change, {"endpoint": endpoint.key, **endpoint.status(0.0)})
+            self.on_endpoint(change, {"endpoint": endpoint.key, **endpoint.status(now)})
         if endpoint.waiting:
             self._let_through(endpoint, freed=True)
 

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ _SCHEMA_SQL = (sqltext.sql_dir() / "triggers" / "relay_schema.sql").read_text()
 _UNINSTALL_SQL = (sqltext.sql_dir() / "triggers" / "uninstall.sql").read_text()
 _JOBS = sqltext.load_queries(sqltext.sql_dir() / "queries" / "jobs.sql")
 _INBOX = sqltext.load_queries(sqltext.sql_dir() / "queries" / "inbox.sql")
+_ENDPOINTS = sqltext.load_queries(sqltext.sql_dir() / "queries" / "endpoints.sql")
 
 RETRYABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How long a connection may stay silent while one source is checked or installed (a few dozen
@@ -400,6 +401,45 @@ class Store:
         async with self._connection() as conn:
             cur = await conn.execute(_JOBS["last_runs"], {"jobs": list(names)})
             return {row[0]: JobRun(*row) for row in await cur.fetchall()}
+
+    # -- endpoints held back (relay.endpoints) ------------------------------------------------
+
+    async def disabled_targets(self) -> list[tuple[str, str, str, datetime]]:
+        """(source, target, reason, since) of every target disabled by its answer."""
+        async with self._connection() as conn:
+            cur = await conn.execute(_ENDPOINTS["disabled"])
+            return list(await cur.fetchall())
+
+    async def record_endpoint(self, change: str, data: Mapping[str, Any]) -> None:
+        """Write what the deliverer's endpoints did: "disabled" a target, "paused" or
+        "resumed" an endpoint, or "stopped" (this relay's pauses end)."""
+        params: dict[str, Any] = {"worker": self.worker}
+        if change == "disabled":
+            query = _ENDPOINTS["disable"]
+            params |= {"target": data["target"], "source": data["source"]}
+            params["reason"] = data["reason"]
+        elif change == "paused":
+            query = _ENDPOINTS["pause"]
+            params |= {"target": data["endpoint"], "reason": data.get("reason") or "paused"}
+            params["seconds"] = data.get("resumes_in_s") or 0.0
+        elif change == "resumed":
+            query, params["target"] = _ENDPOINTS["resume"], data["endpoint"]
+        else:
+            query = _ENDPOINTS["resume_all"]
+        async with self._connection() as conn:
+            await conn.execute(query, params)
+
+    async def enable_targets(self, source: str, target: str | None) -> list[str]:
+        async with self._connection() as conn:
+            cur = await conn.execute(_ENDPOINTS["enable"], {"source": source, "target": target})
+            return [row[0] for row in await cur.fetchall()]
+
+    async def endpoint_states(self) -> list[tuple[Any, ...]]:
+        """For `relay status`: (state, target, source, worker, reason, since, until,
+        resumes_in seconds) of the disabled targets and the current pauses."""
+        async with self._connection() as conn:
+            cur = await conn.execute(_ENDPOINTS["listed"])
+            return list(await cur.fetchall())
 
     async def uninstall(self) -> None:
         async with self._connection() as conn, conn.transaction():

@@ -155,6 +155,20 @@ CREATE TABLE IF NOT EXISTS relay.job_runs (
     PRIMARY KEY (job, scheduled_for)
 );
 
+-- Endpoints relay holds back (relay.endpoints, [endpoints]): a target whose answer disabled it
+-- for a source (410 Gone), until `relay enable`, honoured by every relay; and an endpoint a
+-- relay's circuit breaker paused, while it is paused (for `relay status`).
+CREATE TABLE IF NOT EXISTS relay.endpoints (
+    state   text COLLATE "C" NOT NULL CHECK (state IN ('disabled', 'paused')),
+    target  text COLLATE "C" NOT NULL,           -- disabled: its URL; paused: host:port
+    source  text COLLATE "C" NOT NULL DEFAULT '', -- disabled: for this source
+    worker  text COLLATE "C" NOT NULL DEFAULT '', -- paused: by this relay (relay.worker_id)
+    reason  text        NOT NULL,
+    since   timestamptz NOT NULL DEFAULT now(),
+    until   timestamptz,                         -- paused: its next probe
+    PRIMARY KEY (state, target, source, worker)
+);
+
 -- Inboxes ([inbox.NAME]): each request's key, so a repeat is answered without running anything
 -- again; with the body for an inbox that keeps it (no statement of its own). Keys without a
 -- body are kept 30 days.

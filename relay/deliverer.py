@@ -444,13 +444,16 @@ class Deliverer:
         if gate is endpoints.Gate.go:
             job.endpoint, job.ticket = endpoint, value
             return None
-        if gate is endpoints.Gate.wait:
+        if gate is endpoints.Gate.wait or not job.source.defers:
+            # (A row whose settle cannot give it a due time waits here however long.)
             endpoint.waiting.append(job)
-            self._tick_after(endpoint, value)
+            self._tick_after(endpoint, min(value, endpoints.PARK_WITHIN))
             return None
         return self._deferred(job, endpoint, value)
 
-    def _deferred(self, job: Job, endpoint: endpoints.Endpoint, delay: float) -> Settlement:
+    def _deferred(self, job: Job, endpoint: endpoints.Endpoint, wait: float) -> Settlement:
+        """The row handed back, due when its endpoint can likely take it (paced)."""
+        delay = endpoint.defer(asyncio.get_running_loop().time(), wait)
         self.deferred[job.source.name] += 1
         log.debug(
             "delivery.deferred",
@@ -480,8 +483,10 @@ class Deliverer:
         now = asyncio.get_running_loop().time()
         while endpoint.waiting:
             gate, value = endpoint.admit(now, 0)
-            if gate is endpoints.Gate.wait:
-                self._tick_after(endpoint, value)
+            if gate is endpoints.Gate.wait or (
+                gate is endpoints.Gate.defer and not endpoint.waiting[0].source.defers
+            ):
+                self._tick_after(endpoint, min(value, endpoints.PARK_WITHIN))
                 return
             job = endpoint.waiting.popleft()
             if gate is endpoints.Gate.defer:

@@ -242,22 +242,22 @@ class Endpoint:
 
     def admit(self, now: float, ahead: int) -> tuple[Gate, float]:
         """May a row (with `ahead` rows of this endpoint waiting before it) send its request
-        now? On `go` a slot is taken (`finish` gives it back); otherwise how long to wait or
-        to defer the row."""
+        now? On `go` a slot is taken (`finish` gives it back) and the value is its ticket;
+        otherwise the value is how long until it likely could (`defer` paces a deferral)."""
         self.last_used = now
         probe = False
         if self.state is State.paused:
             if now < self.until:
-                return Gate.defer, self.defer(now, self.until - now)
+                return Gate.defer, self.until - now
             self.state, probe = State.probing, True
         elif self.state is State.probing:
             # One request tests the endpoint; the others come back after its answer.
-            return Gate.defer, self.defer(now, self.probe_wait)
+            return Gate.defer, self.probe_wait
         wait = 0.0 if probe else self.wait(now, ahead)
         if wait > 0:
             if wait <= PARK_WITHIN:
                 return Gate.wait, wait
-            return Gate.defer, self.defer(now, wait)
+            return Gate.defer, wait
         self._tickets += 1
         ticket = self._tickets
         self._started[ticket] = now

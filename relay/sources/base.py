@@ -66,6 +66,9 @@ class Source:
     heartbeat: bool = False
     # Fixed targets by the key that sets them, for the outbound guard's check at load.
     targets: Mapping[str, str] = field(default_factory=dict)
+    # A row handed back with a delay waits it out (its settle gives it a due time), so a busy
+    # or paused endpoint's rows can be deferred; otherwise they wait in relay (relay.endpoints).
+    defers: bool = True
 
     @property
     def kind_name(self) -> str:

@@ -148,6 +148,8 @@ class DocumensoJobs(Plain):
             # Documenso's own rule for a stuck job is the claim's lifetime.
             lifetime=stuck_after,
             targets={f"{where}.forward.{j!r}": u for j, u in forward.items()},
+            # "BackgroundJob" has no due column: a job handed back is PENDING at once.
+            defers=False,
         )
 
     async def prepare(

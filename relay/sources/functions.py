@@ -171,6 +171,8 @@ class Functions(Plain):
             retry=policy,
             heartbeat=spec.heartbeat is not None,
             targets=fixed_targets(spec.shape),
+            # A row handed back waits only if the release statement schedules it.
+            defers=spec.release is not None and "%(retry_in)s" in spec.release,
         )
 
     async def prepare(

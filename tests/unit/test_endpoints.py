@@ -3,6 +3,8 @@ given explicitly (the loop's clock in relay)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from yarl import URL
 
@@ -32,16 +34,17 @@ def test_a_busy_endpoint_makes_rows_wait_when_a_slot_is_near_and_defers_them_oth
     gate, wait = e.admit(0.5, 0)
     assert gate is Gate.wait and 0 < wait <= endpoints.PARK_WITHIN
     # With four rows waiting before it, its turn is more than a second away: handed back.
-    gate, delay = e.admit(0.5, 4)
-    assert gate is Gate.defer and delay > endpoints.PARK_WITHIN
+    gate, wait = e.admit(0.5, 4)
+    assert gate is Gate.defer and wait > endpoints.PARK_WITHIN
+    assert e.defer(0.5, wait) >= wait
 
 
 def test_deferred_rows_come_back_at_the_endpoints_pace_not_all_at_once() -> None:
     e = endpoint(cap=2)
     go(e, 0.0), go(e, 0.0)
     e.latency = 2.0  # answers take 2 s: two slots serve a row a second
-    delays = [e.admit(0.0, 10)[1] for _ in range(5)]
-    assert all(later - earlier == pytest.approx(1.0) for earlier, later in zip(delays, delays[1:]))
+    delays = [e.defer(0.0, e.admit(0.0, 10)[1]) for _ in range(5)]
+    assert all(b - a == pytest.approx(1.0) for a, b in itertools.pairwise(delays))
     assert e.deferred == 5
 
 

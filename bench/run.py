@@ -23,6 +23,8 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    node and npm are there, else "not measured") and the reference in interleaved rounds on
    latency, a drain and rows inserted while running, with every process's CPU per delivery,
    peak RSS and statements per 1,000 deliveries (`--only graphile` runs it alone).
+8. isolation: a healthy endpoint's backlog drained alone and with one row in ten for an
+   endpoint that never answers (bench/isolation.py).
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -58,7 +60,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
-from bench import history, versus
+from bench import history, isolation, versus
 from relay.db.sqltext import sql_dir
 from relay.demo import QUEUE_SOURCE
 from relay.embedded import EmbeddedPostgres, free_port
@@ -100,6 +102,9 @@ FULL = {
     "versus_latency_rows": 500,
     "versus_drain_rows": 20000,
     "versus_live_rows": 20000,
+    # One endpoint hanging next to a healthy one (bench/isolation.py).
+    "isolation_rows": 20000,
+    "isolation_rounds": 4,
 }
 QUICK = {
     **FULL,
@@ -115,6 +120,8 @@ QUICK = {
     "versus_latency_rows": 200,
     "versus_drain_rows": 5000,
     "versus_live_rows": 5000,
+    "isolation_rows": 5000,
+    "isolation_rounds": 2,
 }
 
 # What each peer's producer writes into (bench/producer.py --into).
@@ -1283,8 +1290,9 @@ def markdown(r: dict[str, Any]) -> str:
         ceil.get("rps"),
         None,
     )
-    if not set(w) - {"leases", "graphile"}:  # --only leases/graphile: no empty table of the others
+    if not set(w) - {"leases", "graphile", "isolation"}:  # --only these: no empty table
         del lines[table_start - 1 :]
+    lines += isolation.markdown(w.get("isolation"), s)
     lines += leases_markdown(r)
     lines += versus.markdown(w.get("graphile"), s)
     if r["errors"]:
@@ -1451,6 +1459,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench.drain("reference", s["backlog_rows"], "backlog", rss=True),
             ),
             ("idle_relay", lambda: bench.idle(s)),
+            ("isolation", lambda: isolation.run(bench, s)),
             # These two restart PostgreSQL with pg_stat_statements loaded: last.
             ("graphile", lambda: bench.versus(s)),
             ("leases", lambda: bench.leases(s)),

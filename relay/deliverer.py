@@ -434,13 +434,10 @@ class Deliverer:
         """Let the row's request go (None, `job.ticket` set), wait for its endpoint (None, the
         row in the endpoint's waiting line) or come back later (a release with a delay)."""
         endpoint = self.endpoints.get(target)
-        loop = asyncio.get_running_loop()
         if endpoint.waiting:
-            # Behind the rows already waiting (unless their endpoint lets more through).
-            endpoint.waiting.append(job)
-            self._let_through(endpoint)
-            return None
-        gate, value = endpoint.admit(loop.time(), 0)
+            self._let_through(endpoint)  # the rows before it first
+        # Behind the rows still waiting: its turn is that much further.
+        gate, value = endpoint.admit(asyncio.get_running_loop().time(), len(endpoint.waiting))
         if gate is endpoints.Gate.go:
             job.endpoint, job.ticket = endpoint, value
             return None
@@ -487,6 +484,7 @@ class Deliverer:
                 gate is endpoints.Gate.defer and not endpoint.waiting[0].source.defers
             ):
                 self._tick_after(endpoint, min(value, endpoints.PARK_WITHIN))
+                self._trim(endpoint, now)
                 return
             job = endpoint.waiting.popleft()
             if gate is endpoints.Gate.defer:
@@ -497,6 +495,17 @@ class Deliverer:
                 self._next = job
             else:
                 self._jobs.put(job, first=True)
+
+    def _trim(self, endpoint: endpoints.Endpoint, now: float) -> None:
+        """Defer the rows at the end of an endpoint's line whose turn is no longer near (its
+        requests take longer than when they joined it): they hold claim budget the other
+        endpoints' rows need."""
+        while len(endpoint.waiting) > 1 and endpoint.waiting[-1].source.defers:
+            gate, value = endpoint.admit(now, len(endpoint.waiting) - 1)
+            if gate is not endpoints.Gate.defer:
+                return
+            job = endpoint.waiting.pop()
+            self._hand_over(job.source, self._deferred(job, endpoint, value))
 
     def _ended(self, job: Job, result: Attempt) -> None:
         """A request ended: the endpoint's slot back, its breaker told, its waiting rows on."""

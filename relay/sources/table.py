@@ -586,6 +586,13 @@ def _compile(
         release = sql.SQL("CASE WHEN t.{} > 1 THEN {} ELSE {} END").format(
             ident(spec.attempts), sql.Literal(spec.retry), release
         )
+    if spec.processing is not None or spec.lease_column is not None:
+        # A row handed back with a delay (its endpoint busy or paused: relay.endpoints) waits
+        # it out in the retry status, the one status whose claims look at the lease (see
+        # `_unleased`): in another pending status it would be claimable again at once.
+        release = sql.SQL("CASE WHEN r.relay_delay > 0 THEN {} ELSE {} END").format(
+            sql.Literal(spec.retry), release
+        )
     settle_sets: list[sql.Composable] = [
         sql.SQL(
             "{s} = CAST(CASE r.relay_outcome WHEN 'done' THEN {done} WHEN 'retry' THEN {retry} "

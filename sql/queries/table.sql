@@ -107,7 +107,9 @@ WITH s AS (
         due = now() + make_interval(secs => s.delay),
         attempts = CASE s.outcome WHEN 'release' THEN x.attempts - 1 ELSE x.attempts END,
         -- The status the settle leaves a retried row in: another one later means the
-        -- application moved it (see the claim).
+        -- application moved it (see the claim). None for a row handed back: its lease holds
+        -- it until its delay is out, whatever its status (a mapping with a processing status
+        -- puts it in the retry status meanwhile, see relay.sources.table).
         status = CASE s.outcome WHEN 'retry' THEN {retry}::text END
     FROM s
     WHERE x.source = {source}
@@ -120,7 +122,8 @@ WITH s AS (
 ), updated AS (
     UPDATE {table} AS t
     SET {settle_sets}
-    FROM (SELECT o.key AS relay_key, o.outcome AS relay_outcome{context}
+    FROM (SELECT o.key AS relay_key, o.outcome AS relay_outcome,
+                 o.delay AS relay_delay{context}
           FROM owned AS o) AS r
     WHERE t.{key} = ANY(%(keys)b::{key_type}[]) AND t.{key} = r.relay_key AND {live}
     RETURNING t.{key}

@@ -30,6 +30,7 @@ from tests.support import (
     install,
     make_config,
     publish,
+    queue_source,
     raw_config,
     run_cli,
     running,
@@ -124,6 +125,45 @@ async def test_a_hanging_endpoint_holds_only_its_cap_and_the_others_keep_going(
     # The hanging endpoint's other rows were not attempted while it hung: deferred or waiting,
     # then delivered once it answered.
     assert max(rows[i]["attempt_count"] for i in stuck) <= 1
+
+
+@pytest.mark.parametrize(
+    "mapping", ["processing", "lean", "in_row"], ids=["processing", "lean", "in_row"]
+)
+async def test_rows_deferred_ahead_of_others_do_not_hold_up_their_claims(
+    db: str, receiver: Receiver, other: Receiver, mapping: str
+) -> None:
+    # Small claims, and the hanging endpoint's rows first in key order: once they are deferred,
+    # each claim must pass over them (they wait out their delay) to the healthy rows behind.
+    hang = asyncio.Event()
+    receiver.behaviour = Concurrency(hang)
+    source = queue_source()
+    if mapping == "lean":
+        source.pop("processing")
+    elif mapping == "in_row":
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+            await conn.execute(
+                "ALTER TABLE webhook_delivery_queue ADD COLUMN relay_lease timestamptz"
+            )
+        source["lease_column"] = "relay_lease"
+    config = make_config(
+        db,
+        sources={"deliveries": source},
+        relay={"max_in_flight": 6, "batch_size": 10, "claim_timeout": 120},
+        endpoints={"max_in_flight": 2},
+        http={"timeout": 60},
+    )
+    await install(config)
+    try:
+        async with running(config) as relay:
+            await insert_rows(db, receiver.url, 50)
+            await insert_rows(db, other.url, 200)
+            await other.wait_count(200, timeout=WAIT)
+            deferred = relay.deliverer.deferred["deliveries"]
+            hang.set()
+    finally:
+        hang.set()
+    assert deferred > 0
 
 
 def failing_until(healthy: asyncio.Event) -> Callable[[web.Request, int], Any]:

@@ -1,0 +1,169 @@
+"""The `isolation` workload (issue 14): what one hanging endpoint costs the others.
+
+A backlog of `isolation_rows` rows for the bench's receiver is drained twice per round, in
+interleaved order: alone, and with one extra row in ten (interleaved by id) for an endpoint that
+accepts connections and never answers (`Blackhole`). Measured: the healthy rows' rate (from
+relay listening to the last healthy row settled) and relay's CPU per healthy delivery; their
+ratio within each round. relay runs with its defaults (each endpoint takes at most half of
+relay.max_in_flight; the hanging requests last http.timeout, 10 s, longer than a drain).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+
+HEALTHY_LEFT = (
+    "SELECT count(*) FROM webhook_delivery_queue "
+    "WHERE url = %s AND status NOT IN ('delivered', 'dead_letter')"
+)
+
+
+class Blackhole:
+    """A receiver that hangs: it accepts every connection and never reads or answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.sock.settimeout(0.2)
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="blackhole", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def drain(bench: Bench, hanging: str | None, s: dict[str, Any]) -> dict[str, Any]:
+    from bench.run import cpu_seconds, wait_until
+
+    n = s["isolation_rows"]
+    healthy = bench.target
+    db = bench.fresh_db()
+    with psycopg.connect(db, autocommit=True) as conn:
+        if hanging is None:
+            conn.execute(
+                "INSERT INTO webhook_delivery_queue (url, payload) "
+                "SELECT %s, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+                (healthy, n),
+            )
+        else:
+            # n healthy rows, and after every ten of them one for the hanging endpoint.
+            conn.execute(
+                "INSERT INTO webhook_delivery_queue (url, payload) "
+                "SELECT CASE WHEN g %% 11 = 0 THEN %s ELSE %s END, jsonb_build_object('n', g) "
+                "FROM generate_series(1, %s) g",
+                (hanging, healthy, n + n // 10),
+            )
+        conn.execute("VACUUM ANALYZE webhook_delivery_queue")
+    bench.reset_receiver()
+
+    def left() -> int:
+        with psycopg.connect(db, autocommit=True) as conn:
+            row = conn.execute(HEALTHY_LEFT, (healthy,)).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    name = "isolation-hanging" if hanging else "isolation-alone"
+    with bench.deliverer("relay", db, name) as proc:
+        ready = time.monotonic()
+        cpu_before = cpu_seconds(proc.pid)
+        wait_until(lambda: left() == 0, 600, f"{n} healthy rows to settle")
+        done = time.monotonic()
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        with psycopg.connect(db, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE attempt_count > 0), count(*) "
+                "FROM webhook_delivery_queue WHERE url <> %s",
+                (healthy,),
+            ).fetchone()
+    assert row is not None
+    return {
+        "rows": n,
+        "seconds": done - ready,
+        "rows_per_s": n / (done - ready),
+        "cpu_us_per_row": cpu / n * 1e6,
+        "received": bench.receiver_stats()["count"],
+        # The hanging endpoint's rows: how many were attempted (in flight or waited out) by
+        # the time the healthy ones were done, of how many.
+        "hanging_attempted": row[0],
+        "hanging_rows": row[1],
+    }
+
+
+def run(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
+    hole = Blackhole()
+    try:
+        rounds = []
+        for i in range(s["isolation_rounds"]):
+            order = ("alone", "hanging") if i % 2 == 0 else ("hanging", "alone")
+            one = {v: drain(bench, hole.url if v == "hanging" else None, s) for v in order}
+            rounds.append(one)
+    finally:
+        hole.close()
+    ratios = [r["hanging"]["rows_per_s"] / r["alone"]["rows_per_s"] for r in rounds]
+    cpu = [r["hanging"]["cpu_us_per_row"] / r["alone"]["cpu_us_per_row"] for r in rounds]
+    return {
+        "rounds": rounds,
+        "rows_per_s_ratio": ratios,
+        "rows_per_s_ratio_median": statistics.median(ratios),
+        "cpu_ratio_median": statistics.median(cpu),
+        "alone_rows_per_s": statistics.median(r["alone"]["rows_per_s"] for r in rounds),
+        "hanging_rows_per_s": statistics.median(r["hanging"]["rows_per_s"] for r in rounds),
+        "alone_cpu_us": statistics.median(r["alone"]["cpu_us_per_row"] for r in rounds),
+        "hanging_cpu_us": statistics.median(r["hanging"]["cpu_us_per_row"] for r in rounds),
+        "hanging_attempted": statistics.median(r["hanging"]["hanging_attempted"] for r in rounds),
+    }
+
+
+def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    if not res:
+        return []
+    n = s["isolation_rows"]
+    per_round = ", ".join(f"{x:.2f}" for x in res["rows_per_s_ratio"])
+    return [
+        "",
+        f"## One endpoint hanging ({n:,} rows for a healthy endpoint, alone and with "
+        f"{n // 10:,} more for an endpoint that never answers)",
+        "",
+        "| | healthy rows/s | relay CPU µs per healthy delivery |",
+        "| --- | ---: | ---: |",
+        f"| alone | {res['alone_rows_per_s']:,.0f} | {res['alone_cpu_us']:.0f} |",
+        f"| next to a hanging endpoint | {res['hanging_rows_per_s']:,.0f} | "
+        f"{res['hanging_cpu_us']:.0f} |",
+        f"| ratio (median of rounds) | {res['rows_per_s_ratio_median']:.2f} | "
+        f"{res['cpu_ratio_median']:.2f} |",
+        "",
+        f"Per round, healthy rows/s next to the hanging endpoint / alone: {per_round}. The "
+        f"hanging endpoint's rows attempted by the time the healthy ones were done (median): "
+        f"{res['hanging_attempted']:.0f} (its cap of requests in flight; the others waited "
+        f"or were deferred, no attempt counted).",
+    ]

@@ -83,7 +83,7 @@ class EndpointStates:
         try:
             await self.store.record_endpoint(change, data)
         except (psycopg.Error, *RETRYABLE) as exc:
-            self._failed("endpoint.record_failed", exc)
+            self._failed("record", exc)
         self.written += 1
         async with self._wrote:
             self._wrote.notify_all()
@@ -95,7 +95,7 @@ class EndpointStates:
         try:
             rows = await self.store.disabled_targets()
         except (psycopg.Error, *RETRYABLE) as exc:
-            self._failed("endpoint.reload_failed", exc)
+            self._failed("reload", exc)
             return
         found = {(source, target): (reason, since) for source, target, reason, since in rows}
         held = self.endpoints.disabled
@@ -105,13 +105,15 @@ class EndpointStates:
             if key not in held:
                 held[key] = Disabled(reason, since.timestamp())
 
-    def _failed(self, event: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException) -> None:
         # Once per run at WARNING (a database away fails every write), then at DEBUG.
-        level = "debug" if self._warned else "warning"
-        self._warned = True
         hint = (
             "run `relay install` (relay.endpoints is new in this version)"
             if isinstance(exc, psycopg.errors.UndefinedTable)
             else "tried again at the next change; the limits hold in memory meanwhile"
         )
-        getattr(log, level)(event, error=logs.first_line(exc), hint=hint)
+        if self._warned:
+            log.debug("endpoint.not_recorded", doing=what, error=logs.first_line(exc))
+        else:
+            log.warning("endpoint.not_recorded", doing=what, error=logs.first_line(exc), hint=hint)
+        self._warned = True

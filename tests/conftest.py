@@ -105,14 +105,26 @@ def db(server: Server, template: str) -> Iterator[str]:
             )
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+async def _started() -> AsyncIterator[Receiver]:
     r = Receiver()
     await r.start()
     try:
         yield r
     finally:
         await r.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async for r in _started():
+        yield r
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[Receiver]:
+    """A second receiver: another port, so another endpoint (relay.endpoints)."""
+    async for r in _started():
+        yield r
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ endpoint (host:port), a real PostgreSQL and the relay running in-process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +36,6 @@ from tests.support import (
     running,
     write_config,
 )
-
-
-@pytest.fixture
-async def other() -> AsyncIterator[Receiver]:
-    """A second receiver: another port, so another endpoint."""
-    r = Receiver()
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
 
 
 class Concurrency:

@@ -247,6 +247,7 @@ class DocumensoDocuments(Plain):
                 readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None
             ),
             app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
+            ordering=events.ordering(where, data),
         )
         return Source(
             name=name,
@@ -311,6 +312,7 @@ class DocumensoDocuments(Plain):
         # every reinstall after a migration dropped the trigger, sends what changed meanwhile.
         known = await catalog.table_exists(conn, "relay", "documenso_state")
         await conn.execute(trigger.install)
+        await events.install_ordering(conn, source)  # (its table is made just above)
         cur = await conn.execute("SELECT relay.documenso_reconcile(%s)", [known])
         row = await cur.fetchone()
         assert row is not None

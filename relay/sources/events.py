@@ -4,6 +4,7 @@ kinds; `sql/queries/events.sql` holds the statements."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay import readers
+from relay import logs, readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
@@ -27,7 +28,39 @@ from relay.sources.base import (
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
 QUERY_NAMES = ("claim", "settle", "rescue", "next_due", *OPERATIONS)
 
-COMMON_KEYS = frozenset({"kind", "url", "secret", "headers", "max_attempts"})
+COMMON_KEYS = frozenset(
+    {"kind", "url", "secret", "headers", "max_attempts", "ordering_key", "ordering_dead"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """Rows with the same key (a SQL expression over the row) are delivered one at a time, in
+    the table's key order: a row is claimed only once every earlier row of its key is settled
+    for good (delivered; or dead, unless `hold_dead`)."""
+
+    key: str
+    hold_dead: bool = False
+
+
+def ordering(where: str, data: Mapping[str, Any]) -> Ordering | None:
+    dead = data.get("ordering_dead", "skip")
+    if dead not in ("skip", "hold"):
+        raise ConfigError(
+            f"{where}.ordering_dead: expected 'skip' (a dead row no longer holds back the later "
+            f"rows of its key) or 'hold' (they wait until it is retried), got {dead!r}"
+        )
+    if "ordering_key" not in data:
+        if "ordering_dead" in data:
+            raise ConfigError(f"{where}.ordering_dead: set {where}.ordering_key too")
+        return None
+    key = readers.string(f"{where}.ordering_key", data["ordering_key"]).strip()
+    if not key or ";" in key:
+        raise ConfigError(
+            f"{where}.ordering_key: expected a SQL expression over the row, like "
+            f'"payload->>\'order_id\'" or "topic"'
+        )
+    return Ordering(key, hold_dead=dead == "hold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +78,7 @@ class EventSpec:
     # only these events.
     webhooks: bool = False
     events: tuple[str, ...] = ()
+    ordering: Ordering | None = None
 
     def target_for_topic(self, topic: str) -> str | None:
         if topic in self.topics:
@@ -123,6 +157,7 @@ async def prepare(
             "delivered_at = CASE s.outcome WHEN 'done' THEN now() ELSE t.delivered_at END"
         ),
     }
+    names |= await _ordering_names(conn, source, events)
     notify = notify_trigger(
         source.name,
         events,
@@ -135,4 +170,66 @@ async def prepare(
     return Compiled(
         queries={name: sqltext.fill(QUERIES[name], names) for name in QUERY_NAMES},
         notify=notify,
+    )
+
+
+# Statuses of a row that holds back the later rows of its key (with ordering_dead = "hold",
+# dead too).
+UNFINISHED = ("pending", "processing")
+
+
+def _unfinished(ordering: Ordering) -> sql.Composable:
+    statuses = UNFINISHED + (("dead",) if ordering.hold_dead else ())
+    return sqltext.literal_list(statuses)
+
+
+async def _ordering_names(
+    conn: psycopg.AsyncConnection[Any], source: Source, events: catalog.Table
+) -> dict[str, sql.Composable]:
+    """The claim's parts for ordering_key (none without): each candidate's key, computed over
+    it (`ordering_from`), and the condition that no earlier row of that key is unfinished
+    (`head`): only the head of each key is claimed, and not while it is in flight."""
+    spec: EventSpec = source.spec
+    if spec.ordering is None:
+        return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
+    expr = sql.SQL("(") + sqltext.Catalog(spec.ordering.key) + sql.SQL(")")
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL("SELECT {} FROM {} LIMIT 0").format(expr, events.ident), prepare=False
+            )
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"sources.{source.name}.ordering_key: {spec.ordering.key!r} is not an expression "
+            f"over {events.qualified}'s columns ({logs.first_line(exc)}); e.g. "
+            f"\"payload->>'order_id'\""
+        ) from None
+    return {
+        # In a subquery of its own, the expression's column names are the candidate's.
+        "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(expr),
+        # In this one they are the earlier row's (the innermost table).
+        "head": sql.SQL(
+            " AND NOT EXISTS (SELECT 1 FROM {table} AS e WHERE {expr} = o.relay_key "
+            "AND e.id < c.id AND e.status IN ({unfinished}))"
+        ).format(table=events.ident, expr=expr, unfinished=_unfinished(spec.ordering)),
+    }
+
+
+async def install_ordering(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
+    """The index the claim's ordering condition looks earlier rows up by: each key's unfinished
+    rows in key order, so that a claim costs one probe per candidate however long the backlog."""
+    spec: EventSpec = source.spec
+    if spec.ordering is None:
+        return
+    digest = hashlib.sha256(spec.ordering.key.encode()).hexdigest()[:10]
+    name = f"{spec.table[1]}_ordering_{digest}_idx"
+    await conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} (({expr}), id) "
+            "WHERE status IN ('pending', 'processing', 'dead')"
+        ).format(
+            name=sql.Identifier(name),
+            table=sql.Identifier(*spec.table),
+            expr=sqltext.Catalog(spec.ordering.key),
+        )
     )

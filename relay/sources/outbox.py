@@ -91,8 +91,14 @@ class Outbox(Plain):
             headers=readers.headers(f"{where}.headers", data.get("headers", {})),
             signing_secrets=secrets,
             keys=tuple(signing.config_key(s) for s in secrets),
+            ordering=events.ordering(where, data),
         )
         return Source(name=name, kind=self, spec=spec, retry=ctx.retry, targets=targets)
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        await events.install_ordering(conn, source)
 
     async def prepare(
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext

@@ -13,6 +13,9 @@
 -- UPDATE's result, so that each (a payload built from the whole row, say) is computed once.
 -- `since` is when the row was written (created_at: the writing transaction's now()), for the
 -- commit-to-delivered histogram of /metrics.
+-- With an ordering key, {ordering_from} computes each candidate's key and {head} keeps only a
+-- key's first unfinished row (none while that one is in flight or waits for its retry): one
+-- index probe per candidate (relay.sources.events.install_ordering).
 -- The limit is a parameter on purpose: PostgreSQL then plans each claim for the table as it
 -- is now (a cached generic plan, made while the table was small, would go on scanning it
 -- whole after it grew, until autovacuum invalidated the plan). Planning costs 0.4-0.6 ms a
@@ -23,11 +26,11 @@ WITH claimed AS (
         {due} = {now} + make_interval(secs => %(lease_seconds)s::float8),
         {attempts} = COALESCE(t.{attempts}, 0) + 1
     WHERE t.{key} = ANY(ARRAY(
-        SELECT c.{key} FROM {table} AS c
-        WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now})
+        SELECT c.{key} FROM {table} AS c{ordering_from}
+        WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now}){head}
         ORDER BY c.{key}
         LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED))
+        FOR UPDATE OF c SKIP LOCKED))
     RETURNING {returning_named}
 )
 SELECT c.key, c.lease, c.attempt, c.max_attempts, {bounded}, c.since FROM claimed AS c;

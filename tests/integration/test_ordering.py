@@ -13,7 +13,9 @@ import orjson
 import psycopg
 import pytest
 from aiohttp import web
+from psycopg import sql
 
+from relay.db.store import Store
 from tests.support import WAIT, Receiver, install, make_config, running
 
 
@@ -133,3 +135,45 @@ async def test_several_relays_deliver_each_keys_rows_one_at_a_time_in_order(
     assert all(seqs == list(range(1, per_key + 1)) for seqs in delivered.values()), {
         k: v for k, v in delivered.items() if v != sorted(v)
     }
+
+
+async def test_the_ordered_claim_probes_each_candidates_key_on_a_large_backlog(
+    db: str, receiver: Receiver
+) -> None:
+    # 100,000 rows waiting over 1,000 keys, a key's head in flight for 100 of them: the claim
+    # walks the pending rows in id order and looks each candidate's earlier rows up in the
+    # ordering index, never scanning the table.
+    config = make_config(db, sources=outbox(receiver))
+    await install(config)
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO relay.outbox (topic, payload, status) "
+            "SELECT 't', jsonb_build_object('doc', 'd' || (g % 1000), 'seq', g / 1000), "
+            "       CASE WHEN g <= 100 THEN 'processing' ELSE 'pending' END "
+            "FROM generate_series(1, 100000) g"
+        )
+        await conn.execute("VACUUM ANALYZE relay.outbox")
+    store = Store(db, config.sources, channel=config.notify_channel)
+    await store.open()
+    try:
+        await store.prepare()
+        claim = store.compiled["events"].queries["claim"]
+    finally:
+        await store.close()
+    async with (
+        await psycopg.AsyncConnection.connect(db) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        cur = await conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + claim,
+            {"limit": 100, "lease_seconds": 30, "worker": "w"},
+        )
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+        cur = await conn.execute(
+            "SELECT count(DISTINCT payload->>'doc') FROM relay.outbox WHERE status = 'processing'"
+        )
+        claimed_keys = (await cur.fetchone() or [0])[0]
+    assert "Seq Scan" not in plan, plan
+    assert "outbox_ordering_" in plan, plan
+    # The heads of 100 keys not in flight: one per key, no key twice.
+    assert claimed_keys == 200, plan

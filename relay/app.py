@@ -37,6 +37,7 @@ from relay.sweeper import Sweeper
 log = logs.get("relay.app")
 
 _AGAIN = (Outcome.retry, Outcome.release)
+_FINAL = (Outcome.done, Outcome.dead)
 PROGRESS_EVERY = 10.0  # seconds between `delivery.progress` lines (only when there was work)
 # Shutdown never waits on the database for long: parts still waiting on it this long after the
 # stop have their statements cut off, and so do the last settles after the deliveries ended.
@@ -102,6 +103,7 @@ class Relay:
             for s in config.sources
         }
         self.sweeper = Sweeper(self.store, self.claimers, config.sweep_interval)
+        self._ordered = {s.name for s in config.sources if s.ordered}
         self.scheduler = Scheduler(self.store, config.jobs)
         self.listener = Listener(
             config.listen_url,
@@ -134,6 +136,10 @@ class Relay:
     def _on_settled(self, source: str, batch: list[Settlement], settled: set[Any] | None) -> None:
         # Written (or given up on): their claim budget is free again.
         self.slots.settled(len(batch))
+        if settled and source in self._ordered and any(s.outcome in _FINAL for s in batch):
+            # A key's row settled for good lets its next row be claimed: nothing notifies
+            # that (relay's own settles send no notification), so claim again now.
+            self.claimers[source].wake()
         if settled:
             due = [s.delay for s in batch if s.outcome in _AGAIN and s.key in settled]
             if due:

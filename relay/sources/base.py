@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from psycopg import sql
 
-from relay import request, secretbox
+from relay import readers, request, secretbox
 from relay.db import sqltext
 from relay.readers import ConfigError
 from relay.retry import RetryPolicy
@@ -66,6 +66,8 @@ class Source:
     heartbeat: bool = False
     # Fixed targets by the key that sets them, for the outbound guard's check at load.
     targets: Mapping[str, str] = field(default_factory=dict)
+    # ordering_key: a row settled for good may let the next row of its key be claimed.
+    ordered: bool = False
     # A row handed back with a delay waits it out (its settle gives it a due time), so a busy
     # or paused endpoint's rows can be deferred; otherwise they wait in relay (relay.endpoints).
     defers: bool = True
@@ -93,6 +95,43 @@ class Claimed:
     oversize: str | None = None
     # When the row was written (epoch seconds), where relay knows it: its own tables' created_at.
     since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """Rows with the same key (a SQL expression over the row) are delivered one at a time, in
+    the table's key order: a row is claimed only once every earlier row of its key is settled
+    for good (delivered; or dead, unless `hold_dead`)."""
+
+    key: str
+    hold_dead: bool = False
+
+    def unfinished(self, waiting: tuple[str, ...], dead: str) -> tuple[str, ...]:
+        """The statuses of a row that holds back the later rows of its key."""
+        return waiting + ((dead,) if self.hold_dead else ())
+
+    def expr(self) -> sql.Composable:
+        return sql.SQL("(") + sqltext.Catalog(self.key) + sql.SQL(")")
+
+
+def parse_ordering(where: str, data: Mapping[str, Any]) -> Ordering | None:
+    dead = data.get("ordering_dead", "skip")
+    if dead not in ("skip", "hold"):
+        raise ConfigError(
+            f"{where}.ordering_dead: expected 'skip' (a dead row no longer holds back the later "
+            f"rows of its key) or 'hold' (they wait until it is retried), got {dead!r}"
+        )
+    if "ordering_key" not in data:
+        if "ordering_dead" in data:
+            raise ConfigError(f"{where}.ordering_dead: set {where}.ordering_key too")
+        return None
+    key = readers.string(f"{where}.ordering_key", data["ordering_key"]).strip()
+    if not key or ";" in key:
+        raise ConfigError(
+            f"{where}.ordering_key: expected a SQL expression over the row, like "
+            f'"payload->>\'order_id\'" or "topic"'
+        )
+    return Ordering(key, hold_dead=dead == "hold")
 
 
 ALL_OUTCOMES = frozenset({"done", "retry", "dead"})

@@ -30,6 +30,7 @@ from relay.sources.base import (
     Plain,
     Request,
     Source,
+    parse_ordering,
 )
 
 log = logs.get("relay.sources.documenso_documents")
@@ -247,7 +248,7 @@ class DocumensoDocuments(Plain):
                 readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None
             ),
             app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
-            ordering=events.ordering(where, data),
+            ordering=parse_ordering(where, data),
         )
         return Source(
             name=name,
@@ -255,6 +256,7 @@ class DocumensoDocuments(Plain):
             spec=spec,
             retry=ctx.retry,
             targets={} if url is None else {f"{where}.url": url},
+            ordered=spec.ordering is not None,
         )
 
     async def prepare(

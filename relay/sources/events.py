@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay import logs, readers
+from relay import readers
 from relay.db import catalog, sqltext
 from relay.readers import ConfigError
 from relay.sources.base import (
@@ -20,6 +20,7 @@ from relay.sources.base import (
     WAKE_AHEAD,
     Compiled,
     DbContext,
+    Ordering,
     Source,
     bounded_values,
     notify_trigger,
@@ -31,36 +32,6 @@ QUERY_NAMES = ("claim", "settle", "rescue", "next_due", *OPERATIONS)
 COMMON_KEYS = frozenset(
     {"kind", "url", "secret", "headers", "max_attempts", "ordering_key", "ordering_dead"}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Ordering:
-    """Rows with the same key (a SQL expression over the row) are delivered one at a time, in
-    the table's key order: a row is claimed only once every earlier row of its key is settled
-    for good (delivered; or dead, unless `hold_dead`)."""
-
-    key: str
-    hold_dead: bool = False
-
-
-def ordering(where: str, data: Mapping[str, Any]) -> Ordering | None:
-    dead = data.get("ordering_dead", "skip")
-    if dead not in ("skip", "hold"):
-        raise ConfigError(
-            f"{where}.ordering_dead: expected 'skip' (a dead row no longer holds back the later "
-            f"rows of its key) or 'hold' (they wait until it is retried), got {dead!r}"
-        )
-    if "ordering_key" not in data:
-        if "ordering_dead" in data:
-            raise ConfigError(f"{where}.ordering_dead: set {where}.ordering_key too")
-        return None
-    key = readers.string(f"{where}.ordering_key", data["ordering_key"]).strip()
-    if not key or ";" in key:
-        raise ConfigError(
-            f"{where}.ordering_key: expected a SQL expression over the row, like "
-            f'"payload->>\'order_id\'" or "topic"'
-        )
-    return Ordering(key, hold_dead=dead == "hold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +150,7 @@ UNFINISHED = ("pending", "processing")
 
 
 def _unfinished(ordering: Ordering) -> sql.Composable:
-    statuses = UNFINISHED + (("dead",) if ordering.hold_dead else ())
-    return sqltext.literal_list(statuses)
+    return sqltext.literal_list(ordering.unfinished(UNFINISHED, "dead"))
 
 
 async def _ordering_names(
@@ -192,18 +162,13 @@ async def _ordering_names(
     spec: EventSpec = source.spec
     if spec.ordering is None:
         return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
-    expr = sql.SQL("(") + sqltext.Catalog(spec.ordering.key) + sql.SQL(")")
-    try:
-        async with conn.transaction():
-            await conn.execute(
-                sql.SQL("SELECT {} FROM {} LIMIT 0").format(expr, events.ident), prepare=False
-            )
-    except psycopg.Error as exc:
-        raise ConfigError(
-            f"sources.{source.name}.ordering_key: {spec.ordering.key!r} is not an expression "
-            f"over {events.qualified}'s columns ({logs.first_line(exc)}); e.g. "
-            f"\"payload->>'order_id'\""
-        ) from None
+    expr = spec.ordering.expr()
+    await catalog.check_statement(
+        conn,
+        f"sources.{source.name}.ordering_key",
+        sql.SQL("SELECT {} FROM {}").format(expr, events.ident),
+        f"not a SQL expression over {events.qualified}'s columns (e.g. \"payload->>'order_id'\")",
+    )
     return {
         # In a subquery of its own, the expression's column names are the candidate's.
         "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(expr),

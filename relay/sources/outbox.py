@@ -25,6 +25,7 @@ from relay.sources.base import (
     Plain,
     Request,
     Source,
+    parse_ordering,
 )
 
 KEYS = events.COMMON_KEYS | {"topics"}
@@ -91,9 +92,16 @@ class Outbox(Plain):
             headers=readers.headers(f"{where}.headers", data.get("headers", {})),
             signing_secrets=secrets,
             keys=tuple(signing.config_key(s) for s in secrets),
-            ordering=events.ordering(where, data),
+            ordering=parse_ordering(where, data),
         )
-        return Source(name=name, kind=self, spec=spec, retry=ctx.retry, targets=targets)
+        return Source(
+            name=name,
+            kind=self,
+            spec=spec,
+            retry=ctx.retry,
+            targets=targets,
+            ordered=spec.ordering is not None,
+        )
 
     async def install(
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext

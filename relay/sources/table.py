@@ -31,6 +31,7 @@ from relay.sources.base import (
     Dead,
     Failed,
     Notify,
+    Ordering,
     ParseContext,
     Plain,
     Request,
@@ -41,6 +42,7 @@ from relay.sources.base import (
     fixed_targets,
     keyring,
     notify_trigger,
+    parse_ordering,
     shape_columns,
     shape_expressions,
     shaped,
@@ -75,6 +77,8 @@ KEYS = (
             "last_error",
             "last_status",
             "done_at",
+            "ordering_key",
+            "ordering_dead",
             "secret_encryption",
             "retry_policy",
             "attempt_log",
@@ -197,6 +201,7 @@ class TableSpec:
     # column -> SQL expression, per moment
     write_backs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     log: attempt_log.LogSpec | None = None
+    ordering: Ordering | None = None
     # What the settle's write-backs read of relay's context values (response, attempt,
     # request): the settle computes only these.
     context: frozenset[tuple[str, str]] = frozenset()
@@ -326,6 +331,7 @@ class Table(Plain):
             else readers.string(f"{where}.filter", data["filter"]),
             heartbeat=column("heartbeat"),
             lease_column=column("lease_column"),
+            ordering=parse_ordering(where, data),
             last_error=column("last_error"),
             last_status=column("last_status"),
             done_at=column("done_at"),
@@ -350,6 +356,7 @@ class Table(Plain):
             # the row is its own token, and lasts claim_timeout (as relay.outbox's do).
             heartbeat=spec.lease_column is None,
             targets=fixed_targets(shape),
+            ordered=spec.ordering is not None,
         )
 
     # -- the database side ----------------------------------------------------------------
@@ -676,6 +683,7 @@ def _compile(
         "claim_attempt": sql.SQL(claim_attempt),
         "next_scheduled": next_scheduled,
         "oldest_due": oldest,
+        **_ordering(spec, filter_sql),
         # The dead rows' last error, HTTP status and attempts, where the mapping keeps them.
         "dead_columns": sql.SQL(", ").join(
             sql.SQL("t.{}::{}").format(ident(column), sql.SQL(kind))
@@ -736,6 +744,34 @@ def _compile(
         needs_detail=settle_ctx.needs_detail,
         detail_on=_detail_on(spec, settle_ctx),
     )
+
+
+def _ordering(spec: TableSpec, filter_sql: sql.Composable) -> dict[str, sql.Composable]:
+    """The claim's parts for ordering_key (none without): each candidate's key, computed over
+    it (`ordering_from`), and the condition that no earlier row of that key (by the table's
+    key) is unfinished: waiting, claimed or processing, or dead with ordering_dead = "hold"
+    (`head`). Only the head of each key is claimed, and not while it is in flight: a claimed
+    row stays in a waiting status or moves to processing, either way it holds its key."""
+    if spec.ordering is None:
+        return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
+    expr = spec.ordering.expr()
+    waiting = (*spec.pending, *((spec.processing,) if spec.processing else ()))
+    return {
+        # In a subquery of its own, the expression's column names are the candidate's.
+        "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(expr),
+        # In this one they are the earlier row's (the innermost table), the filter's too.
+        "head": sql.SQL(
+            " AND NOT EXISTS (SELECT 1 FROM {table} AS e WHERE {expr} = o.relay_key "
+            "AND e.{key} < t.{key} AND e.{status} IN ({unfinished}) AND {filter})"
+        ).format(
+            table=sql.Identifier(spec.schema, spec.table),
+            expr=expr,
+            key=sql.Identifier(spec.key),
+            status=sql.Identifier(spec.status),
+            unfinished=sqltext.literal_list(spec.ordering.unfinished(waiting, spec.dead)),
+            filter=filter_sql,
+        ),
+    }
 
 
 def _unleased(source: Source, spec: TableSpec) -> sql.Composable:
@@ -833,6 +869,13 @@ async def _check_expressions(
     naming its key (exit 2), instead of failing every claim or settle."""
     where = f"sources.{source.name}"
     table = sql.Identifier(spec.schema, spec.table)
+    if spec.ordering is not None:
+        await catalog.check_statement(
+            conn,
+            f"{where}.ordering_key",
+            sql.SQL("SELECT {} FROM {} AS t").format(spec.ordering.expr(), table),
+            "not a SQL expression over the table's columns",
+        )
     if spec.filter is not None:
         await catalog.check_statement(
             conn,

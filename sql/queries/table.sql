@@ -16,7 +16,9 @@
 -- {returning} (the claim's values, over t and l), {bounded} (see relay.db.sqltext.bounded),
 -- {claim_attempt} (the attempt an on_claim write-back reads, or NULL),
 -- {settle_sets}, {live} (the statuses a settle may still find the row in), {context} (the
--- write-back context: response, attempt, request), {due_now} (now() in the due column's type).
+-- write-back context: response, attempt, request), {due_now} (now() in the due column's type),
+-- {ordering_from} and {head} (ordering_key: only each key's first unfinished row is a candidate;
+-- see relay.sources.table._ordering).
 
 -- name: pick_and_lease
 -- A snippet of the two claims below: lock up to %(limit)s claimable rows with SKIP LOCKED and
@@ -29,8 +31,8 @@
 -- each candidate's lease up with a sequential scan of it, twice the claim's time on a
 -- 20,000-row drain.
 picked AS (
-    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t
-    WHERE {ready} AND {unleased}
+    SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t{ordering_from}
+    WHERE {ready} AND {unleased}{head}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
@@ -204,8 +206,8 @@ WITH picked AS (
            CASE WHEN t.{status} = {retry} THEN COALESCE(t.{attempts}, 0) + 1 ELSE 1 END
                AS relay_attempts,
            now() + make_interval(secs => %(lease_seconds)s::float8) AS relay_token
-    FROM {table} AS t
-    WHERE {ready} AND {unleased}
+    FROM {table} AS t{ordering_from}
+    WHERE {ready} AND {unleased}{head}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED

@@ -16,23 +16,50 @@ from aiohttp import web
 from psycopg import sql
 
 from relay.db.store import Store
-from tests.support import WAIT, Receiver, install, make_config, running
+from tests.support import WAIT, Receiver, install, make_config, queue_source, running
+
+KINDS = ["outbox", "table", "lean"]  # relay's outbox; the demo queue, with and without processing
 
 
-def outbox(receiver: Receiver, **keys: Any) -> dict[str, Any]:
-    return {
-        "events": {"kind": "outbox", "url": receiver.url, "ordering_key": "payload->>'doc'", **keys}
-    }
+def ordered(kind: str, receiver: Receiver, **keys: Any) -> dict[str, Any]:
+    """A source keyed by the payload's "doc"."""
+    if kind == "outbox":
+        base: dict[str, Any] = {"kind": "outbox", "url": receiver.url}
+    else:
+        base = queue_source()
+        base.pop("max_attempts_column")  # retry.max_attempts, as the outbox
+        if kind == "lean":
+            base.pop("processing")
+    return {"events": {**base, "ordering_key": "payload->>'doc'", **keys}}
 
 
-async def publish_docs(db: str, rows: list[tuple[str, int]]) -> None:
-    """relay.publish each (doc, seq) in one transaction, in the order given."""
+async def write_docs(db: str, kind: str, target: str, rows: list[tuple[str, int]]) -> None:
+    """Each (doc, seq) written in one transaction, in the order given (ids in that order)."""
+    docs, seqs = [d for d, _ in rows], [s for _, s in rows]
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        await conn.execute(
-            "SELECT relay.publish('t', jsonb_build_object('doc', d, 'seq', s)) "
-            "FROM unnest(%s::text[], %s::int[]) WITH ORDINALITY AS v(d, s, i) ORDER BY i",
-            ([d for d, _ in rows], [s for _, s in rows]),
+        if kind == "outbox":
+            await conn.execute(
+                "SELECT relay.publish('t', jsonb_build_object('doc', d, 'seq', s)) "
+                "FROM unnest(%s::text[], %s::int[]) WITH ORDINALITY AS v(d, s, i) ORDER BY i",
+                (docs, seqs),
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO webhook_delivery_queue (url, payload) "
+                "SELECT %s, jsonb_build_object('doc', d, 'seq', s) "
+                "FROM unnest(%s::text[], %s::int[]) WITH ORDINALITY AS v(d, s, i) ORDER BY i",
+                (target, docs, seqs),
+            )
+
+
+async def statuses(db: str, kind: str, doc: str) -> list[tuple[str, str]]:
+    table = "relay.outbox" if kind == "outbox" else "webhook_delivery_queue"
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        cur = await conn.execute(
+            f"SELECT payload->>'seq', status FROM {table} WHERE payload->>'doc' = %s ORDER BY id",
+            (doc,),
         )
+        return [(seq, status) for seq, status in await cur.fetchall()]
 
 
 def doc_seq(body: bytes) -> tuple[str, int]:
@@ -40,8 +67,9 @@ def doc_seq(body: bytes) -> tuple[str, int]:
     return payload["doc"], payload["seq"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_keys_rows_arrive_in_order_when_the_first_fails_twice(
-    db: str, receiver: Receiver
+    db: str, receiver: Receiver, kind: str
 ) -> None:
     async def behaviour(request: web.Request, _: int) -> web.StreamResponse:
         doc, seq = doc_seq(await request.read())
@@ -51,10 +79,11 @@ async def test_a_keys_rows_arrive_in_order_when_the_first_fails_twice(
         return web.Response(text="ok")
 
     receiver.behaviour = behaviour
-    config = make_config(db, sources=outbox(receiver))
+    # No sweep to fall back on: a key's next row is claimed because its head was settled.
+    config = make_config(db, sources=ordered(kind, receiver), relay={"sweep_interval": 600})
     await install(config)
     async with running(config):
-        await publish_docs(db, [("A", 1), ("A", 2), ("A", 3), ("B", 1), ("B", 2)])
+        await write_docs(db, kind, receiver.url, [("A", 1), ("A", 2), ("A", 3), ("B", 1), ("B", 2)])
         await receiver.wait_count(7)
     arrivals = [doc_seq(r.body) for r in receiver.received]
     # A's requests in order, its second row only after its first went through (third try);
@@ -64,9 +93,10 @@ async def test_a_keys_rows_arrive_in_order_when_the_first_fails_twice(
     assert arrivals.index(("B", 2)) < arrivals.index(("A", 2))
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("after_dead", ["skip", "hold"])
 async def test_a_dead_row_is_skipped_past_or_holds_its_key(
-    db: str, receiver: Receiver, after_dead: str
+    db: str, receiver: Receiver, after_dead: str, kind: str
 ) -> None:
     async def behaviour(request: web.Request, _: int) -> web.StreamResponse:
         if doc_seq(await request.read()) == ("A", 1):
@@ -76,31 +106,31 @@ async def test_a_dead_row_is_skipped_past_or_holds_its_key(
     receiver.behaviour = behaviour
     config = make_config(
         db,
-        sources=outbox(receiver, ordering_dead=after_dead, max_attempts=2),
+        sources=ordered(kind, receiver, ordering_dead=after_dead),
+        retry={"max_attempts": 2},
     )
     await install(config)
     async with running(config):
-        await publish_docs(db, [("A", 1), ("A", 2), ("B", 1)])
+        await write_docs(db, kind, receiver.url, [("A", 1), ("A", 2), ("B", 1)])
         # A1 twice (dead), B1; and with "skip", A2 after A1 went dead.
         await receiver.wait_count(4 if after_dead == "skip" else 3)
-        await publish_docs(db, [("B", 2)])  # a later row of another key: goes through
+        await write_docs(db, kind, receiver.url, [("B", 2)])  # another key's: goes through
         await receiver.wait_for(lambda got: ("B", 2) in [doc_seq(r.body) for r in got])
     arrivals = [doc_seq(r.body) for r in receiver.received]
     if after_dead == "skip":
         assert arrivals.index(("A", 2)) > max(i for i, a in enumerate(arrivals) if a == ("A", 1))
     else:
         assert ("A", 2) not in arrivals  # held until A1 is retried
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT payload->>'seq', status FROM relay.outbox WHERE payload->>'doc' = 'A' "
-            "ORDER BY id"
-        )
-        rows = await cur.fetchall()
-    assert rows == [("1", "dead"), ("2", "delivered" if after_dead == "skip" else "pending")]
+    dead = "dead" if kind == "outbox" else "dead_letter"
+    assert await statuses(db, kind, "A") == [
+        ("1", dead),
+        ("2", "delivered" if after_dead == "skip" else "pending"),
+    ]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_several_relays_deliver_each_keys_rows_one_at_a_time_in_order(
-    db: str, receiver: Receiver
+    db: str, receiver: Receiver, kind: str
 ) -> None:
     keys, per_key = 30, 10
     in_flight: Counter[str] = Counter()
@@ -125,11 +155,11 @@ async def test_several_relays_deliver_each_keys_rows_one_at_a_time_in_order(
             in_flight[doc] -= 1
 
     receiver.behaviour = behaviour
-    config = make_config(db, sources=outbox(receiver), retry={"max_attempts": 20})
+    config = make_config(db, sources=ordered(kind, receiver), retry={"max_attempts": 20})
     await install(config)
     rows = [(f"d{k}", s) for s in range(1, per_key + 1) for k in range(keys)]
     async with running(config), running(config), running(config):
-        await publish_docs(db, rows)
+        await write_docs(db, kind, receiver.url, rows)
         await asyncio.wait_for(all_delivered.wait(), WAIT)
     assert max(most.values()) == 1, "two requests of one key at once"
     assert all(seqs == list(range(1, per_key + 1)) for seqs in delivered.values()), {
@@ -143,7 +173,7 @@ async def test_the_ordered_claim_probes_each_candidates_key_on_a_large_backlog(
     # 100,000 rows waiting over 1,000 keys, a key's head in flight for 100 of them: the claim
     # walks the pending rows in id order and looks each candidate's earlier rows up in the
     # ordering index, never scanning the table.
-    config = make_config(db, sources=outbox(receiver))
+    config = make_config(db, sources=ordered("outbox", receiver))
     await install(config)
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
         await conn.execute(

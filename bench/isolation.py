@@ -1,4 +1,8 @@
-"""The `isolation` workload (issue 14): what one hanging endpoint costs the others.
+"""The `ordering` and `isolation` workloads (issue 14): what per-key ordering costs, and what
+one hanging endpoint costs the others.
+
+`ordering`: `isolation_rows` rows over 1,000 keys (20 each, the keys interleaved as a busy
+application writes them) drained with `ordering_key` and without, in interleaved rounds.
 
 A backlog of `isolation_rows` rows for the bench's receiver is drained twice per round, in
 interleaved order: alone, and with one extra row in ten (interleaved by id) for an endpoint that
@@ -142,6 +146,93 @@ def run(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
         "hanging_cpu_us": statistics.median(r["hanging"]["cpu_us_per_row"] for r in rounds),
         "hanging_attempted": statistics.median(r["hanging"]["hanging_attempted"] for r in rounds),
     }
+
+
+ORDER_KEYS = 1000
+
+
+def ordered_drain(bench: Bench, ordered: bool, s: dict[str, Any]) -> dict[str, Any]:
+    from bench.run import QUEUE_SOURCE, cpu_seconds, wait_until
+
+    n = s["isolation_rows"]
+    db = bench.fresh_db()
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO webhook_delivery_queue (url, payload) "
+            "SELECT %s, jsonb_build_object('doc', 'd' || (g %% %s), 'n', g) "
+            "FROM generate_series(1, %s) g",
+            (bench.target, ORDER_KEYS, n),
+        )
+    bench.reset_receiver()
+    source = {**QUEUE_SOURCE, **({"ordering_key": "payload->>'doc'"} if ordered else {})}
+    name = "ordering-on" if ordered else "ordering-off"
+    if ordered:
+        bench.install(db, name, source)  # its index, as `relay install` makes it
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE webhook_delivery_queue")
+    with bench.deliverer("relay", db, name, source=source) as proc:
+        ready = time.monotonic()
+        cpu_before = cpu_seconds(proc.pid)
+        pg_before = bench.server_cpu()
+        wait_until(lambda: bench.unsettled(db) == 0, 600, f"{n} rows to settle")
+        done = time.monotonic()
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        pg_after = bench.server_cpu()
+    pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+    return {
+        "rows": n,
+        "rows_per_s": n / (done - ready),
+        "cpu_us_per_row": cpu / n * 1e6,
+        "pg_cpu_us_per_row": pg_cpu / n * 1e6,
+    }
+
+
+def ordering(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
+    rounds = []
+    for i in range(s["isolation_rounds"]):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        one = {("on" if o else "off"): ordered_drain(bench, o, s) for o in order}
+        rounds.append(one)
+    result: dict[str, Any] = {"rounds": rounds}
+    for metric in ("rows_per_s", "cpu_us_per_row", "pg_cpu_us_per_row"):
+        for variant in ("on", "off"):
+            result[f"{variant}_{metric}"] = statistics.median(r[variant][metric] for r in rounds)
+        result[f"ratio_{metric}"] = statistics.median(
+            r["on"][metric] / r["off"][metric] for r in rounds
+        )
+    return result
+
+
+def ordering_markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    if not res:
+        return []
+    per_round = ", ".join(
+        f"{r['on']['rows_per_s'] / r['off']['rows_per_s']:.2f}" for r in res["rounds"]
+    )
+    rows = [
+        ("without ordering_key", "off"),
+        ("ordering_key, 1,000 keys", "on"),
+    ]
+    lines = [
+        "",
+        f"## Per-key ordering ({s['isolation_rows']:,} rows over {ORDER_KEYS:,} keys, the demo's "
+        f"queue)",
+        "",
+        "| | rows/s | relay CPU µs per delivery | PostgreSQL CPU µs per delivery |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, v in rows:
+        lines.append(
+            f"| {label} | {res[f'{v}_rows_per_s']:,.0f} | {res[f'{v}_cpu_us_per_row']:.0f} | "
+            f"{res[f'{v}_pg_cpu_us_per_row']:.0f} |"
+        )
+    lines += [
+        f"| ratio (median of rounds) | {res['ratio_rows_per_s']:.2f} | "
+        f"{res['ratio_cpu_us_per_row']:.2f} | {res['ratio_pg_cpu_us_per_row']:.2f} |",
+        "",
+        f"Per round, rows/s with ordering / without: {per_round}.",
+    ]
+    return lines
 
 
 def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:

@@ -23,8 +23,9 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    node and npm are there, else "not measured") and the reference in interleaved rounds on
    latency, a drain and rows inserted while running, with every process's CPU per delivery,
    peak RSS and statements per 1,000 deliveries (`--only graphile` runs it alone).
-8. isolation: a healthy endpoint's backlog drained alone and with one row in ten for an
-   endpoint that never answers (bench/isolation.py).
+8. ordering: a backlog over 1,000 keys drained with ordering_key and without;
+9. isolation: a healthy endpoint's backlog drained alone and with one row in ten for an
+   endpoint that never answers (bench/isolation.py, both).
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the
@@ -1290,8 +1291,9 @@ def markdown(r: dict[str, Any]) -> str:
         ceil.get("rps"),
         None,
     )
-    if not set(w) - {"leases", "graphile", "isolation"}:  # --only these: no empty table
+    if not set(w) - {"leases", "graphile", "isolation", "ordering"}:  # --only these
         del lines[table_start - 1 :]
+    lines += isolation.ordering_markdown(w.get("ordering"), s)
     lines += isolation.markdown(w.get("isolation"), s)
     lines += leases_markdown(r)
     lines += versus.markdown(w.get("graphile"), s)
@@ -1459,6 +1461,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench.drain("reference", s["backlog_rows"], "backlog", rss=True),
             ),
             ("idle_relay", lambda: bench.idle(s)),
+            ("ordering", lambda: isolation.ordering(bench, s)),
             ("isolation", lambda: isolation.run(bench, s)),
             # These two restart PostgreSQL with pg_stat_statements loaded: last.
             ("graphile", lambda: bench.versus(s)),

@@ -9,6 +9,7 @@ are the kind's own (one module each in relay.sources).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from psycopg import sql
 
-from relay import readers, request, secretbox
+from relay import logs, readers, request, secretbox
 from relay.db import sqltext
 from relay.readers import ConfigError
 from relay.retry import RetryPolicy
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     import psycopg
 
     from relay.db.catalog import Column, Table
+
+log = logs.get("relay.sources")
 
 # URLs, secrets and topics read by a claim are bounded too: a longer one is not loaded, and its
 # row is settled dead with the reason.
@@ -112,6 +115,46 @@ class Ordering:
 
     def expr(self) -> sql.Composable:
         return sql.SQL("(") + sqltext.Catalog(self.key) + sql.SQL(")")
+
+    def index(
+        self, schema: str, table: str, key: str, status: str, statuses: tuple[str, ...]
+    ) -> tuple[str, sql.Composed]:
+        """The index each claim looks a candidate's earlier rows up by (its name, and the
+        statement `relay install` runs): a key's rows in the table's key order, only while
+        they can hold the key back (`statuses`: waiting, claimed, dead), so that a claim costs
+        one probe per candidate however long the backlog and the history."""
+        digest = hashlib.sha256(repr((self.key, key, status, statuses)).encode()).hexdigest()
+        name = f"{table[:40]}_relay_order_{digest[:10]}"
+        statement = sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} ({expr}, {key}) "
+            "WHERE {status} IN ({statuses})"
+        ).format(
+            name=sql.Identifier(name),
+            table=sql.Identifier(schema, table),
+            expr=self.expr(),
+            key=sql.Identifier(key),
+            status=sql.Identifier(status),
+            statuses=sqltext.literal_list(statuses),
+        )
+        return name, statement
+
+
+async def ordering_index_missing(
+    conn: psycopg.AsyncConnection[Any], where: str, schema: str, name: str, statement: str
+) -> None:
+    """Warn (once, at start and in `relay check`) when the ordering index is not there: every
+    claim then reads each candidate's key's rows from the table."""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{schema}"."{name}"'])
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        log.warning(
+            "ordering.index_missing",
+            source=where,
+            index=name,
+            create=statement,
+            hint="run `relay install`, or on a large busy table run the statement with CREATE "
+            "INDEX CONCURRENTLY first; without it each claim reads the table",
+        )
 
 
 def parse_ordering(where: str, data: Mapping[str, Any]) -> Ordering | None:

@@ -4,7 +4,6 @@ kinds; `sql/queries/events.sql` holds the statements."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from relay.sources.base import (
     Source,
     bounded_values,
     notify_trigger,
+    ordering_index_missing,
 )
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
@@ -163,6 +163,10 @@ async def _ordering_names(
     if spec.ordering is None:
         return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
     expr = spec.ordering.expr()
+    name, statement = _ordering_index(spec)
+    await ordering_index_missing(
+        conn, f"sources.{source.name}", spec.table[0], name, statement.as_string(conn)
+    )
     await catalog.check_statement(
         conn,
         f"sources.{source.name}.ordering_key",
@@ -180,21 +184,13 @@ async def _ordering_names(
     }
 
 
+def _ordering_index(spec: EventSpec) -> tuple[str, sql.Composed]:
+    assert spec.ordering is not None
+    return spec.ordering.index(*spec.table, "id", "status", (*UNFINISHED, "dead"))
+
+
 async def install_ordering(conn: psycopg.AsyncConnection[Any], source: Source) -> None:
-    """The index the claim's ordering condition looks earlier rows up by: each key's unfinished
-    rows in key order, so that a claim costs one probe per candidate however long the backlog."""
+    """The index the claim's ordering condition looks earlier rows up by (Ordering.index)."""
     spec: EventSpec = source.spec
-    if spec.ordering is None:
-        return
-    digest = hashlib.sha256(spec.ordering.key.encode()).hexdigest()[:10]
-    name = f"{spec.table[1]}_ordering_{digest}_idx"
-    await conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {name} ON {table} (({expr}), id) "
-            "WHERE status IN ('pending', 'processing', 'dead')"
-        ).format(
-            name=sql.Identifier(name),
-            table=sql.Identifier(*spec.table),
-            expr=sqltext.Catalog(spec.ordering.key),
-        )
-    )
+    if spec.ordering is not None:
+        await conn.execute(_ordering_index(spec)[1])

@@ -42,6 +42,7 @@ from relay.sources.base import (
     fixed_targets,
     keyring,
     notify_trigger,
+    ordering_index_missing,
     parse_ordering,
     shape_columns,
     shape_expressions,
@@ -279,6 +280,14 @@ def _in_place(where: str, spec: TableSpec) -> None:
 class Table(Plain):
     name = "table"
     single = False
+
+    async def install(
+        self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext
+    ) -> None:
+        spec: TableSpec = source.spec
+        if spec.ordering is not None:
+            # On a large busy table, run it with CREATE INDEX CONCURRENTLY before (README).
+            await conn.execute(_ordering_index(spec)[1])
 
     def parse(self, name: str, data: Mapping[str, Any], ctx: ParseContext) -> Source:
         where = f"sources.{name}"
@@ -746,6 +755,13 @@ def _compile(
     )
 
 
+def _ordering_index(spec: TableSpec) -> tuple[str, sql.Composed]:
+    """On the user's table, made by `relay install` (see Ordering.index)."""
+    assert spec.ordering is not None
+    statuses = (*spec.pending, *((spec.processing,) if spec.processing else ()), spec.dead)
+    return spec.ordering.index(spec.schema, spec.table, spec.key, spec.status, statuses)
+
+
 def _ordering(spec: TableSpec, filter_sql: sql.Composable) -> dict[str, sql.Composable]:
     """The claim's parts for ordering_key (none without): each candidate's key, computed over
     it (`ordering_from`), and the condition that no earlier row of that key (by the table's
@@ -876,6 +892,8 @@ async def _check_expressions(
             sql.SQL("SELECT {} FROM {} AS t").format(spec.ordering.expr(), table),
             "not a SQL expression over the table's columns",
         )
+        name, statement = _ordering_index(spec)
+        await ordering_index_missing(conn, where, spec.schema, name, statement.as_string(conn))
     if spec.filter is not None:
         await catalog.check_statement(
             conn,

@@ -204,6 +204,26 @@ async def test_the_ordered_claim_probes_each_candidates_key_on_a_large_backlog(
         )
         claimed_keys = (await cur.fetchone() or [0])[0]
     assert "Seq Scan" not in plan, plan
-    assert "outbox_ordering_" in plan, plan
+    assert "outbox_relay_order_" in plan, plan
     # The heads of 100 keys not in flight: one per key, no key twice.
     assert claimed_keys == 200, plan
+
+
+async def test_install_makes_the_ordering_index_and_a_missing_one_is_named(
+    db: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(db, sources=ordered("table", receiver))
+    await install(config)
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes "
+            "WHERE tablename = 'webhook_delivery_queue' AND indexname LIKE '%relay_order%'"
+        )
+        [(name, definition)] = await cur.fetchall()
+        assert "((payload ->> 'doc'::text)), id)" in definition
+        assert "'dead_letter'" in definition  # dead rows too, for ordering_dead = "hold"
+        await conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+    async with running(config):
+        pass
+    [record] = [r for r in caplog.records if "ordering.index_missing" in r.getMessage()]
+    assert name in record.getMessage() and "CREATE INDEX IF NOT EXISTS" in record.getMessage()

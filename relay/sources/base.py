@@ -157,22 +157,29 @@ async def ordering_index_missing(
         )
 
 
-def parse_ordering(where: str, data: Mapping[str, Any]) -> Ordering | None:
+def parse_ordering(
+    where: str, data: Mapping[str, Any], default: str | None = None
+) -> Ordering | None:
+    """`ordering_key` and `ordering_dead`; a preset's `default` key unless `ordering_key` is
+    given ("" turns ordering off)."""
     dead = data.get("ordering_dead", "skip")
     if dead not in ("skip", "hold"):
         raise ConfigError(
             f"{where}.ordering_dead: expected 'skip' (a dead row no longer holds back the later "
             f"rows of its key) or 'hold' (they wait until it is retried), got {dead!r}"
         )
-    if "ordering_key" not in data:
+    if "ordering_key" not in data and default is None:
         if "ordering_dead" in data:
             raise ConfigError(f"{where}.ordering_dead: set {where}.ordering_key too")
         return None
-    key = readers.string(f"{where}.ordering_key", data["ordering_key"]).strip()
-    if not key or ";" in key:
+    given = data.get("ordering_key", default)
+    key = readers.string(f"{where}.ordering_key", given).strip()
+    if not key:
+        return None
+    if ";" in key:
         raise ConfigError(
             f"{where}.ordering_key: expected a SQL expression over the row, like "
-            f'"payload->>\'order_id\'" or "topic"'
+            f'"payload->>\'order_id\'" or "topic" ("" for none)'
         )
     return Ordering(key, hold_dead=dead == "hold")
 

@@ -204,6 +204,11 @@ def _emit(source: Source) -> sql.Composed:
     ).format(sql.Identifier(spec.app_schema, "Webhook"))
 
 
+# A document's events one at a time, in order, per webhook (one receiver's slowness never
+# holds back another's): the captured document's id, and the "Webhook" with webhooks = true.
+DOCUMENT_ORDER = "coalesce(webhook_id, '') || ':' || (payload->>'id')"
+
+
 class DocumensoDocuments(Plain):
     name = "documenso_documents"
     single = True
@@ -248,7 +253,7 @@ class DocumensoDocuments(Plain):
                 readers.secret_text(f"{where}.secret", data["secret"]) if "secret" in data else None
             ),
             app_schema=readers.ident(f"{where}.schema", data.get("schema", "public")),
-            ordering=parse_ordering(where, data),
+            ordering=parse_ordering(where, data, DOCUMENT_ORDER),
         )
         return Source(
             name=name,

@@ -544,7 +544,7 @@ class Deliverer:
             f"{source.name}` sends them"
         )
         if (source.name, shown) not in self.endpoints.disabled:
-            self.endpoints.disabled[(source.name, shown)] = endpoints.Disabled(reason, time.time())
+            self.endpoints.disable(source.name, shown, reason, time.time())
             log.warning(
                 "target.disabled",
                 source=source.name,

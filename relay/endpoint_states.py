@@ -18,7 +18,7 @@ import psycopg
 
 from relay import logs
 from relay.db.store import RETRYABLE
-from relay.endpoints import Disabled, Endpoints
+from relay.endpoints import Endpoints
 
 log = logs.get("relay.endpoints")
 
@@ -101,9 +101,9 @@ class EndpointStates:
         held = self.endpoints.disabled
         for key in [k for k in held if k not in found]:
             del held[key]  # enabled again (`relay enable`)
-        for key, (reason, since) in found.items():
-            if key not in held:
-                held[key] = Disabled(reason, since.timestamp())
+        for (source, target), (reason, since) in found.items():
+            if (source, target) not in held:
+                self.endpoints.disable(source, target, reason, since.timestamp())
 
     def _failed(self, what: str, exc: BaseException) -> None:
         # Once per run at WARNING (a database away fails every write), then at DEBUG.

@@ -44,6 +44,9 @@ MAX_DEFER = 300.0
 # Endpoints tracked at most; idle ones (nothing in flight, waiting or paused) are forgotten
 # beyond this, so URLs taken from rows cannot grow memory without bound.
 MAX_ENDPOINTS = 10_000
+# Disabled targets kept in memory at most (targets come from rows): beyond, the oldest is
+# forgotten, and a row for it is sent once more (its 410 ends it dead all the same).
+MAX_DISABLED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +400,11 @@ class Endpoints:
         for host, endpoint in list(self._by_host.items()):
             if endpoint.idle(now):
                 del self._by_host[host]
+
+    def disable(self, source: str, target: str, reason: str, since: float) -> None:
+        if len(self.disabled) >= MAX_DISABLED:
+            del self.disabled[next(iter(self.disabled))]
+        self.disabled[(source, target)] = Disabled(reason, since)
 
     @staticmethod
     def target(url: URL) -> str:

@@ -225,3 +225,11 @@ def test_config_errors_name_the_key(raw: dict[str, object], message: str) -> Non
     with pytest.raises(ConfigError) as info:
         endpoints.parse(raw, 40)
     assert message in str(info.value)
+
+
+def test_disabled_targets_in_memory_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(endpoints, "MAX_DISABLED", 3)
+    found = Endpoints(Settings(), probe_wait=10.0)
+    for n in range(5):
+        found.disable("s", f"https://h{n}.example/", "gone", float(n))
+    assert [t for _, t in found.disabled] == [f"https://h{n}.example/" for n in (2, 3, 4)]

@@ -92,6 +92,10 @@ async def test_1000_keys_arrive_in_order_across_three_relays_and_a_kill(
         assert await victim.wait_exit() == -signal.SIGKILL
         assert not everything.is_set(), "the kill came after the last delivery"
         await asyncio.wait_for(everything.wait(), WAIT * 4)
+        for relay in relays[1:]:
+            assert relay.proc is not None
+            relay.proc.send_signal(signal.SIGTERM)
+            assert await relay.wait_exit() == 0
     finally:
         for relay in relays:
             relay.kill()

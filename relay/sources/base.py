@@ -173,9 +173,9 @@ def parse_ordering(
             raise ConfigError(f"{where}.ordering_dead: set {where}.ordering_key too")
         return None
     given = data.get("ordering_key", default)
+    if isinstance(given, str) and not given.strip():
+        return None  # "": none (a preset's default turned off)
     key = readers.string(f"{where}.ordering_key", given).strip()
-    if not key:
-        return None
     if ";" in key:
         raise ConfigError(
             f"{where}.ordering_key: expected a SQL expression over the row, like "

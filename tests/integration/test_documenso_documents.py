@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from aiohttp import web
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
@@ -381,3 +382,43 @@ async def test_sending_many_documents_in_one_transaction_takes_no_subtransaction
         ).fetchone()
     assert row == (0, False)
     assert len(events(envelope_db)) == 100
+
+
+async def test_a_documents_events_arrive_in_order_when_the_first_fails(
+    envelope_db: str, receiver: Receiver
+) -> None:
+    # The preset orders a document's events by default: DOCUMENT_COMPLETED waits for
+    # DOCUMENT_SENT, which fails twice first.
+    async def behaviour(request: web.Request, _: int) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        tries = sum(1 for r in receiver.received if r.json["event"] == "DOCUMENT_SENT")
+        if body["event"] == "DOCUMENT_SENT" and tries <= 2:
+            return web.Response(status=503, text="not yet")
+        return web.Response(text="ok")
+
+    receiver.behaviour = behaviour
+    config = documenso_config(envelope_db, receiver.url)
+    await install(config)
+    with psycopg.connect(envelope_db) as conn:
+        [(key,)] = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indrelid = 'relay.documenso_events'::regclass "
+            "AND pg_get_indexdef(indexrelid) LIKE '%relay_order%'"
+        ).fetchall()
+    assert "webhook_id" in key and "'id'" in key
+    async with running(config):
+        execute(envelope_db, SEND)
+        execute(envelope_db, COMPLETE)
+        await receiver.wait_count(4)
+    assert [r.json["event"] for r in receiver.received] == [
+        "DOCUMENT_SENT",
+        "DOCUMENT_SENT",
+        "DOCUMENT_SENT",
+        "DOCUMENT_COMPLETED",
+    ]
+    with psycopg.connect(envelope_db) as conn:
+        keys = conn.execute(
+            "SELECT DISTINCT coalesce(webhook_id, '') || ':' || (payload->>'id') "
+            "FROM relay.documenso_events"
+        ).fetchall()
+    assert len(keys) == 1 and keys[0][0] is not None  # one key, the document's

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +8,7 @@ import pytest
 
 from relay import config
 from relay.config import ConfigError
+from relay.sources.base import Ordering, parse_ordering
 from tests.support import queue_source
 
 DB = "postgresql://localhost/app"
@@ -341,3 +343,22 @@ def test_statement_timeout_and_heartbeat_defaults_and_minimum() -> None:
     assert build(database={"url": DB, "statement_timeout": "250ms"}).statement_timeout == 0.25
     msg = error({"database": {"url": DB, "statement_timeout": "50ms"}, "sources": {}})
     assert msg.startswith("database.statement_timeout: must be at least 100ms")
+
+
+def test_ordering_keys() -> None:
+    assert parse_ordering("s", {}) is None
+    assert parse_ordering("s", {"ordering_key": "doc_id"}) == Ordering("doc_id")
+    assert parse_ordering("s", {"ordering_key": "doc_id", "ordering_dead": "hold"}) == Ordering(
+        "doc_id", hold_dead=True
+    )
+    # A preset's default, and "" to turn it off.
+    assert parse_ordering("s", {}, "payload->>'id'") == Ordering("payload->>'id'")
+    assert parse_ordering("s", {"ordering_key": ""}, "payload->>'id'") is None
+    for raw, message in [
+        ({"ordering_dead": "hold"}, "s.ordering_dead: set s.ordering_key too"),
+        ({"ordering_key": "a", "ordering_dead": "keep"}, "expected 'skip'"),
+        ({"ordering_key": "a; DROP TABLE x"}, "s.ordering_key: expected a SQL expression"),
+        ({"ordering_key": 3}, "s.ordering_key"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_ordering("s", raw)

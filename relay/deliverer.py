@@ -99,11 +99,14 @@ class Jobs:
             self._items.appendleft(job)
         else:
             self._items.append(job)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
         while self._getters:
             getter = self._getters.popleft()
             if not getter.done():
                 getter.set_result(None)
-                break
+                return
 
     async def get(self) -> Job:
         # The job stays queued until a woken worker takes it: a worker cancelled while it
@@ -114,8 +117,8 @@ class Jobs:
             try:
                 await getter
             except asyncio.CancelledError:
-                if getter.done() and not getter.cancelled() and self._items:
-                    self.put(self._items.popleft(), first=True)  # wake another worker
+                if getter.done() and not getter.cancelled():
+                    self._wake_one()  # its wake-up goes to another worker
                 raise
         return self._items.popleft()
 
@@ -357,12 +360,12 @@ class Deliverer:
             self._release(job)
         return len(jobs)
 
-    def _release(self, job: Job, delay: float = 0.0) -> None:
+    def _release(self, job: Job) -> None:
         """Hand a row back unsent, its attempt not counted (and its endpoint slot, if any)."""
         if job.endpoint is not None and job.ticket is not None:
             job.endpoint.cancel(job.ticket)
             job.ticket = None
-        self._hand_over(job.source, Settlement(job.row.key, job.row.lease, Outcome.release, delay))
+        self._hand_over(job.source, Settlement(job.row.key, job.row.lease, Outcome.release))
 
     def _hand_over(self, source: Source, settlement: Settlement) -> None:
         held = self._held.get(source.name)

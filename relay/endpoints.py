@@ -221,7 +221,6 @@ class Endpoint:
         self.pauses = 0
         self._probe: int | None = None
         self._window = _Window(breaker.window)
-        self.last_used = 0.0
 
     # -- admission ------------------------------------------------------------------------
 
@@ -247,7 +246,6 @@ class Endpoint:
         """May a row (with `ahead` rows of this endpoint waiting before it) send its request
         now? On `go` a slot is taken (`finish` gives it back) and the value is its ticket;
         otherwise the value is how long until it likely could (`defer` paces a deferral)."""
-        self.last_used = now
         probe = False
         if self.state is State.paused:
             if now < self.until:

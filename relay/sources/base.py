@@ -116,6 +116,40 @@ class Ordering:
     def expr(self) -> sql.Composable:
         return sql.SQL("(") + sqltext.Catalog(self.key) + sql.SQL(")")
 
+    def claim_parts(
+        self,
+        schema: str,
+        table: str,
+        key: str,
+        status: str,
+        unfinished: tuple[str, ...],  # (`self.unfinished`: dead too with "hold")
+        candidate: str,
+        also: sql.Composable | None = None,
+    ) -> dict[str, sql.Composable]:
+        """The claim's parts, over the candidate row (alias `candidate`): its key, computed in a
+        subquery of its own where the expression's column names are the candidate's
+        (`ordering_from`); and that no earlier row (by the table's key) of that key is in an
+        `unfinished` status (`head`), in a subquery where the names are the earlier row's, as
+        they are in `also` (a source's filter). Only each key's head is a candidate, and not
+        while it is in flight: a claimed row is waiting or processing, and holds its key."""
+        return {
+            "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(
+                self.expr()
+            ),
+            "head": sql.SQL(
+                " AND NOT EXISTS (SELECT 1 FROM {table} AS e WHERE {expr} = o.relay_key "
+                "AND e.{key} < {candidate}.{key} AND e.{status} IN ({unfinished}) AND {also})"
+            ).format(
+                table=sql.Identifier(schema, table),
+                expr=self.expr(),
+                key=sql.Identifier(key),
+                candidate=sql.Identifier(candidate),
+                status=sql.Identifier(status),
+                unfinished=sqltext.literal_list(unfinished),
+                also=also if also is not None else sql.SQL("TRUE"),
+            ),
+        }
+
     def index(
         self, schema: str, table: str, key: str, status: str, statuses: tuple[str, ...]
     ) -> tuple[str, sql.Composed]:
@@ -144,9 +178,12 @@ async def ordering_index_missing(
 ) -> None:
     """Warn (once, at start and in `relay check`) when the ordering index is not there: every
     claim then reads each candidate's key's rows from the table."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{schema}"."{name}"'])
-    row = await cur.fetchone()
-    if row is None or not row[0]:
+    cur = await conn.execute(
+        "SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        [schema, name],
+    )
+    if await cur.fetchone() is None:
         log.warning(
             "ordering.index_missing",
             source=where,

@@ -149,16 +149,11 @@ async def prepare(
 UNFINISHED = ("pending", "processing")
 
 
-def _unfinished(ordering: Ordering) -> sql.Composable:
-    return sqltext.literal_list(ordering.unfinished(UNFINISHED, "dead"))
-
-
 async def _ordering_names(
     conn: psycopg.AsyncConnection[Any], source: Source, events: catalog.Table
 ) -> dict[str, sql.Composable]:
-    """The claim's parts for ordering_key (none without): each candidate's key, computed over
-    it (`ordering_from`), and the condition that no earlier row of that key is unfinished
-    (`head`): only the head of each key is claimed, and not while it is in flight."""
+    """The claim's parts for ordering_key (none without; see Ordering.claim_parts), once the
+    expression is checked and its index looked for."""
     spec: EventSpec = source.spec
     if spec.ordering is None:
         return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
@@ -173,15 +168,9 @@ async def _ordering_names(
         sql.SQL("SELECT {} FROM {}").format(expr, events.ident),
         f"not a SQL expression over {events.qualified}'s columns (e.g. \"payload->>'order_id'\")",
     )
-    return {
-        # In a subquery of its own, the expression's column names are the candidate's.
-        "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(expr),
-        # In this one they are the earlier row's (the innermost table).
-        "head": sql.SQL(
-            " AND NOT EXISTS (SELECT 1 FROM {table} AS e WHERE {expr} = o.relay_key "
-            "AND e.id < c.id AND e.status IN ({unfinished}))"
-        ).format(table=events.ident, expr=expr, unfinished=_unfinished(spec.ordering)),
-    }
+    return spec.ordering.claim_parts(
+        *spec.table, "id", "status", spec.ordering.unfinished(UNFINISHED, "dead"), "c"
+    )
 
 
 def _ordering_index(spec: EventSpec) -> tuple[str, sql.Composed]:

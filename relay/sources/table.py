@@ -763,31 +763,16 @@ def _ordering_index(spec: TableSpec) -> tuple[str, sql.Composed]:
 
 
 def _ordering(spec: TableSpec, filter_sql: sql.Composable) -> dict[str, sql.Composable]:
-    """The claim's parts for ordering_key (none without): each candidate's key, computed over
-    it (`ordering_from`), and the condition that no earlier row of that key (by the table's
-    key) is unfinished: waiting, claimed or processing, or dead with ordering_dead = "hold"
-    (`head`). Only the head of each key is claimed, and not while it is in flight: a claimed
-    row stays in a waiting status or moves to processing, either way it holds its key."""
+    """The claim's parts for ordering_key (none without; see Ordering.claim_parts): a key's
+    rows hold it back while waiting, claimed (a claimed row stays waiting, or is processing),
+    and dead with ordering_dead = "hold"; only this source's rows count (its filter)."""
     if spec.ordering is None:
         return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
-    expr = spec.ordering.expr()
     waiting = (*spec.pending, *((spec.processing,) if spec.processing else ()))
-    return {
-        # In a subquery of its own, the expression's column names are the candidate's.
-        "ordering_from": sql.SQL(" CROSS JOIN LATERAL (SELECT {} AS relay_key) AS o").format(expr),
-        # In this one they are the earlier row's (the innermost table), the filter's too.
-        "head": sql.SQL(
-            " AND NOT EXISTS (SELECT 1 FROM {table} AS e WHERE {expr} = o.relay_key "
-            "AND e.{key} < t.{key} AND e.{status} IN ({unfinished}) AND {filter})"
-        ).format(
-            table=sql.Identifier(spec.schema, spec.table),
-            expr=expr,
-            key=sql.Identifier(spec.key),
-            status=sql.Identifier(spec.status),
-            unfinished=sqltext.literal_list(spec.ordering.unfinished(waiting, spec.dead)),
-            filter=filter_sql,
-        ),
-    }
+    unfinished = spec.ordering.unfinished(waiting, spec.dead)
+    return spec.ordering.claim_parts(
+        spec.schema, spec.table, spec.key, spec.status, unfinished, "t", filter_sql
+    )
 
 
 def _unleased(source: Source, spec: TableSpec) -> sql.Composable:

@@ -100,9 +100,13 @@ def drain(bench: Bench, hanging: str | None, s: dict[str, Any]) -> dict[str, Any
     with bench.deliverer("relay", db, name) as proc:
         ready = time.monotonic()
         cpu_before = cpu_seconds(proc.pid)
+        pg_before = bench.server_cpu()
         wait_until(lambda: left() == 0, 600, f"{n} healthy rows to settle")
         done = time.monotonic()
         cpu = cpu_seconds(proc.pid) - cpu_before
+        pg_after = bench.server_cpu()
+        claims = bench.metric(proc, "relay_claims_total")
+        deferred = bench.metric(proc, "relay_deferred_rows_total")
         with psycopg.connect(db, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE attempt_count > 0), count(*) "
@@ -115,11 +119,16 @@ def drain(bench: Bench, hanging: str | None, s: dict[str, Any]) -> dict[str, Any
         "seconds": done - ready,
         "rows_per_s": n / (done - ready),
         "cpu_us_per_row": cpu / n * 1e6,
+        "pg_cpu_us_per_row": sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+        / n
+        * 1e6,
         "received": bench.receiver_stats()["count"],
         # The hanging endpoint's rows: how many were attempted (in flight or waited out) by
         # the time the healthy ones were done, of how many.
         "hanging_attempted": row[0],
         "hanging_rows": row[1],
+        "claims": claims,  # claim statements
+        "deferred": deferred,  # handed back with a delay (a row may be more than once)
     }
 
 

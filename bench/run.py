@@ -279,6 +279,7 @@ class Bench:
         self.explain = explain
         self.statement_stats = False
         self.history_templates: dict[str, str] = {}
+        self.metrics_urls: dict[int, str] = {}  # a running relay's pid -> its /metrics
 
     # databases
 
@@ -410,6 +411,7 @@ class Bench:
             except BaseException:
                 self.procs.stop(proc, sig=stop_with)
                 raise
+            self.metrics_urls[proc.pid] = f"http://127.0.0.1:{port}/metrics"
         elif kind == "graphile":
             proc = self.procs.start(
                 tag,
@@ -438,7 +440,17 @@ class Bench:
             if proc.poll() is not None:
                 raise RuntimeError(f"{tag} died: {self.procs.log_tail(tag)}")
         finally:
+            self.metrics_urls.pop(proc.pid, None)
             self.procs.stop(proc, timeout=60.0 if under else 10.0, sig=stop_with)
+
+    def metric(self, proc: subprocess.Popen[bytes], name: str) -> float:
+        """The sum of a running relay's /metrics samples of `name` (over their labels)."""
+        _, body = http_get(self.metrics_urls[proc.pid])
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in body.decode().splitlines()
+            if line.startswith((f"{name} ", f"{name}{{"))
+        )
 
     # workloads
 

@@ -451,10 +451,17 @@ class Store:
 
     # -- the hot path ----------------------------------------------------------------------
 
-    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
+    async def claim(
+        self, source: str, limit: int, lease_seconds: float, after: Any = None
+    ) -> list[Claimed]:
+        """Claim up to `limit` rows; with `after`, only rows whose key comes after it, where
+        the source's claim goes in key order (its `claim_after` version; see relay.claimer)."""
         compiled = self.compiled[source]
         query = compiled.queries["claim"]
         params = {"limit": limit, "lease_seconds": lease_seconds, "worker": self.worker}
+        if after is not None and "claim_after" in compiled.queries:
+            query = compiled.queries["claim_after"]
+            params["after"] = after
 
         async def run() -> list[Claimed]:
             async with self._connection() as conn:

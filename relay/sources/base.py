@@ -452,6 +452,14 @@ def notify_trigger(
     )
 
 
+def claim_after(alias: str, key: str, key_type: sql.Composable) -> sql.Composable:
+    """The `{after}` of a claim's `claim_after` version: only rows whose key comes after the
+    claim pass's cursor (relay.claimer), an index condition on the claim's key order."""
+    return sql.SQL(" AND {}.{} > %(after)s::{}").format(
+        sql.SQL(alias), sql.Identifier(key), key_type
+    )
+
+
 def bounded_values(max_payload_bytes: int) -> sql.Composable:
     """The claim's url, secret, topic, payload and values, each bounded (see sqltext.bounded)."""
     return sqltext.bounded({**FIELD_LIMITS, "payload": max_payload_bytes, "values": 65536})

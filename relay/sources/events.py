@@ -22,6 +22,7 @@ from relay.sources.base import (
     Ordering,
     Source,
     bounded_values,
+    claim_after,
     notify_trigger,
     ordering_index_missing,
 )
@@ -120,6 +121,7 @@ async def prepare(
             "EXTRACT(EPOCH FROM t.created_at)::float8 AS since"
         ).format(sql.Literal(spec.max_attempts), url_secret),
         "bounded": bounded_values(ctx.max_payload_bytes),
+        "after": sql.SQL(""),
         "extra_sets": sql.SQL(
             ", last_error = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.last_error "
             "ELSE s.error END, "
@@ -138,10 +140,10 @@ async def prepare(
         ctx.channel,
         ("events", ctx.channel),
     )
-    return Compiled(
-        queries={name: sqltext.fill(QUERIES[name], names) for name in QUERY_NAMES},
-        notify=notify,
-    )
+    queries = {name: sqltext.fill(QUERIES[name], names) for name in QUERY_NAMES}
+    names["after"] = claim_after("c", "id", names["key_type"])
+    queries["claim_after"] = sqltext.fill(QUERIES["claim"], names)
+    return Compiled(queries=queries, notify=notify)
 
 
 # Statuses of a row that holds back the later rows of its key (with ordering_dead = "hold",

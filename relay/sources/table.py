@@ -38,6 +38,7 @@ from relay.sources.base import (
     Settlement,
     Source,
     bounded_values,
+    claim_after,
     claim_values,
     fixed_targets,
     keyring,
@@ -693,6 +694,7 @@ def _compile(
         "next_scheduled": next_scheduled,
         "oldest_due": oldest,
         **_ordering(spec, filter_sql),
+        "after": sql.SQL(""),
         # The dead rows' last error, HTTP status and attempts, where the mapping keeps them.
         "dead_columns": sql.SQL(", ").join(
             sql.SQL("t.{}::{}").format(ident(column), sql.SQL(kind))
@@ -723,21 +725,26 @@ def _compile(
             ]
         ),
     }
+    # The claim pass's cursor (relay.claimer), in the claim's `claim_after` version.
+    after = {"after": claim_after("t", spec.key, names["key_type"])}
     if spec.lease_column is not None:
         assert spec.attempts is not None  # (_in_place)
         names["lease_column"] = ident(spec.lease_column)
         names["attempts"] = ident(spec.attempts)
         queries = {n: sqltext.fill(QUERIES[n], names) for n in IN_PLACE_NAMES}
         queries |= {n: sqltext.fill(QUERIES[f"{n}_in_place"], names) for n in IN_PLACE}
+        queries["claim_after"] = sqltext.fill(QUERIES["claim_in_place"], names | after)
         return Compiled(
             queries=queries,
             notify=_notify(source, spec, names, ctx),
             needs_detail=settle_ctx.needs_detail,
             detail_on=_detail_on(spec, settle_ctx),
         )
-    names["pick_and_lease"] = sqltext.fill(QUERIES["pick_and_lease"], names)
+    claim = QUERIES["claim_update" if claim_sets else "claim"]
     queries = {n: sqltext.fill(QUERIES[n], names) for n in QUERY_NAMES}
-    queries["claim"] = sqltext.fill(QUERIES["claim_update" if claim_sets else "claim"], names)
+    for name, extra in (("claim", {}), ("claim_after", after)):
+        pick = {"pick_and_lease": sqltext.fill(QUERIES["pick_and_lease"], names | extra)}
+        queries[name] = sqltext.fill(claim, names | pick)
     if spec.heartbeat is not None:
         queries["heartbeat_column"] = sqltext.fill(
             QUERIES["heartbeat_column"],
@@ -913,6 +920,7 @@ async def _check_expressions(
     # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
     params: dict[str, dict[str, Any]] = {
         "claim": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check"},
+        "claim_after": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check", "after": None},
         "settle": {"batch": "[]", "keys": []},
     }
     for name, values in params.items():

@@ -22,14 +22,23 @@ class FakeStore:
     def __init__(self, rows: int) -> None:
         self.waiting = list(range(rows))
         self.claims: list[int] = []
+        self.afters: list[int | None] = []
+        self.passed_over: list[int] = []  # one key per claim, the first claims
         self.due: float | None = None
         self.claimed_event = asyncio.Event()
         self.next_due_calls = 0
         self.asked = asyncio.Event()
 
-    async def claim(self, source: str, limit: int, lease_seconds: float) -> list[Claimed]:
+    async def claim(
+        self, source: str, limit: int, lease_seconds: float, after: int | None = None
+    ) -> list[Claimed]:
         self.claims.append(limit)
-        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
+        self.afters.append(after)
+        passed = set(self.passed_over)  # claims pass over these, as over rows not due yet
+        self.passed_over = self.passed_over[1:]
+        taken = [k for k in self.waiting if (after is None or k > after) and k not in passed]
+        taken = taken[:limit]
+        self.waiting = [k for k in self.waiting if k not in taken]
         self.claimed_event.set()
         return [Claimed(k, NOW, 1, 5, None, None, None, "{}") for k in taken]
 
@@ -184,3 +193,52 @@ async def test_while_rows_keep_coming_the_next_due_row_is_looked_up_once_a_secon
     stop.set()
     claimer.kick()
     await task
+
+
+async def test_a_pass_goes_on_after_the_last_key_claimed_and_starts_over_at_the_end() -> None:
+    cfg = config(max_in_flight=40, batch=4)
+    store = FakeStore(rows=20)
+    store.passed_over = [2, 2]  # not claimable for the first two claims (its delay runs out)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
+    deliveries = HeldDeliveries(slots)
+    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
+    # Each full claim goes on after its last key: key 2, passed over at first, is not read
+    # again until the end of the order sends the pass back to the start, where it is taken.
+    assert store.afters == [None, 4, 8, 12, 16, None]
+    assert [r.key for r in deliveries.started][-1] == 2
+    await wait_until(store.asked, lambda: store.next_due_calls == 1)  # the pass ended
+    stop.set()
+    claimer.kick()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_long_pass_starts_over_every_wrap_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(claimer_mod, "WRAP_EVERY", 0.3)
+    cfg = config(max_in_flight=4, batch=4)
+    store = FakeStore(rows=100)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
+    deliveries = HeldDeliveries(slots)
+    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    stop = asyncio.Event()
+    task = asyncio.create_task(claimer.run(stop))
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 8)
+    assert store.afters == [None, 3]
+    # Within WRAP_EVERY of the pass's start, the next claim goes on after key 7 ...
+    deliveries.finish(4)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 12)
+    assert store.afters[-1] == 7
+    # ... and once it has passed, from the start (a retry that fell due behind the cursor
+    # waits no longer than that).
+    await asyncio.sleep(0.35)  # time passing is what this test is about
+    deliveries.finish(4)
+    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
+    assert store.afters[-1] is None
+    stop.set()
+    slots.poke()
+    claimer.kick()
+    await asyncio.wait_for(task, 5)

@@ -204,6 +204,7 @@ class Relay:
             await self.store.check_inboxes(self.config.inboxes)
         for name, compiled in self.store.compiled.items():
             self.deliverer.wants_detail(name, compiled.detail_on)
+            self.deliverer.skipping(name, compiled.skip_by)
         problems = await self.store.trigger_problems()
         for name, problem in problems.items():
             log.warning(

@@ -16,7 +16,7 @@ claimers go on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -50,7 +50,12 @@ WRAP_EVERY = 0.5
 
 class ClaimStore(Protocol):
     async def claim(
-        self, source: str, limit: int, lease_seconds: float, after: Any = None
+        self,
+        source: str,
+        limit: int,
+        lease_seconds: float,
+        after: Any = None,
+        skip: Sequence[str] = (),
     ) -> list[Claimed]: ...
     async def next_due(self, source: str) -> float | None: ...
     async def prepare(self, names: Iterable[str] | None = None) -> None: ...
@@ -58,6 +63,7 @@ class ClaimStore(Protocol):
 
 class Starter(Protocol):
     def start(self, source: Source, row: Claimed, claimed_at: float) -> None: ...
+    def skips(self, source: str) -> list[str]: ...
 
 
 class Claimer:
@@ -206,7 +212,10 @@ class Claimer:
             if began >= wrap_at:
                 after, wrap_at = None, began + WRAP_EVERY
             try:
-                rows = await self.store.claim(name, want, self.config.claim_timeout, after)
+                # (The rows of endpoints that would defer them are passed over: skips.)
+                rows = await self.store.claim(
+                    name, want, self.config.claim_timeout, after, self.deliverer.skips(name)
+                )
             except BaseException:
                 self.slots.give(want)
                 raise

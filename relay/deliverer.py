@@ -195,6 +195,10 @@ class Deliverer:
         }
         self.heartbeats = 0  # heartbeat statements run (for status and tests)
         self.deferred = {s.name: 0 for s in config.sources}  # rows deferred, per source
+        # Per source whose claim can pass over rows by URL or topic (`skipping`): the
+        # claimed row's field, and the values its claims pass over (endpoints.Skips).
+        self._skip_by: dict[str, str] = {}
+        self._skips: dict[str, endpoints.Skips] = {}
         self.pauses = 0  # endpoints paused by the breaker
         self.busy = 0
         self.delivered = 0
@@ -219,6 +223,21 @@ class Deliverer:
     def wants_detail(self, source: str, outcomes: frozenset[str]) -> None:
         """The outcomes whose settlements carry what was sent and answered (`Detail`)."""
         self._wants[source] = outcomes
+
+    def skipping(self, source: str, by: str | None) -> None:
+        """The claimed row's field (`url` or `topic`) whose values the source's claims can
+        pass over (Compiled.skip_by), or None."""
+        if by is None:
+            self._skip_by.pop(source, None)
+            self._skips.pop(source, None)
+        else:
+            self._skip_by[source] = by
+            self._skips[source] = endpoints.Skips()
+
+    def skips(self, source: str) -> list[str]:
+        """The URLs or topics the source's next claim passes over (see endpoints.Skips)."""
+        skips = self._skips.get(source)
+        return [] if skips is None else skips.current(asyncio.get_running_loop().time())
 
     async def open(self) -> None:
         allowed = self.config.http_allow
@@ -453,8 +472,15 @@ class Deliverer:
 
     def _deferred(self, job: Job, endpoint: endpoints.Endpoint, wait: float) -> Settlement:
         """The row handed back, due when its endpoint can likely take it (paced)."""
-        delay = endpoint.defer(asyncio.get_running_loop().time(), wait)
+        now = asyncio.get_running_loop().time()
+        delay = endpoint.defer(now, wait)
         self.deferred[job.source.name] += 1
+        by = self._skip_by.get(job.source.name)
+        value = None if by is None else getattr(job.row, by)
+        if value is not None:
+            # Its URL's (or topic's) other rows would come back too: the claims pass over
+            # them until this one is due.
+            self._skips[job.source.name].add(value, endpoint, now + delay)
         log.debug(
             "delivery.deferred",
             source=job.source.name,

@@ -18,7 +18,10 @@ few rows at a time rather than all at once; the rows waiting in relay never fill
 budget the other endpoints' rows need.
 
 Claims do not know a row's endpoint (the URL is computed in the claim, per kind), which is why
-limits work by waiting and deferring rather than by claiming around an endpoint.
+limits work by waiting and deferring. Once a row is deferred, though, its URL (or the topic
+that picked it) is known: the source's claims pass over that value's rows (`Skips`) until the
+deferred row's due time, or sooner if the endpoint can take requests again. A hanging
+endpoint's backlog is then claimed and handed back a batch at a time, not row by row.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ MAX_ENDPOINTS = 10_000
 # Disabled targets kept in memory at most (targets come from rows): beyond, the oldest is
 # forgotten, and a row for it is sent once more (its 410 ends it dead all the same).
 MAX_DISABLED = 10_000
+# Values (URLs or topics) a source's claims pass over at most (`Skips`): a parameter of every
+# claim, and a comparison per candidate row.
+MAX_SKIPS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +275,15 @@ class Endpoint:
             self.next_start = max(self.next_start, now) + self.interval
         return Gate.go, float(ticket)
 
+    def blocked(self, now: float) -> bool:
+        """Whether a row coming now would be deferred (paused, probing, or its turn further
+        off than PARK_WITHIN behind the rows waiting)."""
+        if self.state is State.paused:
+            return now < self.until
+        if self.state is State.probing:
+            return True
+        return self.wait(now, len(self.waiting)) > PARK_WITHIN
+
     def defer(self, now: float, wait: float) -> float:
         """The delay for a row handed back: no sooner than `wait`, and after the rows deferred
         before it by the endpoint's pace, so that they come back a few at a time."""
@@ -429,6 +444,31 @@ class Endpoints:
             for (source, target), d in sorted(self.disabled.items())
         ]
         return {"endpoints": shown, "disabled": disabled}
+
+
+class Skips:
+    """One source's values (a row's URL, or the topic that picks it: the claim's `skip_by`)
+    whose rows its claims pass over: a row with the value was deferred, and until that row is
+    due (`until`, monotonic) the value's other rows would be too, unless their endpoint can
+    take requests again first. The deferred row's due time wakes the claimer (next_due), which
+    then finds the value expired. At most MAX_SKIPS values: beyond, rows are deferred as
+    before."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[Endpoint, float]] = {}
+
+    def add(self, value: str, endpoint: Endpoint, until: float) -> None:
+        if value not in self._values and len(self._values) < MAX_SKIPS:
+            self._values[value] = (endpoint, until)
+
+    def current(self, now: float) -> list[str]:
+        """The values to pass over now; those that no longer hold are dropped."""
+        if not self._values:
+            return []
+        for value, (endpoint, until) in list(self._values.items()):
+            if now >= until or not endpoint.blocked(now):
+                del self._values[value]
+        return list(self._values)
 
 
 def is_failure(status: int | None, final: bool) -> bool:

@@ -452,16 +452,26 @@ class Store:
     # -- the hot path ----------------------------------------------------------------------
 
     async def claim(
-        self, source: str, limit: int, lease_seconds: float, after: Any = None
+        self,
+        source: str,
+        limit: int,
+        lease_seconds: float,
+        after: Any = None,
+        skip: Sequence[str] = (),
     ) -> list[Claimed]:
-        """Claim up to `limit` rows; with `after`, only rows whose key comes after it, where
-        the source's claim goes in key order (its `claim_after` version; see relay.claimer)."""
+        """Claim up to `limit` rows; where the source's claim has such versions
+        (claim_versions), only rows whose key comes `after` this one, and none whose URL (or
+        topic) is in `skip` (see relay.claimer)."""
         compiled = self.compiled[source]
-        query = compiled.queries["claim"]
         params = {"limit": limit, "lease_seconds": lease_seconds, "worker": self.worker}
+        name = "claim"
         if after is not None and "claim_after" in compiled.queries:
-            query = compiled.queries["claim_after"]
+            name += "_after"
             params["after"] = after
+        if skip and compiled.skip_by is not None:
+            name += "_skip"
+            params["skip"] = list(skip)
+        query = compiled.queries[name]
 
         async def run() -> list[Claimed]:
             async with self._connection() as conn:

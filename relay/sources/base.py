@@ -10,7 +10,7 @@ are the kind's own (one module each in relay.sources).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -332,6 +332,9 @@ class Compiled:
     # The claim may return fewer rows than asked while more are there (a user's function that
     # claims one job per call): it is run again until it returns none or the batch is full.
     repeat_claim: bool = False
+    # The claimed row's field (`url`, or `topic` where the topic picks the URL) whose values
+    # the claim's `_skip` versions pass over (claim_versions); None: no such versions.
+    skip_by: str | None = None
 
     def render(self, conn: psycopg.AsyncConnection[Any]) -> Compiled:
         def each(queries: Mapping[str, sqltext.Query]) -> dict[str, sqltext.Query]:
@@ -345,6 +348,7 @@ class Compiled:
             settle_each=None if self.settle_each is None else each(self.settle_each),
             extra_triggers=self.extra_triggers,
             repeat_claim=self.repeat_claim,
+            skip_by=self.skip_by,
         )
 
 
@@ -452,12 +456,33 @@ def notify_trigger(
     )
 
 
-def claim_after(alias: str, key: str, key_type: sql.Composable) -> sql.Composable:
-    """The `{after}` of a claim's `claim_after` version: only rows whose key comes after the
-    claim pass's cursor (relay.claimer), an index condition on the claim's key order."""
-    return sql.SQL(" AND {}.{} > %(after)s::{}").format(
+def claim_versions(
+    fill: Callable[[dict[str, sql.Composable]], sql.Composed],
+    alias: str,
+    key: str,
+    key_type: sql.Composable,
+    skip_value: sql.Composable | None,
+) -> dict[str, sql.Composed]:
+    """A key-ordered claim (its text filled in by `fill`, given `{after}` and `{skip}`) in
+    the versions relay.claimer picks from (Store.claim):
+
+    - `_after`: only rows whose key comes after the claim pass's cursor (an index condition
+      on the claim's key order);
+    - `_skip`: not the rows whose `skip_value` (the row's URL, or the topic that picks it, an
+      expression over `alias`) is in %(skip)s: those of endpoints that could not take them now
+      (the deliverer's `skips`). None: the kind's claim cannot tell a row's endpoint."""
+    after = sql.SQL(" AND {}.{} > %(after)s::{}").format(
         sql.SQL(alias), sql.Identifier(key), key_type
     )
+    none = sql.SQL("")
+    versions = {"claim": none, "claim_after": after}
+    if skip_value is not None:
+        skip = sql.SQL(" AND NOT COALESCE({} = ANY(%(skip)s::text[]), false)").format(skip_value)
+        versions |= {"claim_skip": none, "claim_after_skip": after}
+    return {
+        name: fill({"after": cursor, "skip": skip if name.endswith("_skip") else none})
+        for name, cursor in versions.items()
+    }
 
 
 def bounded_values(max_payload_bytes: int) -> sql.Composable:

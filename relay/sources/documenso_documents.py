@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -269,6 +269,7 @@ class DocumensoDocuments(Plain):
     ) -> Compiled:
         spec: events.EventSpec = source.spec
         url_secret: sql.Composable = events.NO_URL
+        skip_url: sql.Composable | None = None
         if spec.webhooks:
             await _check_webhooks(conn, source)
             webhook = sql.Identifier(spec.app_schema, "Webhook")
@@ -278,7 +279,9 @@ class DocumensoDocuments(Plain):
                 '(SELECT COALESCE(w."secret", \'\') FROM {w} AS w WHERE w."id" = t.webhook_id) '
                 "AS secret"
             ).format(w=webhook)
-        compiled = await events.prepare(conn, source, ctx, url_secret)
+            skip_url = sql.SQL('(SELECT w."webhookUrl" FROM {w} AS w WHERE w."id" = c.webhook_id)')
+            skip_url = skip_url.format(w=webhook)
+        compiled = await events.prepare(conn, source, ctx, url_secret, skip_url)
         trigger = await documenso_trigger(conn, source)
         extra = (
             (
@@ -303,11 +306,7 @@ class DocumensoDocuments(Plain):
                 trigger.fingerprint,
             ),
         )
-        return Compiled(
-            queries=compiled.queries,
-            notify=compiled.notify,
-            extra_triggers=extra,
-        )
+        return replace(compiled, extra_triggers=extra)
 
     async def install(
         self, conn: psycopg.AsyncConnection[Any], source: Source, ctx: DbContext

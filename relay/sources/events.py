@@ -22,13 +22,13 @@ from relay.sources.base import (
     Ordering,
     Source,
     bounded_values,
-    claim_after,
+    claim_versions,
     notify_trigger,
     ordering_index_missing,
 )
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
-QUERY_NAMES = ("claim", "settle", "rescue", "next_due", *OPERATIONS)
+QUERY_NAMES = ("settle", "rescue", "next_due", *OPERATIONS)  # and the claim's versions
 
 COMMON_KEYS = frozenset(
     {"kind", "url", "secret", "headers", "max_attempts", "ordering_key", "ordering_dead"}
@@ -83,7 +83,10 @@ async def prepare(
     source: Source,
     ctx: DbContext,
     url_secret: sql.Composable = NO_URL,
+    skip_url: sql.Composable | None = None,
 ) -> Compiled:
+    """`url_secret`: the claim's url and secret (over the claimed row `t`); `skip_url`: the
+    same URL over a candidate row `c`, for the claim's `_skip` versions (claim_versions)."""
     spec: EventSpec = source.spec
     events = table(source)
     columns = await catalog.columns(conn, events)
@@ -121,7 +124,6 @@ async def prepare(
             "EXTRACT(EPOCH FROM t.created_at)::float8 AS since"
         ).format(sql.Literal(spec.max_attempts), url_secret),
         "bounded": bounded_values(ctx.max_payload_bytes),
-        "after": sql.SQL(""),
         "extra_sets": sql.SQL(
             ", last_error = CASE s.outcome WHEN 'done' THEN NULL WHEN 'release' THEN t.last_error "
             "ELSE s.error END, "
@@ -141,9 +143,19 @@ async def prepare(
         ("events", ctx.channel),
     )
     queries = {name: sqltext.fill(QUERIES[name], names) for name in QUERY_NAMES}
-    names["after"] = claim_after("c", "id", names["key_type"])
-    queries["claim_after"] = sqltext.fill(QUERIES["claim"], names)
-    return Compiled(queries=queries, notify=notify)
+    # Rows routed by topic (their URL picked in relay) are passed over by topic while their
+    # endpoint cannot take them; those whose URL the claim reads, by `skip_url`.
+    skip: tuple[sql.Composable, str] | None = (sql.SQL("c.topic::text"), "topic")
+    if url_secret is not NO_URL:
+        skip = None if skip_url is None else (skip_url, "url")
+    queries |= claim_versions(
+        lambda parts: sqltext.fill(QUERIES["claim"], names | parts),
+        "c",
+        "id",
+        names["key_type"],
+        None if skip is None else skip[0],
+    )
+    return Compiled(queries=queries, notify=notify, skip_by=None if skip is None else skip[1])
 
 
 # Statuses of a row that holds back the later rows of its key (with ordering_dead = "hold",

@@ -9,8 +9,8 @@ claim (relay.request); write-backs and an attempt log record what each attempt c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -38,8 +38,8 @@ from relay.sources.base import (
     Settlement,
     Source,
     bounded_values,
-    claim_after,
     claim_values,
+    claim_versions,
     fixed_targets,
     keyring,
     notify_trigger,
@@ -52,8 +52,9 @@ from relay.sources.base import (
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "table.sql")
 QUERY_NAMES = ("settle", "heartbeat", "rescue", "next_due", *OPERATIONS)
-# Claims kept in the row (lease_column): these four have versions of their own, no heartbeat.
-IN_PLACE = ("claim", "settle", "rescue", "next_due")
+# Claims kept in the row (lease_column): these and the claim have versions of their own, no
+# heartbeat.
+IN_PLACE = ("settle", "rescue", "next_due")
 IN_PLACE_NAMES = OPERATIONS
 WRITE_BACKS = ("on_claim", "on_success", "on_failure", "on_dead")
 
@@ -397,9 +398,9 @@ class Table(Plain):
             log_compiled = await attempt_log.prepare(
                 conn, where, spec.log, table, spec.key, source.name
             )
-            compiled = Compiled(
+            compiled = replace(
+                compiled,
                 queries={**compiled.queries, **log_compiled},
-                notify=compiled.notify,
                 needs_detail=True,
                 detail_on=ALL_OUTCOMES,
             )
@@ -694,7 +695,6 @@ def _compile(
         "next_scheduled": next_scheduled,
         "oldest_due": oldest,
         **_ordering(spec, filter_sql),
-        "after": sql.SQL(""),
         # The dead rows' last error, HTTP status and attempts, where the mapping keeps them.
         "dead_columns": sql.SQL(", ").join(
             sql.SQL("t.{}::{}").format(ident(column), sql.SQL(kind))
@@ -725,26 +725,33 @@ def _compile(
             ]
         ),
     }
-    # The claim pass's cursor (relay.claimer), in the claim's `claim_after` version.
-    after = {"after": claim_after("t", spec.key, names["key_type"])}
+
+    def claims(fill: Callable[[dict[str, sql.Composable]], sql.Composed]) -> dict[str, Any]:
+        # The rows of a URL whose endpoint cannot take them now are passed over by it.
+        return claim_versions(fill, "t", spec.key, names["key_type"], fetched["url"])
+
     if spec.lease_column is not None:
         assert spec.attempts is not None  # (_in_place)
         names["lease_column"] = ident(spec.lease_column)
         names["attempts"] = ident(spec.attempts)
         queries = {n: sqltext.fill(QUERIES[n], names) for n in IN_PLACE_NAMES}
         queries |= {n: sqltext.fill(QUERIES[f"{n}_in_place"], names) for n in IN_PLACE}
-        queries["claim_after"] = sqltext.fill(QUERIES["claim_in_place"], names | after)
+        queries |= claims(lambda parts: sqltext.fill(QUERIES["claim_in_place"], names | parts))
         return Compiled(
             queries=queries,
             notify=_notify(source, spec, names, ctx),
             needs_detail=settle_ctx.needs_detail,
             detail_on=_detail_on(spec, settle_ctx),
+            skip_by="url",
         )
     claim = QUERIES["claim_update" if claim_sets else "claim"]
     queries = {n: sqltext.fill(QUERIES[n], names) for n in QUERY_NAMES}
-    for name, extra in (("claim", {}), ("claim_after", after)):
-        pick = {"pick_and_lease": sqltext.fill(QUERIES["pick_and_lease"], names | extra)}
-        queries[name] = sqltext.fill(claim, names | pick)
+
+    def claim_with(parts: dict[str, sql.Composable]) -> sql.Composed:
+        pick = sqltext.fill(QUERIES["pick_and_lease"], names | parts)
+        return sqltext.fill(claim, names | {"pick_and_lease": pick})
+
+    queries |= claims(claim_with)
     if spec.heartbeat is not None:
         queries["heartbeat_column"] = sqltext.fill(
             QUERIES["heartbeat_column"],
@@ -759,6 +766,7 @@ def _compile(
         notify=_notify(source, spec, names, ctx),
         needs_detail=settle_ctx.needs_detail,
         detail_on=_detail_on(spec, settle_ctx),
+        skip_by="url",
     )
 
 
@@ -920,7 +928,13 @@ async def _check_expressions(
     # The whole statements, too: what a key alone cannot show (an ambiguous name) shows here.
     params: dict[str, dict[str, Any]] = {
         "claim": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check"},
-        "claim_after": {"limit": 1, "lease_seconds": 1.0, "worker": "relay-check", "after": None},
+        "claim_after_skip": {
+            "limit": 1,
+            "lease_seconds": 1.0,
+            "worker": "relay-check",
+            "after": None,
+            "skip": ["https://relay-check.invalid/"],
+        },
         "settle": {"batch": "[]", "keys": []},
     }
     for name, values in params.items():

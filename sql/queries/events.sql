@@ -16,8 +16,9 @@
 -- With an ordering key, {ordering_from} computes each candidate's key and {head} keeps only a
 -- key's first unfinished row (none while that one is in flight or waits for its retry): one
 -- index probe per candidate (relay.sources.events.install_ordering).
--- {after} is empty, or in the `claim_after` version the claim pass's cursor: only ids after the
--- last one it claimed (relay.claimer).
+-- {after} and {skip} are empty, or in the claim's versions that have them: only ids after the
+-- claim pass's cursor; not the rows of topics whose endpoint cannot take them now
+-- (relay.sources.base.claim_versions).
 -- The limit is a parameter on purpose: PostgreSQL then plans each claim for the table as it
 -- is now (a cached generic plan, made while the table was small, would go on scanning it
 -- whole after it grew, until autovacuum invalidated the plan). Planning costs 0.4-0.6 ms a
@@ -29,7 +30,7 @@ WITH claimed AS (
         {attempts} = COALESCE(t.{attempts}, 0) + 1
     WHERE t.{key} = ANY(ARRAY(
         SELECT c.{key} FROM {table} AS c{ordering_from}
-        WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now}){after}{head}
+        WHERE c.{status} IN ({pending}) AND (c.{due} IS NULL OR c.{due} <= {now}){after}{skip}{head}
         ORDER BY c.{key}
         LIMIT %(limit)s
         FOR UPDATE OF c SKIP LOCKED))

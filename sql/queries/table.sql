@@ -18,8 +18,9 @@
 -- {settle_sets}, {live} (the statuses a settle may still find the row in), {context} (the
 -- write-back context: response, attempt, request), {due_now} (now() in the due column's type),
 -- {ordering_from} and {head} (ordering_key: only each key's first unfinished row is a candidate;
--- see relay.sources.table._ordering), {after} (empty, or in the `claim_after` version the
--- claim pass's cursor: only keys after the last one it claimed; see relay.claimer).
+-- see relay.sources.table._ordering), {after} and {skip} (empty, or in the claim's versions
+-- that have them: only keys after the claim pass's cursor; not the rows of URLs whose endpoint
+-- cannot take them now; see relay.sources.base.claim_versions).
 
 -- name: pick_and_lease
 -- A snippet of the two claims below: lock up to %(limit)s claimable rows with SKIP LOCKED and
@@ -33,7 +34,7 @@
 -- 20,000-row drain.
 picked AS (
     SELECT t.{key} AS relay_key, t.{status}::text AS relay_status FROM {table} AS t{ordering_from}
-    WHERE {ready} AND {unleased}{after}{head}
+    WHERE {ready} AND {unleased}{after}{skip}{head}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED
@@ -208,7 +209,7 @@ WITH picked AS (
                AS relay_attempts,
            now() + make_interval(secs => %(lease_seconds)s::float8) AS relay_token
     FROM {table} AS t{ordering_from}
-    WHERE {ready} AND {unleased}{after}{head}
+    WHERE {ready} AND {unleased}{after}{skip}{head}
     ORDER BY t.{key}
     LIMIT %(limit)s
     FOR UPDATE OF t SKIP LOCKED

@@ -7,7 +7,8 @@ endpoint (host:port), a real PostgreSQL and the relay running in-process.
   resumes by itself once a probe succeeds (on a user's table and on relay's outbox);
 - a 410 disables the target for the source: the row and the later ones of that target go dead
   with the reason, without more requests; `relay enable` and `relay retry` send them;
-- a rate spaces the requests.
+- a rate spaces the requests;
+- once a busy endpoint's row is deferred, the claims pass over its other rows.
 """
 
 from __future__ import annotations
@@ -153,6 +154,53 @@ async def test_rows_deferred_ahead_of_others_do_not_hold_up_their_claims(
     finally:
         hang.set()
     assert deferred > 0
+
+
+@pytest.mark.parametrize("kind", ["table", "outbox"])
+async def test_a_busy_endpoints_rows_are_passed_over_by_the_claims_not_handed_back_each(
+    db: str, receiver: Receiver, other: Receiver, kind: str
+) -> None:
+    # Once one of a hanging endpoint's rows is deferred, the claims pass over its URL (on the
+    # outbox, the topic routed to it) until that row is due: its backlog is not claimed and
+    # handed back row by row while another endpoint's rows go on.
+    hang = asyncio.Event()
+    receiver.behaviour = Concurrency(hang)
+    outbox = {"kind": "outbox", "topics": {"slow": receiver.url, "fast": other.url}}
+    config = make_config(
+        db,
+        **({"sources": {"deliveries": outbox}} if kind == "outbox" else {}),
+        relay={"max_in_flight": 6, "batch_size": 10, "claim_timeout": 120},
+        endpoints={"max_in_flight": 2},
+        http={"timeout": 60},
+    )
+    await install(config)
+
+    async def write(target: str, n: int) -> None:
+        if kind == "table":
+            await insert_rows(db, receiver.url if target == "slow" else other.url, n)
+            return
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT relay.publish(%s, jsonb_build_object('n', g)) "
+                "FROM generate_series(1, %s) g",
+                (target, n),
+            )
+
+    try:
+        async with running(config) as relay:
+            await write("slow", 100)  # first in key order
+            await write("fast", 100)
+            await other.wait_count(100, timeout=WAIT)
+            deferred = relay.deliverer.deferred["deliveries"]
+            hang.set()
+            # Once it answers, its rows are claimed again, and all arrive.
+            await receiver.wait_count(100, timeout=WAIT)
+    finally:
+        hang.set()
+    # The first claims took up to a batch of its rows each before one was deferred; handed
+    # back one by one, nearly all 98 not in flight would have been.
+    assert 0 < deferred <= 30, f"{deferred} rows deferred"
+    assert sorted(int(r.json["n"]) for r in receiver.received) == list(range(1, 101))
 
 
 def failing_until(healthy: asyncio.Event) -> Callable[[web.Request, int], Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -30,7 +30,12 @@ class FakeStore:
         self.asked = asyncio.Event()
 
     async def claim(
-        self, source: str, limit: int, lease_seconds: float, after: int | None = None
+        self,
+        source: str,
+        limit: int,
+        lease_seconds: float,
+        after: int | None = None,
+        skip: Sequence[str] = (),
     ) -> list[Claimed]:
         self.claims.append(limit)
         self.afters.append(after)
@@ -59,6 +64,9 @@ class HeldDeliveries:
     def start(self, source: Source, row: Claimed, claimed_at: float) -> None:
         self.started.append(row)
         self.changed.set()
+
+    def skips(self, source: str) -> list[str]:
+        return []
 
     def finish(self, n: int) -> None:
         self.slots.give(n)

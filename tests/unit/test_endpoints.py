@@ -58,6 +58,37 @@ def test_a_hanging_request_counts_as_slow_while_it_hangs() -> None:
     assert gate is Gate.defer and delay >= 30.0
 
 
+def test_skipped_values_hold_until_their_row_is_due_or_the_endpoint_frees() -> None:
+    e = endpoint(cap=1)
+    ticket = go(e, 0.0)
+    skips = endpoints.Skips()
+    assert not e.blocked(0.1)  # one in flight that may answer soon: a row would wait
+    assert e.blocked(30.0)  # 30 s without an answer: a row would be deferred
+    skips.add("http://hooks.example/a", e, until=40.0)
+    skips.add("http://hooks.example/a", e, until=90.0)  # the first row's due time stands
+    assert skips.current(30.0) == ["http://hooks.example/a"]
+    assert skips.current(40.0) == []  # its deferred row is due: claimed again
+    skips.add("http://hooks.example/a", e, until=100.0)
+    e.finish(ticket, 50.0, answered=None, failed=True)  # the slot is free: rows go again
+    assert skips.current(50.0) == []
+
+
+def test_a_paused_endpoint_is_blocked_until_its_probe() -> None:
+    e = endpoint(cap=4, breaker=Breaker(window=10.0, min_requests=1, pause=5.0))
+    e.finish(go(e, 0.0), 0.0, answered=None, failed=True)
+    assert e.state is State.paused
+    assert e.blocked(4.9) and not e.blocked(5.0)
+
+
+def test_skipped_values_are_bounded() -> None:
+    e = endpoint(cap=1)
+    go(e, 0.0)
+    skips = endpoints.Skips()
+    for n in range(endpoints.MAX_SKIPS + 5):
+        skips.add(f"topic-{n}", e, until=100.0)
+    assert len(skips.current(30.0)) == endpoints.MAX_SKIPS
+
+
 def test_a_rate_spaces_the_requests() -> None:
     e = endpoint(cap=10, rate=10.0)
     go(e, 0.0)

@@ -31,7 +31,7 @@ from relay.listener import Listener
 from relay.scheduler import Scheduler
 from relay.server import Route, serve
 from relay.settler import Settler
-from relay.sources.base import Outcome, Settlement
+from relay.sources.base import Outcome, Settlement, warn_missing_index
 from relay.sweeper import Sweeper
 
 log = logs.get("relay.app")
@@ -110,7 +110,7 @@ class Relay:
             config.notify_channel,
             heartbeat=config.heartbeat_interval,
             on_notify=self._on_notify,
-            on_connect=self.sweeper.sweep_now,
+            on_connect=self._on_listening,
             # The listener's connection went silent: the pool's idle ones are on the same path.
             on_silent=self.store.sever_idle,
             probe_timeout=min(config.heartbeat_interval, config.statement_timeout),
@@ -127,6 +127,14 @@ class Relay:
         return config.metrics.sample_interval > 0 and config.health_host is not None
 
     # -- callbacks between the parts ---------------------------------------------------------
+
+    def _on_listening(self) -> None:
+        # Rows committed while it was away are found by a sweep. And a reconnect means the
+        # database had been lost: the pool's connections (claims, settles) are revived now,
+        # not on psycopg_pool's reconnect backoff.
+        self.sweeper.sweep_now()
+        if self.listener.connections > 1:
+            self.store.database_back()
 
     def _on_notify(self, payload: str) -> None:
         claimer = self.claimers.get(payload)
@@ -205,6 +213,8 @@ class Relay:
         for name, compiled in self.store.compiled.items():
             self.deliverer.wants_detail(name, compiled.detail_on)
             self.deliverer.skipping(name, compiled.skip_by)
+        for name, index in (await self.store.missing_ordering_indexes()).items():
+            warn_missing_index(name, index)
         problems = await self.store.trigger_problems()
         for name, problem in problems.items():
             log.warning(

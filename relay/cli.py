@@ -16,6 +16,7 @@ from relay import __version__, connections, logs, notify
 from relay import config as config_mod
 from relay.app import Service
 from relay.config import Config, ConfigError
+from relay.db import catalog
 from relay.db.store import Store
 
 log = logs.get("relay.cli")
@@ -144,13 +145,11 @@ async def _with_store(config: Config, command: str, args: argparse.Namespace) ->
             if config.inboxes:
                 await store.check_inboxes(config.inboxes)
             if command == "check":
-                problems = await store.trigger_problems()
-                for name, problem in problems.items():
-                    # Without its trigger a source is delivered only at each sweep, and a stale
-                    # one may wake relay for the wrong rows or not at all.
-                    print(f"sources.{name}: {problem}; run `relay install`", file=sys.stderr)
+                problems = await _check_problems(store)
+                for problem in problems:
+                    print(problem, file=sys.stderr)
                 if problems:
-                    print(f"relay check: {len(problems)} source(s) need `relay install`")
+                    print(f"relay check: {len(problems)} problem(s) to fix, each named above")
                     return EXIT_FAILED
                 print(f"configuration OK for sources: {', '.join(store.sources)}")
                 await _about(store, failing)
@@ -198,6 +197,31 @@ async def _with_store(config: Config, command: str, args: argparse.Namespace) ->
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def _check_problems(store: Store) -> list[str]:
+    """What `relay check` fails for once the sources are checked and compiled: what `relay
+    install` would make or change (triggers, ordering indexes, relay.endpoints) and the grants
+    relay.endpoints needs, each with what to do. A running relay starts despite them."""
+    problems = [
+        # Without its trigger a source is delivered only at each sweep, and a stale one may
+        # wake relay for the wrong rows or not at all.
+        f"sources.{name}: {problem}; run `relay install`"
+        for name, problem in (await store.trigger_problems()).items()
+    ]
+    for name, index in (await store.missing_ordering_indexes()).items():
+        # The statement holds the user's ordering_key: shown escaped, never raw. (A running
+        # relay starts without the index, with a warning: ordering.index_missing.)
+        concurrently = index.create.replace("CREATE INDEX ", "CREATE INDEX CONCURRENTLY ", 1)
+        problems.append(
+            f"sources.{name}: its ordering index {logs.escape(index.name)} is missing, so "
+            f"each claim reads the table; run `relay install`, or on a large busy table first "
+            f"run: {logs.escape(concurrently)};"
+        )
+    async with store.pool.connection() as conn:
+        if (endpoints := await catalog.endpoints_problem(conn)) is not None:
+            problems.append(logs.escape(endpoints))  # (it names the role)
+    return problems
 
 
 async def _unreachable(url: str) -> str | None:

@@ -238,9 +238,13 @@ class Need:
 
 
 async def check_privileges(
-    conn: psycopg.AsyncConnection[Any], where: str, needs: Sequence[Need]
+    conn: psycopg.AsyncConnection[Any],
+    where: str,
+    needs: Sequence[Need],
+    what: str = "relay's claims and settles need",
 ) -> None:
-    """The role relay runs as must be allowed every statement it will run for a source."""
+    """The role relay runs as must be allowed every statement it will run for a source (or for
+    `what` else needs them)."""
     who = await role(conn)
     for schema in dict.fromkeys(need.schema for need in needs):
         await check_schema(conn, where, schema)
@@ -263,9 +267,48 @@ async def check_privileges(
         missing.extend(grant(conn, p, None, on, who) for p in need.table_privileges if not can[p])
     if missing:
         raise ConfigError(
-            f"{where}: role {who!r} lacks privileges that relay's claims and "
-            f"settles need; as the tables' owner run: {' '.join(missing)}"
+            f"{where}: role {who!r} lacks privileges that {what}; as the tables' owner "
+            f"run: {' '.join(missing)}"
         )
+
+
+# What relay.endpoint_states runs on relay.endpoints (Store.disabled_targets and
+# Store.record_endpoint: the disabled, disable, pause, resume and resume_all queries of
+# sql/queries/endpoints.sql): the columns it reads or matches on (a pause's ON CONFLICT DO
+# UPDATE needs SELECT on those it sets, too), those it sets, and the rows it adds and removes.
+ENDPOINTS = Need(
+    "relay",
+    "endpoints",
+    select=("state", "target", "source", "worker", "reason", "since", "until"),
+    update=("reason", "until"),
+    table_privileges=("INSERT", "DELETE"),
+)
+ENDPOINTS_MISSING = (
+    "endpoints: relay's table relay.endpoints does not exist; run `relay install` (the table "
+    "is new in this version; without it targets disabled by their answer and endpoint pauses "
+    "are kept only in memory until the relay stops, and `relay enable` fails)"
+)
+
+
+async def endpoints_problem(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """Why relay cannot keep its disabled targets and endpoint pauses in relay.endpoints, or
+    None. A running relay only warns then (relay.endpoint_states); `relay check` fails."""
+    cur = await conn.execute(CATALOG["schema_usage"], {"schema": "relay"})
+    usage = await cur.fetchone()
+    try:
+        if usage is not None and not usage[0]:
+            await check_schema(conn, "endpoints", "relay")  # names the GRANT USAGE
+        if usage is None or not await table_exists(conn, "relay", "endpoints"):
+            return ENDPOINTS_MISSING
+        await check_privileges(
+            conn,
+            "endpoints",
+            [ENDPOINTS],
+            "relay needs to keep disabled targets and endpoint pauses in relay.endpoints",
+        )
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 async def check_statement(

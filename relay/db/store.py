@@ -34,6 +34,7 @@ from relay.sources.base import (
     Claimed,
     Compiled,
     DbContext,
+    OrderingIndex,
     Settlement,
     Source,
     json_default,
@@ -120,6 +121,8 @@ class Store:
         # Every connection the pool opened, to sever the idle ones when one went silent.
         self._conns: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
         self._stopping = False
+        self._reviving: asyncio.Task[None] | None = None
+        self.revived = 0  # times the pool was revived after the database came back (tests)
         self.pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
@@ -160,9 +163,58 @@ class Store:
         return self._stopping
 
     async def close(self) -> None:
+        if self._reviving is not None:
+            self._reviving.cancel()
+            await asyncio.gather(self._reviving, return_exceptions=True)
         # Interrupted, the database is not answering: the pool's attempts to connect are not
         # worth waiting for (each would take up to connect_timeout).
         await self.pool.close(timeout=1.0 if self._stopping else 5.0)
+
+    def database_back(self) -> None:
+        """The listener has connected again after losing the database: make the pool usable
+        now, rather than when claims, settles and pings find out by themselves.
+
+        After a restart every idle pooled connection is broken, and a claim would try them one
+        by one, between retries. And if anything used the pool while the database was away,
+        psycopg_pool is reconnecting on its own backoff (1 s, 2 s, 4 s... after each failure)
+        with nothing to tell it the database is back: claims and settles wait for its next
+        attempt, seconds after the listener is back. Runs once per reconnect of the listener,
+        off the hot path."""
+        if self._stopping or self.pool.closed:
+            return
+        if self._reviving is not None and not self._reviving.done():
+            return
+        self._reviving = asyncio.create_task(self._revive(), name="store.revive")
+
+    async def _revive(self) -> None:
+        pool = self.pool
+        try:
+            stats = pool.get_stats()
+            size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+            reconnecting = size - idle - len(self.watchdog.busy)
+            # Nothing ready and some connections waiting on psycopg_pool's backoff: open one
+            # more now (resize opens the connections it adds at once), and put the sizes back.
+            # The pool is one over its size until it shrinks (max_idle) or gives one up; a
+            # database that keeps flapping cannot make it grow past twice its size.
+            opened = not idle and reconnecting > 0 and size < 2 * pool.max_size
+            if opened:
+                sizes = pool.min_size, pool.max_size
+                await pool.resize(sizes[0] + 1, sizes[1] + 1)
+                await pool.resize(*sizes)
+            # Idle connections from before the loss: one empty query each, and psycopg_pool
+            # replaces the broken ones now, without backoff. (A broken one fails at once: the
+            # server that had it is gone, or sever_idle cut it when the listener went silent.)
+            await pool.check()
+            self.revived += 1
+            stats = pool.get_stats()
+            log.info(
+                "store.revived",
+                idle=stats.get("pool_available"),
+                size=stats.get("pool_size"),
+                opened=opened,
+            )
+        except Exception as exc:  # the pool's own reconnection goes on regardless
+            log.warning("store.revive_failed", error=logs.first_line(exc))
 
     @contextlib.asynccontextmanager
     async def _connection(
@@ -222,6 +274,20 @@ class Store:
                 _check_encoding(conn)
                 compiled = await source.kind.prepare(conn, source, self.ctx)
                 self.compiled[source.name] = compiled.render(conn)
+
+    async def missing_ordering_indexes(self) -> dict[str, OrderingIndex]:
+        """The sources whose ordering index (Compiled.ordering_index) is not there: their
+        claims then read each candidate's key's rows from the table."""
+        missing = {}
+        async with self._connection(SETUP_BOUND) as conn:
+            for name, compiled in self.compiled.items():
+                index = compiled.ordering_index
+                # (to_regclass: any relation, an index too)
+                if index is not None and not await catalog.table_exists(
+                    conn, index.schema, index.name
+                ):
+                    missing[name] = index
+        return missing
 
     async def trigger_problems(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """Sources (all, or those named) whose triggers are missing or stale (not what `relay
@@ -350,7 +416,7 @@ class Store:
         question is whether the database answers, so a lost connection is tried again on
         another, within the same bound. After a restart every idle connection may be such a
         one (CI saw two in a row): as many tries as the pool holds, and one on a new
-        connection."""
+        connection. (Once the listener is back, `database_back` has had them tested.)"""
         try:
             async with asyncio.timeout(PING_WITHIN):
                 tries = self.pool.max_size + 1

@@ -173,25 +173,26 @@ class Ordering:
         return name, statement
 
 
-async def ordering_index_missing(
-    conn: psycopg.AsyncConnection[Any], where: str, schema: str, name: str, statement: str
-) -> None:
-    """Warn (once, at start and in `relay check`) when the ordering index is not there: every
-    claim then reads each candidate's key's rows from the table."""
-    cur = await conn.execute(
-        "SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s",
-        [schema, name],
+@dataclass(frozen=True, slots=True)
+class OrderingIndex:
+    """The index a source's ordering condition looks earlier rows up by (Ordering.index), as
+    its Compiled names it: the store looks for it (Store.missing_ordering_indexes); a running
+    relay warns when it is missing (`warn_missing_index`), `relay check` fails."""
+
+    schema: str
+    name: str
+    create: str  # the statement `relay install` runs
+
+
+def warn_missing_index(source: str, index: OrderingIndex) -> None:
+    log.warning(
+        "ordering.index_missing",
+        source=f"sources.{source}",
+        index=index.name,
+        create=index.create,
+        hint="run `relay install`, or on a large busy table run the statement with CREATE "
+        "INDEX CONCURRENTLY first; without it each claim reads the table",
     )
-    if await cur.fetchone() is None:
-        log.warning(
-            "ordering.index_missing",
-            source=where,
-            index=name,
-            create=statement,
-            hint="run `relay install`, or on a large busy table run the statement with CREATE "
-            "INDEX CONCURRENTLY first; without it each claim reads the table",
-        )
 
 
 def parse_ordering(
@@ -335,6 +336,7 @@ class Compiled:
     # The claimed row's field (`url`, or `topic` where the topic picks the URL) whose values
     # the claim's `_skip` versions pass over (claim_versions); None: no such versions.
     skip_by: str | None = None
+    ordering_index: OrderingIndex | None = None
 
     def render(self, conn: psycopg.AsyncConnection[Any]) -> Compiled:
         def each(queries: Mapping[str, sqltext.Query]) -> dict[str, sqltext.Query]:
@@ -349,6 +351,7 @@ class Compiled:
             extra_triggers=self.extra_triggers,
             repeat_claim=self.repeat_claim,
             skip_by=self.skip_by,
+            ordering_index=self.ordering_index,
         )
 
 

@@ -20,11 +20,11 @@ from relay.sources.base import (
     Compiled,
     DbContext,
     Ordering,
+    OrderingIndex,
     Source,
     bounded_values,
     claim_versions,
     notify_trigger,
-    ordering_index_missing,
 )
 
 QUERIES = sqltext.load_queries(sqltext.sql_dir() / "queries" / "events.sql")
@@ -155,7 +155,16 @@ async def prepare(
         names["key_type"],
         None if skip is None else skip[0],
     )
-    return Compiled(queries=queries, notify=notify, skip_by=None if skip is None else skip[1])
+    index = None
+    if spec.ordering is not None:
+        name, statement = _ordering_index(spec)
+        index = OrderingIndex(spec.table[0], name, statement.as_string(conn))
+    return Compiled(
+        queries=queries,
+        notify=notify,
+        skip_by=None if skip is None else skip[1],
+        ordering_index=index,
+    )
 
 
 # Statuses of a row that holds back the later rows of its key (with ordering_dead = "hold",
@@ -167,15 +176,11 @@ async def _ordering_names(
     conn: psycopg.AsyncConnection[Any], source: Source, events: catalog.Table
 ) -> dict[str, sql.Composable]:
     """The claim's parts for ordering_key (none without; see Ordering.claim_parts), once the
-    expression is checked and its index looked for."""
+    expression is checked."""
     spec: EventSpec = source.spec
     if spec.ordering is None:
         return {"ordering_from": sql.SQL(""), "head": sql.SQL("")}
     expr = spec.ordering.expr()
-    name, statement = _ordering_index(spec)
-    await ordering_index_missing(
-        conn, f"sources.{source.name}", spec.table[0], name, statement.as_string(conn)
-    )
     await catalog.check_statement(
         conn,
         f"sources.{source.name}.ordering_key",

@@ -32,6 +32,7 @@ from relay.sources.base import (
     Failed,
     Notify,
     Ordering,
+    OrderingIndex,
     ParseContext,
     Plain,
     Request,
@@ -43,7 +44,6 @@ from relay.sources.base import (
     fixed_targets,
     keyring,
     notify_trigger,
-    ordering_index_missing,
     parse_ordering,
     shape_columns,
     shape_expressions,
@@ -394,6 +394,10 @@ class Table(Plain):
         await catalog.check_privileges(conn, where, _needs(spec, columns))
         compiled = _compile(source, spec, columns, ctx)
         await _check_expressions(conn, source, spec, columns, compiled)
+        if spec.ordering is not None:
+            name, statement = _ordering_index(spec)
+            index = OrderingIndex(spec.schema, name, statement.as_string(conn))
+            compiled = replace(compiled, ordering_index=index)
         if spec.log is not None:
             log_compiled = await attempt_log.prepare(
                 conn, where, spec.log, table, spec.key, source.name
@@ -892,8 +896,6 @@ async def _check_expressions(
             sql.SQL("SELECT {} FROM {} AS t").format(spec.ordering.expr(), table),
             "not a SQL expression over the table's columns",
         )
-        name, statement = _ordering_index(spec)
-        await ordering_index_missing(conn, where, spec.schema, name, statement.as_string(conn))
     if spec.filter is not None:
         await catalog.check_statement(
             conn,

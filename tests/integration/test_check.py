@@ -1,6 +1,7 @@
-"""`relay check` tells the truth about the database: triggers missing or stale, the database's
-encoding, mapped columns that cannot hold what relay writes, status values the column would
-change; and what it lets through works (a jsonb error column, a `%` in names and values)."""
+"""`relay check` tells the truth about the database: triggers missing or stale, ordering
+indexes and relay.endpoints missing, the database's encoding, mapped columns that cannot hold
+what relay writes, status values the column would change; and what it lets through works (a
+jsonb error column, a `%` in names and values)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,68 @@ async def test_check_fails_naming_each_source_whose_triggers_are_missing(
     assert (await run_cli(tmp_config, "install"))[0] == 0
     code, output = await run_cli(tmp_config, "check")
     assert (code, output.splitlines()[-1]) == (0, "configuration OK for sources: deliveries")
+
+
+async def test_check_fails_naming_relay_endpoints_when_an_older_install_lacks_it(
+    db: str, tmp_config: Path
+) -> None:
+    # A database installed by a relay older than relay.endpoints: a running relay only warns
+    # (endpoint.not_recorded) and keeps disabled targets in memory.
+    write_config(tmp_config, raw_config(db))
+    assert (await run_cli(tmp_config, "install"))[0] == 0
+    execute(db, "DROP TABLE relay.endpoints")
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 1, output
+    assert (
+        "endpoints: relay's table relay.endpoints does not exist; run `relay install` (the "
+        "table is new in this version; without it targets disabled by their answer and endpoint "
+        "pauses are kept only in memory until the relay stops, and `relay enable` fails)"
+    ) in output.splitlines()
+    assert "configuration OK" not in output
+    assert (await run_cli(tmp_config, "install"))[0] == 0
+    code, output = await run_cli(tmp_config, "check")
+    assert (code, output.splitlines()[-1]) == (0, "configuration OK for sources: deliveries")
+
+
+@pytest.mark.parametrize("kind", ["table", "outbox"])
+async def test_check_fails_naming_a_missing_ordering_index_and_its_statement(
+    db: str, tmp_config: Path, kind: str
+) -> None:
+    # `relay run` starts without it (logging ordering.index_missing), and each claim then reads
+    # the table; check says so, with the statement to run.
+    source: dict[str, Any] = (
+        {"kind": "outbox", "url": "http://127.0.0.1:9/hook"} if kind == "outbox" else queue_source()
+    )
+    source["ordering_key"] = "payload->>'doc'"
+    write_config(tmp_config, raw_config(db, sources={"events": source}))
+    assert (await run_cli(tmp_config, "install"))[0] == 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        [(schema, name, definition)] = conn.execute(
+            "SELECT schemaname::text, indexname::text, indexdef FROM pg_indexes "
+            "WHERE indexname LIKE '%relay_order%'"
+        ).fetchall()
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 1, output
+    [line] = [line for line in output.splitlines() if line.startswith("sources.events:")]
+    prefix = (
+        f"sources.events: its ordering index {name} is missing, so each claim reads the table; "
+        f"run `relay install`, or on a large busy table first run: "
+    )
+    assert line.startswith(prefix), output
+    statement = line.removeprefix(prefix)
+    assert statement.startswith(f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{name}" ON '), line
+    assert "ordering.index_missing" not in output  # reported once, as a problem
+    assert "configuration OK" not in output
+    # Running the statement it names is all it takes, and makes the index install makes.
+    execute(db, statement)
+    with psycopg.connect(db) as conn:
+        made = conn.execute(
+            "SELECT schemaname::text, indexdef FROM pg_indexes WHERE indexname = %s", [name]
+        ).fetchall()
+    assert made == [(schema, definition)]
+    code, output = await run_cli(tmp_config, "check")
+    assert (code, output.splitlines()[-1]) == (0, "configuration OK for sources: events"), output
 
 
 @pytest.mark.parametrize(

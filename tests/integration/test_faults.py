@@ -191,6 +191,66 @@ async def test_server_restart_mid_stream(db: str, server: Server, receiver: Rece
     assert {r["status"] for r in rows.values()} == {"delivered"}
 
 
+# psycopg_pool retries a failed connection 1 s (+-10%) later, then 2 s, then 4 s: after a third
+# failure, its next attempt is at least 3.6 s away.
+POOL_FAILURES = 3
+PROMPTLY = 1.0  # seconds: from the listener being back to the delivery, well before that
+
+
+@pytest.mark.restart
+async def test_pool_is_usable_when_the_listener_is_back_not_on_its_own_backoff(
+    db: str, server: Server, receiver: Receiver
+) -> None:
+    # A row inserted right after a restart is delivered as soon as the listener is back, even
+    # when the pool had been failing to reconnect for a while (anything that used it during
+    # the outage: a settle, a readiness probe) and is waiting on psycopg_pool's backoff. The
+    # pool is sent there first, the listener kept connected meanwhile, so that its own backoff
+    # after the restart stays short: the database refuses new connections, the pool's backends
+    # are terminated and a readiness ping fails. No periodic sweep: the row is claimed on the
+    # listener's reconnect sweep or its notification, through the pool either way.
+    config = make_config(db, relay={"sweep_interval": 600})
+    await install(config)
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"] or ""
+    name = psycopg.sql.Identifier(dbname)
+    refuse = psycopg.sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(name)
+    accept = psycopg.sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(name)
+    async with running(config) as relay:
+        pool = relay.store.pool
+        admin = await psycopg.AsyncConnection.connect(server.admin_url, autocommit=True)
+        async with admin:
+            await admin.execute(refuse)
+            try:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> %s",
+                    (dbname, relay.listener.backend_pid),
+                )
+                assert await relay.store.ping() is not None
+                # Every connection the pool is reconnecting has failed POOL_FAILURES times (the
+                # pool has no event for it: its counters are polled).
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        stats = pool.get_stats()
+                        if stats.get("connections_errors", 0) >= POOL_FAILURES * max(
+                            stats["pool_size"], 1
+                        ):
+                            break
+                        await asyncio.sleep(0.05)
+                assert pool.get_stats()["pool_available"] == 0
+            finally:
+                await admin.execute(accept)
+        assert relay.listener.connected and relay.listener.connections == 1
+
+        back = asyncio.create_task(listener_reconnected(relay))
+        await asyncio.to_thread(server.restart)
+        ids = await insert_rows(db, receiver.url, 1)
+        await back
+        # Without the store being told the database is back, the claim waits for the pool's
+        # next attempt, seconds later.
+        await receiver.wait_ids(delivery_ids(ids), timeout=PROMPTLY)
+        assert relay.store.revived == 1
+
+
 # -- shutdown ------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -18,7 +19,15 @@ from relay import config as config_mod
 from relay.config import ConfigError
 from relay.db.store import Store
 from tests.integration.documenso_schema import ENVELOPE, JOBS, WEBHOOKS
-from tests.support import Receiver, install, queue_source, raw_config, running
+from tests.support import (
+    Receiver,
+    install,
+    queue_source,
+    raw_config,
+    run_cli,
+    running,
+    write_config,
+)
 
 _roles = itertools.count()
 
@@ -27,6 +36,7 @@ RUNNER_GRANTS = """
 GRANT USAGE ON SCHEMA relay TO {role};
 GRANT SELECT, UPDATE ON relay.outbox, relay.documenso_events TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON relay.leases TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON relay.endpoints TO {role};
 GRANT SELECT, UPDATE ON public.webhook_delivery_queue TO {role};
 GRANT SELECT, UPDATE ON public."BackgroundJob" TO {role};
 GRANT SELECT ON public."Webhook" TO {role};
@@ -315,3 +325,62 @@ async def test_check_names_the_temporary_privilege_its_status_probe_needs(
         await store.prepare()  # doing what it says is enough
     finally:
         await store.close()
+
+
+async def test_check_names_the_grants_relay_endpoints_needs(
+    db: str, roles: tuple[str, str], tmp_config: Path
+) -> None:
+    # Without them a running relay only warns (endpoint.not_recorded): a target one relay
+    # disabled is not skipped by the others, and `relay enable` and `relay status` fail.
+    runner, _ = roles
+    await install(config_mod.from_mapping(raw_config(db), {}))
+    grant(db, "GRANT USAGE ON SCHEMA relay TO {role}", runner)
+    grant(db, "GRANT SELECT, UPDATE ON public.webhook_delivery_queue TO {role}", runner)
+    grant(db, "GRANT SELECT, INSERT, UPDATE, DELETE ON relay.leases TO {role}", runner)
+    runner_url = as_role(db, runner)
+    write_config(tmp_config, raw_config(runner_url))
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 1, output
+    quoted = f'"{runner}"'
+    [line] = [line for line in output.splitlines() if line.startswith("endpoints:")]
+    assert line == (
+        f"endpoints: role {runner!r} lacks privileges that relay needs to keep disabled "
+        f"targets and endpoint pauses in relay.endpoints; as the tables' owner run: "
+        f'GRANT SELECT ON "relay"."endpoints" TO {quoted}; '
+        f'GRANT UPDATE ("reason", "until") ON "relay"."endpoints" TO {quoted}; '
+        f'GRANT INSERT ON "relay"."endpoints" TO {quoted}; '
+        f'GRANT DELETE ON "relay"."endpoints" TO {quoted};'
+    )
+    assert "configuration OK" not in output
+    # A pause's ON CONFLICT DO UPDATE needs SELECT on the columns it sets (until) too.
+    grant(
+        db,
+        "GRANT SELECT (state, target, source, worker, reason, since), UPDATE (reason, until), "
+        "INSERT, DELETE ON relay.endpoints TO {role}",
+        runner,
+    )
+    code, output = await run_cli(tmp_config, "check")
+    assert code == 1, output
+    [line] = [line for line in output.splitlines() if line.startswith("endpoints:")]
+    assert line.endswith(f' run: GRANT SELECT ON "relay"."endpoints" TO {quoted};'), line
+    # Doing what it says is all it takes: every statement relay.endpoint_states runs succeeds.
+    execute(db, line.split(" run: ")[1])
+    store = Store(runner_url, [])
+    await store.open()
+    try:
+        await store.record_endpoint(
+            "disabled", {"source": "deliveries", "target": "http://a.example/", "reason": "410"}
+        )
+        for _ in range(2):  # the second pause updates the first
+            await store.record_endpoint(
+                "paused", {"endpoint": "a.example:80", "reason": "down", "resumes_in_s": 5.0}
+            )
+        await store.record_endpoint("resumed", {"endpoint": "a.example:80"})
+        await store.record_endpoint("stopped", {})
+        assert [row[:3] for row in await store.disabled_targets()] == [
+            ("deliveries", "http://a.example/", "410")
+        ]
+    finally:
+        await store.close()
+    code, output = await run_cli(tmp_config, "check")
+    assert (code, output.splitlines()[-1]) == (0, "configuration OK for sources: deliveries")

@@ -456,17 +456,25 @@ class Deliverer:
         """Let the row's request go (None, `job.ticket` set), wait for its endpoint (None, the
         row in the endpoint's waiting line) or come back later (a release with a delay)."""
         endpoint = self.endpoints.get(target)
+        now = asyncio.get_running_loop().time()
         if endpoint.waiting:
+            if not endpoint.has_room(now):
+                # Behind a line that cannot move now, it joins the line: whether its turn is
+                # too far off to wait for is for the look at the line's tail (_trim, at most
+                # every TRIM_EVERY), not a reckoning per row.
+                endpoint.waiting.append(job)
+                self._tick_after(endpoint, endpoint.next_start - now)
+                return None
             self._let_through(endpoint)  # the rows before it first
         # Behind the rows still waiting: its turn is that much further.
-        gate, value = endpoint.admit(asyncio.get_running_loop().time(), len(endpoint.waiting))
+        gate, value = endpoint.admit(now, len(endpoint.waiting))
         if gate is endpoints.Gate.go:
             job.endpoint, job.ticket = endpoint, value
             return None
         if gate is endpoints.Gate.wait or not job.source.defers:
             # (A row whose settle cannot give it a due time waits here however long.)
             endpoint.waiting.append(job)
-            self._tick_after(endpoint, min(value, endpoints.PARK_WITHIN))
+            self._tick_after(endpoint, value)
             return None
         return self._deferred(job, endpoint, value)
 
@@ -492,8 +500,16 @@ class Deliverer:
         return Settlement(job.row.key, job.row.lease, Outcome.release, delay)
 
     def _tick_after(self, endpoint: endpoints.Endpoint, wait: float) -> None:
-        # One timer per endpoint: a slot freed before it fires lets the rows through anyway,
-        # and the timer then finds them gone or still waiting.
+        """Look at an endpoint's line again in `wait` seconds (its first row's turn).
+
+        One timer per endpoint: a slot freed before it fires lets the rows through anyway
+        (`_ended`), and the timer then finds them gone or still waiting. An endpoint at its cap
+        frees slots only as requests end, so its timer is only for looking at the line's tail
+        now and then (`_trim`; a hanging endpoint's requests do not end), not at its first
+        row's turn, a fraction of a millisecond off under load."""
+        if endpoint.in_flight >= endpoint.cap:
+            wait = max(wait, endpoints.TRIM_EVERY)
+        wait = min(wait, endpoints.PARK_WITHIN)
         if endpoint.timer is None:
             loop = asyncio.get_running_loop()
             endpoint.timer = loop.call_later(max(wait, 0.001), self._on_timer, endpoint)
@@ -508,11 +524,17 @@ class Deliverer:
         cannot take soon are deferred, the rest wait for the next slot or tick."""
         now = asyncio.get_running_loop().time()
         while endpoint.waiting:
+            if not endpoint.has_room(now):
+                # Full (or the rate's next start not yet): the line moves as requests end, or
+                # at the timer; its tail is looked at now and then.
+                self._tick_after(endpoint, endpoint.next_start - now)
+                self._trim(endpoint, now)
+                return
             gate, value = endpoint.admit(now, 0)
             if gate is endpoints.Gate.wait or (
                 gate is endpoints.Gate.defer and not endpoint.waiting[0].source.defers
             ):
-                self._tick_after(endpoint, min(value, endpoints.PARK_WITHIN))
+                self._tick_after(endpoint, value)
                 self._trim(endpoint, now)
                 return
             job = endpoint.waiting.popleft()
@@ -528,7 +550,10 @@ class Deliverer:
     def _trim(self, endpoint: endpoints.Endpoint, now: float) -> None:
         """Defer the rows at the end of an endpoint's line whose turn is no longer near (its
         requests take longer than when they joined it): they hold claim budget the other
-        endpoints' rows need."""
+        endpoints' rows need. At most every TRIM_EVERY."""
+        if now < endpoint.trimmed_at + endpoints.TRIM_EVERY:
+            return
+        endpoint.trimmed_at = now
         while len(endpoint.waiting) > 1 and endpoint.waiting[-1].source.defers:
             gate, value = endpoint.admit(now, len(endpoint.waiting) - 1)
             if gate is not endpoints.Gate.defer:

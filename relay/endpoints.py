@@ -44,6 +44,9 @@ PARK_WITHIN = 1.0
 # The latest a deferred row is given for an endpoint that is merely busy or slow (a pause can
 # be longer).
 MAX_DEFER = 300.0
+# The tail of an endpoint's line is looked at (rows whose turn is no longer near deferred) at
+# most this often: the estimate moves with the requests' age, not with each row.
+TRIM_EVERY = 0.1
 # Endpoints tracked at most; idle ones (nothing in flight, waiting or paused) are forgotten
 # beyond this, so URLs taken from rows cannot grow memory without bound.
 MAX_ENDPOINTS = 10_000
@@ -218,6 +221,7 @@ class Endpoint:
         self.next_start = 0.0  # the soonest the rate lets the next request start
         self.latency = 0.0  # the answers' response time, moving average (seconds)
         self._deferred_to = 0.0  # the latest due time given to a deferred row
+        self.trimmed_at = 0.0  # when the deliverer last looked at the line's tail (TRIM_EVERY)
         self.deferred = 0  # rows deferred (for status and /metrics)
         self.state = State.open
         self.until = 0.0  # paused until (monotonic)
@@ -274,6 +278,15 @@ class Endpoint:
         if self.interval:
             self.next_start = max(self.next_start, now) + self.interval
         return Gate.go, float(ticket)
+
+    def has_room(self, now: float) -> bool:
+        """Whether the rows waiting could move now: a slot free and the rate's next start
+        passed, or the breaker's state to act on (a pause to defer them, a probe to send). Two
+        comparisons where `admit` takes a dozen: a row claimed behind a full endpoint's line
+        joins it without the line being looked at (its slots free only as requests end)."""
+        if self.state is not State.open:
+            return True
+        return self.in_flight < self.cap and (not self.interval or self.next_start <= now)
 
     def blocked(self, now: float) -> bool:
         """Whether a row coming now would be deferred (paused, probing, or its turn further

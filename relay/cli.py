@@ -16,7 +16,6 @@ from relay import __version__, connections, logs, notify
 from relay import config as config_mod
 from relay.app import Service
 from relay.config import Config, ConfigError
-from relay.db import catalog
 from relay.db.store import Store
 
 log = logs.get("relay.cli")
@@ -218,9 +217,8 @@ async def _check_problems(store: Store) -> list[str]:
             f"each claim reads the table; run `relay install`, or on a large busy table first "
             f"run: {logs.escape(concurrently)};"
         )
-    async with store.pool.connection() as conn:
-        if (endpoints := await catalog.endpoints_problem(conn)) is not None:
-            problems.append(logs.escape(endpoints))  # (it names the role)
+    if (endpoints := await store.endpoints_problem()) is not None:
+        problems.append(logs.escape(endpoints))  # (it names the role)
     return problems
 
 

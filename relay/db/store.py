@@ -275,6 +275,12 @@ class Store:
                 compiled = await source.kind.prepare(conn, source, self.ctx)
                 self.compiled[source.name] = compiled.render(conn)
 
+    async def endpoints_problem(self) -> str | None:
+        """Why relay cannot keep disabled targets and pauses in relay.endpoints (the table
+        missing, or grants), or None (catalog.endpoints_problem)."""
+        async with self._connection(SETUP_BOUND) as conn:
+            return await catalog.endpoints_problem(conn)
+
     async def missing_ordering_indexes(self) -> dict[str, OrderingIndex]:
         """The sources whose ordering index (Compiled.ordering_index) is not there: their
         claims then read each candidate's key's rows from the table."""

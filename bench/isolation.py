@@ -17,7 +17,6 @@ from __future__ import annotations
 import socket
 import statistics
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -72,7 +71,6 @@ def drain(
     """`hanging`: the URL of the extra rows (one in eleven), if any; `not_due`: those rows are
     not due for an hour, so claims pass over them without relay ever taking one (the cost of
     sharing the table, without any endpoint's)."""
-    from bench.run import cpu_seconds, wait_until
 
     n = s["isolation_rows"]
     healthy = bench.target
@@ -104,13 +102,7 @@ def drain(
 
     name = "isolation-not-due" if not_due else "isolation-hanging" if hanging else "isolation-alone"
     with bench.deliverer("relay", db, name) as proc:
-        ready = time.monotonic()
-        cpu_before = cpu_seconds(proc.pid)
-        pg_before = bench.server_cpu()
-        wait_until(lambda: left() == 0, 600, f"{n} healthy rows to settle")
-        done = time.monotonic()
-        cpu = cpu_seconds(proc.pid) - cpu_before
-        pg_after = bench.server_cpu()
+        timed = bench.timed(proc, n, lambda: left() == 0, f"{n} healthy rows to settle")
         claims = bench.metric(proc, "relay_claims_total")
         deferred = bench.metric(proc, "relay_deferred_rows_total")
         with psycopg.connect(db, autocommit=True) as conn:
@@ -122,12 +114,7 @@ def drain(
     assert row is not None
     return {
         "rows": n,
-        "seconds": done - ready,
-        "rows_per_s": n / (done - ready),
-        "cpu_us_per_row": cpu / n * 1e6,
-        "pg_cpu_us_per_row": sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
-        / n
-        * 1e6,
+        **timed,
         "received": bench.receiver_stats()["count"],
         # The hanging endpoint's rows: how many were attempted (in flight or waited out) by
         # the time the healthy ones were done, of how many.
@@ -176,7 +163,7 @@ ORDER_KEYS = 1000
 
 
 def ordered_drain(bench: Bench, ordered: bool, s: dict[str, Any]) -> dict[str, Any]:
-    from bench.run import QUEUE_SOURCE, cpu_seconds, wait_until
+    from bench.run import QUEUE_SOURCE
 
     n = s["isolation_rows"]
     db = bench.fresh_db()
@@ -195,20 +182,8 @@ def ordered_drain(bench: Bench, ordered: bool, s: dict[str, Any]) -> dict[str, A
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE webhook_delivery_queue")
     with bench.deliverer("relay", db, name, source=source) as proc:
-        ready = time.monotonic()
-        cpu_before = cpu_seconds(proc.pid)
-        pg_before = bench.server_cpu()
-        wait_until(lambda: bench.unsettled(db) == 0, 600, f"{n} rows to settle")
-        done = time.monotonic()
-        cpu = cpu_seconds(proc.pid) - cpu_before
-        pg_after = bench.server_cpu()
-    pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
-    return {
-        "rows": n,
-        "rows_per_s": n / (done - ready),
-        "cpu_us_per_row": cpu / n * 1e6,
-        "pg_cpu_us_per_row": pg_cpu / n * 1e6,
-    }
+        timed = bench.timed(proc, n, lambda: bench.unsettled(db) == 0, f"{n} rows to settle")
+    return {"rows": n, **timed}
 
 
 def ordering(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:

@@ -443,6 +443,27 @@ class Bench:
             self.metrics_urls.pop(proc.pid, None)
             self.procs.stop(proc, timeout=60.0 if under else 10.0, sig=stop_with)
 
+    def timed(
+        self, proc: subprocess.Popen[bytes], n: int, settled: Callable[[], bool], what: str
+    ) -> dict[str, float]:
+        """From now (the deliverer listening) until `settled()`: seconds, rows/s for `n` rows,
+        and the deliverer's and PostgreSQL's CPU per row (taken while the deliverer's backends
+        live: a backend's CPU is gone with it)."""
+        ready = time.monotonic()
+        cpu_before = cpu_seconds(proc.pid)
+        pg_before = self.server_cpu()
+        wait_until(settled, 600, what)
+        seconds = time.monotonic() - ready
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        pg_after = self.server_cpu()
+        pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+        return {
+            "seconds": seconds,
+            "rows_per_s": n / seconds,
+            "cpu_us_per_row": cpu / n * 1e6,
+            "pg_cpu_us_per_row": pg_cpu / n * 1e6,
+        }
+
     def metric(self, proc: subprocess.Popen[bytes], name: str) -> float:
         """The sum of a running relay's /metrics samples of `name` (over their labels)."""
         _, body = http_get(self.metrics_urls[proc.pid])
@@ -797,20 +818,11 @@ class Bench:
                 )
             )
             ready = time.monotonic()
-            cpu_before = cpu_seconds(proc.pid)
-            pg_before = self.server_cpu()
-            wait_until(lambda: waiting() == 0, 600, f"{n} history rows to settle")
-            done = time.monotonic()
-            cpu = cpu_seconds(proc.pid) - cpu_before
-            pg_after = self.server_cpu()
-            pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+            timed = self.timed(proc, n, lambda: waiting() == 0, f"{n} history rows to settle")
         result: dict[str, Any] = {
             "rows": n,
             "table_rows": s["history_rows"],
-            "seconds": done - ready,
-            "rows_per_s": n / (done - ready),
-            "cpu_us_per_row": cpu / n * 1e6,
-            "pg_cpu_us_per_row": pg_cpu / n * 1e6,
+            **timed,
             "startup_s": ready - spawned,
             "received": self.receiver_stats()["count"],
             **self.statements(dbname, n),

@@ -18,7 +18,7 @@ import psycopg
 
 from relay import logs
 from relay.db.store import RETRYABLE
-from relay.endpoints import Endpoints
+from relay.endpoints import MAX_DISABLED, Endpoints
 
 log = logs.get("relay.endpoints")
 
@@ -28,7 +28,7 @@ MAX_PENDING = 1000
 
 
 class StateStore(Protocol):
-    async def disabled_targets(self) -> list[Any]: ...
+    async def disabled_targets(self, limit: int) -> list[Any]: ...
     async def record_endpoint(self, change: str, data: dict[str, Any]) -> None: ...
 
 
@@ -93,7 +93,7 @@ class EndpointStates:
         while not self._changes.empty():
             await self._write(*self._changes.get_nowait())
         try:
-            rows = await self.store.disabled_targets()
+            rows = await self.store.disabled_targets(MAX_DISABLED)
         except (psycopg.Error, *RETRYABLE) as exc:
             self._failed("reload", exc)
             return

@@ -26,6 +26,7 @@ endpoint's backlog is then claimed and handed back a batch at a time, not row by
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -465,22 +466,28 @@ class Skips:
     due (`until`, monotonic) the value's other rows would be too, unless their endpoint can
     take requests again first. The deferred row's due time wakes the claimer (next_due), which
     then finds the value expired. At most MAX_SKIPS values: beyond, rows are deferred as
-    before."""
+    before.
+
+    The claim is given the values' MD5 digests, not the values (`md5(value) = ANY(...)`): a
+    URL may carry credentials, and PostgreSQL writes a logged statement's parameters to its
+    log (log_min_duration_statement)."""
 
     def __init__(self) -> None:
-        self._values: dict[str, tuple[Endpoint, float]] = {}
+        self._values: dict[str, tuple[Endpoint, float]] = {}  # digest -> endpoint, until
 
     def add(self, value: str, endpoint: Endpoint, until: float) -> None:
-        if value not in self._values and len(self._values) < MAX_SKIPS:
-            self._values[value] = (endpoint, until)
+        digest = hashlib.md5(value.encode(), usedforsecurity=False).hexdigest()
+        if digest not in self._values and len(self._values) < MAX_SKIPS:
+            self._values[digest] = (endpoint, until)
 
     def current(self, now: float) -> list[str]:
-        """The values to pass over now; those that no longer hold are dropped."""
+        """The digests of the values to pass over now; those that no longer hold are
+        dropped."""
         if not self._values:
             return []
-        for value, (endpoint, until) in list(self._values.items()):
+        for digest, (endpoint, until) in list(self._values.items()):
             if now >= until or not endpoint.blocked(now):
-                del self._values[value]
+                del self._values[digest]
         return list(self._values)
 
 

@@ -479,10 +479,11 @@ class Store:
 
     # -- endpoints held back (relay.endpoints) ------------------------------------------------
 
-    async def disabled_targets(self) -> list[tuple[str, str, str, datetime]]:
-        """(source, target, reason, since) of every target disabled by its answer."""
+    async def disabled_targets(self, limit: int) -> list[tuple[str, str, str, datetime]]:
+        """(source, target, reason, since) of the newest `limit` targets disabled by their
+        answer."""
         async with self._connection() as conn:
-            cur = await conn.execute(_ENDPOINTS["disabled"])
+            cur = await conn.execute(_ENDPOINTS["disabled"], {"limit": limit})
             return list(await cur.fetchall())
 
     async def record_endpoint(self, change: str, data: Mapping[str, Any]) -> None:

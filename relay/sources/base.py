@@ -472,15 +472,19 @@ def claim_versions(
     - `_after`: only rows whose key comes after the claim pass's cursor (an index condition
       on the claim's key order);
     - `_skip`: not the rows whose `skip_value` (the row's URL, or the topic that picks it, an
-      expression over `alias`) is in %(skip)s: those of endpoints that could not take them now
-      (the deliverer's `skips`). None: the kind's claim cannot tell a row's endpoint."""
+      expression over `alias`) has its MD5 digest in %(skip)s: those of endpoints that could
+      not take them now (the deliverer's `skips`; digests, so that no URL's credentials reach
+      PostgreSQL's log as a parameter). None: the kind's claim cannot tell a row's
+      endpoint."""
     after = sql.SQL(" AND {}.{} > %(after)s::{}").format(
         sql.SQL(alias), sql.Identifier(key), key_type
     )
     none = sql.SQL("")
     versions = {"claim": none, "claim_after": after}
     if skip_value is not None:
-        skip = sql.SQL(" AND NOT COALESCE({} = ANY(%(skip)s::text[]), false)").format(skip_value)
+        skip = sql.SQL(" AND NOT COALESCE(md5({}) = ANY(%(skip)s::text[]), false)").format(
+            skip_value
+        )
         versions |= {"claim_skip": none, "claim_after_skip": after}
     return {
         name: fill({"after": cursor, "skip": skip if name.endswith("_skip") else none})

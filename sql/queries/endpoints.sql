@@ -2,7 +2,10 @@
 -- disabled by their answer, and endpoints paused by a relay's circuit breaker.
 
 -- name: disabled
-SELECT source, target, reason, since FROM relay.endpoints WHERE state = 'disabled';
+-- The newest %(limit)s (relay.endpoints.MAX_DISABLED, what a relay holds in memory): targets come
+-- from rows, so the table is not bounded; what one relay reads of it is.
+SELECT source, target, reason, since FROM relay.endpoints WHERE state = 'disabled'
+ORDER BY since DESC LIMIT %(limit)s;
 
 -- name: disable
 -- The first relay to disable a target keeps its reason and time.

@@ -377,7 +377,7 @@ async def test_check_names_the_grants_relay_endpoints_needs(
             )
         await store.record_endpoint("resumed", {"endpoint": "a.example:80"})
         await store.record_endpoint("stopped", {})
-        assert [row[:3] for row in await store.disabled_targets()] == [
+        assert [row[:3] for row in await store.disabled_targets(10)] == [
             ("deliveries", "http://a.example/", "410")
         ]
     finally:

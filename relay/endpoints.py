@@ -69,7 +69,10 @@ class Limits:
 class Breaker:
     enabled: bool = True
     window: float = 60.0  # seconds of outcomes the failure rate is taken over
-    min_requests: int = 10  # at least this many requests in the window
+    # At least this many requests in the window. 20, as Hystrix's request volume: with 10, an
+    # endpoint that fails one request in five at random shows 5 of 10 failed now and then (3% of
+    # windows), and a pause for what is only noise.
+    min_requests: int = 20
     failure_rate: float = 0.5  # and at least this share of them failed
     pause: float = 30.0  # the first pause; each failed probe doubles it
     max_pause: float = 600.0

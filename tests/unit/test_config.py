@@ -37,6 +37,7 @@ def test_defaults_are_sane() -> None:
     assert cfg.endpoints.default.max_in_flight == 20
     assert cfg.endpoints.default.rate is None
     assert cfg.endpoints.breaker.enabled
+    assert cfg.endpoints.breaker.min_requests == 20
     assert cfg.endpoints.disable_on == {410}
     assert cfg.batch_size == 100
     assert cfg.listen_url == DB

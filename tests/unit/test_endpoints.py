@@ -59,6 +59,44 @@ def test_a_hanging_request_counts_as_slow_while_it_hangs() -> None:
     assert gate is Gate.defer and delay >= 30.0
 
 
+def test_an_endpoint_that_ends_no_request_with_every_slot_taken_is_stalled() -> None:
+    # A hang's first moments: its requests are young, so their age says a slot may be near;
+    # but with every slot taken and none ending for STALL_AFTER, its rows are handed back
+    # rather than holding the claim budget in its line.
+    e = endpoint(cap=2)
+    e.latency = 0.001  # it answered in a millisecond until now
+    go(e, 10.0), go(e, 10.0)
+    soon = 10.0 + endpoints.STALL_AFTER / 2
+    assert not e.stalled(soon)
+    assert e.admit(soon, 0)[0] is Gate.wait
+    later = 10.0 + endpoints.STALL_AFTER * 1.5
+    assert e.stalled(later)
+    gate, wait = e.admit(later, 0)
+    assert gate is Gate.defer and wait >= endpoints.STALLED_WAIT
+    assert e.blocked(later)
+
+
+def test_an_endpoint_whose_requests_keep_ending_is_not_stalled() -> None:
+    e = endpoint(cap=2)
+    first, _ = go(e, 0.0), go(e, 0.0)
+    e.finish(first, 0.09, answered=0.001, failed=False)  # one slot busy all along
+    go(e, 0.09)
+    # Both slots taken again, the last end less than STALL_AFTER ago: moving.
+    assert not e.stalled(0.09 + endpoints.STALL_AFTER * 0.9)
+    assert e.stalled(0.09 + endpoints.STALL_AFTER * 1.1)
+    # A slow endpoint (2 s answers) is stalled only after four of them without an end.
+    slow = endpoint(cap=1)
+    ticket = go(slow, 0.0)
+    slow.finish(ticket, 2.0, answered=2.0, failed=False)
+    go(slow, 2.0)
+    assert not slow.stalled(2.0 + 7.9)
+    assert slow.stalled(2.0 + 8.1)
+    # A free slot: never stalled, whatever its age.
+    idle = endpoint(cap=2)
+    go(idle, 0.0)
+    assert not idle.stalled(100.0)
+
+
 def test_skipped_values_hold_until_their_row_is_due_or_the_endpoint_frees() -> None:
     e = endpoint(cap=1)
     ticket = go(e, 0.0)

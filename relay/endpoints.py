@@ -403,6 +403,9 @@ class Endpoint:
         }
         if self.rate:
             out["rate"] = self.rate
+        if self.stalled(now):
+            # Every slot taken and no request ended for this long: likely hanging.
+            out["stalled_s"] = round(now - self.moved_at, 3)
         if self.state is not State.open:
             out["paused_since"] = self.paused_at
             out["resumes_in_s"] = round(max(self.until - now, 0.0), 3)

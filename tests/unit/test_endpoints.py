@@ -74,6 +74,9 @@ def test_an_endpoint_that_ends_no_request_with_every_slot_taken_is_stalled() -> 
     gate, wait = e.admit(later, 0)
     assert gate is Gate.defer and wait >= endpoints.STALLED_WAIT
     assert e.blocked(later)
+    # /status says so, and for how long.
+    assert "stalled_s" not in e.status(soon)
+    assert e.status(later)["stalled_s"] == pytest.approx(endpoints.STALL_AFTER * 1.5)
 
 
 def test_an_endpoint_whose_requests_keep_ending_is_not_stalled() -> None:

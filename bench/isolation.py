@@ -4,9 +4,12 @@ one hanging endpoint costs the others.
 `ordering`: `isolation_rows` rows over 1,000 keys (20 each, the keys interleaved as a busy
 application writes them) drained with `ordering_key` and without, in interleaved rounds.
 
-A backlog of `isolation_rows` rows for the bench's receiver is drained twice per round, in
-interleaved order: alone, and with one extra row in ten (interleaved by id) for an endpoint that
-accepts connections and never answers (`Blackhole`). Measured: the healthy rows' rate (from
+A backlog of `isolation_rows` rows for the bench's receiver is drained four times per round, in
+interleaved order: alone; with one extra row in ten (interleaved by id) for an endpoint that
+accepts connections and never answers (`Blackhole`); with the same rows for an endpoint that
+answers its first LATE_AFTER requests at once and then hangs (`LateHole`: a hang that begins
+mid-drain, after relay has learnt a fast response time); and, as a control, with the same rows
+not due for an hour. Measured: the healthy rows' rate (from
 relay listening to the last healthy row settled) and relay's CPU per healthy delivery; their
 ratio within each round. relay runs with its defaults (each endpoint takes at most half of
 relay.max_in_flight; the hanging requests last http.timeout, 10 s, longer than a drain).
@@ -14,12 +17,14 @@ relay.max_in_flight; the hanging requests last http.timeout, 10 s, longer than a
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import statistics
 import threading
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from aiohttp import web
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -63,6 +68,56 @@ class Blackhole:
         for conn in self.conns:
             conn.close()
         self.sock.close()
+
+
+LATE_AFTER = 100  # requests LateHole answers before it hangs
+
+
+class LateHole:
+    """A receiver that answers its first LATE_AFTER requests at once, then never again."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self._loop = asyncio.new_event_loop()
+        self._port = 0
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/hook"
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._closing = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self._port = self._runner.addresses[0][1]
+        ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        if self.answered >= LATE_AFTER:
+            await self._closing.wait()  # hangs until the bench closes it
+            raise web.HTTPServiceUnavailable()
+        self.answered += 1
+        return web.Response(text="ok")
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._closing.set()  # the hanging requests end, or cleanup would wait for them
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 def drain(
@@ -129,17 +184,25 @@ def run(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
     hole = Blackhole()
     try:
         rounds = []
-        variants = ("alone", "hanging", "not_due")
+        variants = ("alone", "hanging", "late", "not_due")
         for i in range(s["isolation_rounds"]):
             order = variants if i % 2 == 0 else variants[::-1]
-            one = {
-                v: drain(bench, None if v == "alone" else hole.url, s, not_due=v == "not_due")
-                for v in order
-            }
+            one = {}
+            for v in order:
+                if v == "late":
+                    late = LateHole()  # a fresh one: it hangs after its first requests
+                    try:
+                        one[v] = drain(bench, late.url, s)
+                    finally:
+                        late.close()
+                else:
+                    url = None if v == "alone" else hole.url
+                    one[v] = drain(bench, url, s, not_due=v == "not_due")
             rounds.append(one)
     finally:
         hole.close()
     ratios = [r["hanging"]["rows_per_s"] / r["alone"]["rows_per_s"] for r in rounds]
+    late_ratios = [r["late"]["rows_per_s"] / r["alone"]["rows_per_s"] for r in rounds]
     cpu = [r["hanging"]["cpu_us_per_row"] / r["alone"]["cpu_us_per_row"] for r in rounds]
     shared = [r["not_due"]["rows_per_s"] / r["alone"]["rows_per_s"] for r in rounds]
     return {
@@ -148,6 +211,10 @@ def run(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
         "rows_per_s_ratio_median": statistics.median(ratios),
         "cpu_ratio_median": statistics.median(cpu),
         # The same extra rows, never claimable: what sharing the table costs by itself.
+        # A hang that begins mid-drain (LateHole).
+        "late_ratio": late_ratios,
+        "late_ratio_median": statistics.median(late_ratios),
+        "late_rows_per_s": statistics.median(r["late"]["rows_per_s"] for r in rounds),
         "not_due_ratio": shared,
         "not_due_ratio_median": statistics.median(shared),
         "not_due_rows_per_s": statistics.median(r["not_due"]["rows_per_s"] for r in rounds),
@@ -239,6 +306,7 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
         return []
     n = s["isolation_rows"]
     per_round = ", ".join(f"{x:.2f}" for x in res["rows_per_s_ratio"])
+    late = ", ".join(f"{x:.2f}" for x in res["late_ratio"])
     return [
         "",
         f"## One endpoint hanging ({n:,} rows for a healthy endpoint, alone and with "
@@ -251,12 +319,15 @@ def markdown(res: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
         f"{res['hanging_cpu_us']:.0f} |",
         f"| ratio (median of rounds) | {res['rows_per_s_ratio_median']:.2f} | "
         f"{res['cpu_ratio_median']:.2f} |",
+        f"| next to an endpoint that answers {LATE_AFTER} requests, then hangs | "
+        f"{res['late_rows_per_s']:,.0f} (ratio {res['late_ratio_median']:.2f}) | |",
         f"| control: the same extra rows, not due for an hour | "
         f"{res['not_due_rows_per_s']:,.0f} (ratio {res['not_due_ratio_median']:.2f}) | |",
         "",
         f"Per round, healthy rows/s next to the hanging endpoint / alone: {per_round}; with the "
         f"extra rows never claimable (the cost of sharing the table, no endpoint involved): "
-        f"{', '.join(f'{x:.2f}' for x in res['not_due_ratio'])}. The "
+        f"{', '.join(f'{x:.2f}' for x in res['not_due_ratio'])}; next to the endpoint that "
+        f"hangs after {LATE_AFTER} requests: {late}. The "
         f"hanging endpoint's rows attempted by the time the healthy ones were done (median): "
         f"{res['hanging_attempted']:.0f} (its cap of requests in flight; the others waited "
         f"or were deferred, no attempt counted).",

@@ -24,8 +24,9 @@ loop (bench/reference.py) and the producer (bench/producer.py) each in its own p
    latency, a drain and rows inserted while running, with every process's CPU per delivery,
    peak RSS and statements per 1,000 deliveries (`--only graphile` runs it alone).
 8. ordering: a backlog over 1,000 keys drained with ordering_key and without;
-9. isolation: a healthy endpoint's backlog drained alone and with one row in ten for an
-   endpoint that never answers (bench/isolation.py, both).
+9. isolation: a healthy endpoint's backlog drained alone, with one row in ten for an endpoint
+   that never answers, for one that hangs after its first 100 requests, and (the control) with
+   those rows not due (bench/isolation.py, both).
 
 Plus the receiver's ceiling (a plain HTTP load from another process). Nothing is asserted about
 speed. Writes bench-results/<timestamp>.json and .md and bench-results/latest.md, and prints the

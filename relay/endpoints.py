@@ -48,8 +48,8 @@ MAX_DEFER = 300.0
 # The tail of an endpoint's line is looked at (rows whose turn is no longer near deferred) at
 # most this often: the estimate moves with the requests' age, not with each row.
 TRIM_EVERY = 0.1
-# An endpoint with every slot taken that has ended no request for STALL_AFTER (or four of its
-# response times, if longer) is stalled: it may be hanging. Its requests are young when a hang
+# An endpoint with every slot taken that has ended no request for STALL_AFTER (or for STALL_TIMES
+# of its response times, if longer) is stalled: it may be hanging. Its requests are young when a hang
 # begins, so their age alone says a slot may be near, and for the second or so until it says
 # otherwise the rows claimed for it joined its line and held the claim budget the other
 # endpoints' rows needed (bench isolation: 0.95 of the healthy endpoint's rate; 1.02 with
@@ -57,6 +57,9 @@ TRIM_EVERY = 0.1
 # endpoint with no answer yet whose first requests take longer than STALL_AFTER has the rows
 # claimed meanwhile deferred (no attempt counted) rather than waiting in relay.
 STALL_AFTER = 0.1
+# Ten response times, not a few: with a cap of one or two, an answer four times slower than
+# usual is everyday tail latency, not a hang.
+STALL_TIMES = 10
 STALLED_WAIT = 2 * PARK_WITHIN
 # Endpoints tracked at most; idle ones (nothing in flight, waiting or paused) are forgotten
 # beyond this, so URLs taken from rows cannot grow memory without bound.
@@ -272,7 +275,7 @@ class Endpoint:
     def stalled(self, now: float) -> bool:
         """Every slot taken and no request ended for a while (STALL_AFTER)."""
         return self.in_flight >= self.cap and now - self.moved_at > max(
-            STALL_AFTER, 4 * self.latency
+            STALL_AFTER, STALL_TIMES * self.latency
         )
 
     def admit(self, now: float, ahead: int) -> tuple[Gate, float]:

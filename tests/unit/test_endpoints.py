@@ -87,13 +87,13 @@ def test_an_endpoint_whose_requests_keep_ending_is_not_stalled() -> None:
     # Both slots taken again, the last end less than STALL_AFTER ago: moving.
     assert not e.stalled(0.09 + endpoints.STALL_AFTER * 0.9)
     assert e.stalled(0.09 + endpoints.STALL_AFTER * 1.1)
-    # A slow endpoint (2 s answers) is stalled only after four of them without an end.
+    # A slow endpoint (2 s answers) is stalled only after ten of them without an end.
     slow = endpoint(cap=1)
     ticket = go(slow, 0.0)
     slow.finish(ticket, 2.0, answered=2.0, failed=False)
     go(slow, 2.0)
-    assert not slow.stalled(2.0 + 7.9)
-    assert slow.stalled(2.0 + 8.1)
+    assert not slow.stalled(2.0 + 19.9)
+    assert slow.stalled(2.0 + 20.1)
     # A free slot: never stalled, whatever its age.
     idle = endpoint(cap=2)
     go(idle, 0.0)

@@ -48,11 +48,11 @@ MAX_DEFER = 300.0
 # The tail of an endpoint's line is looked at (rows whose turn is no longer near deferred) at
 # most this often: the estimate moves with the requests' age, not with each row.
 TRIM_EVERY = 0.1
-# An endpoint with every slot taken that has ended no request for STALL_AFTER (or for STALL_TIMES
-# of its response times, if longer) is stalled: it may be hanging. Its requests are young when a hang
-# begins, so their age alone says a slot may be near, and for the second or so until it says
-# otherwise the rows claimed for it joined its line and held the claim budget the other
-# endpoints' rows needed (bench isolation: 0.95 of the healthy endpoint's rate; 1.02 with
+# An endpoint with every slot taken that has ended no request for STALL_AFTER (or for
+# STALL_TIMES of its response times, if longer) is stalled: it may be hanging. Its requests are
+# young when a hang begins, so their age alone says a slot may be near, and for the second or so
+# until it says otherwise the rows claimed for it joined its line and held the claim budget the
+# other endpoints' rows needed (bench isolation: 0.95 of the healthy endpoint's rate; 1.02 with
 # this). A stalled endpoint's rows are deferred, for at least STALLED_WAIT. The cost: an
 # endpoint with no answer yet whose first requests take longer than STALL_AFTER has the rows
 # claimed meanwhile deferred (no attempt counted) rather than waiting in relay.

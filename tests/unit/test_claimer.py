@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -85,37 +87,55 @@ async def wait_until(event: asyncio.Event, predicate: Callable[[], bool]) -> Non
             await event.wait()
 
 
-async def test_claims_at_most_the_budget_and_refills_in_half_batches() -> None:
-    cfg = config(max_in_flight=3, batch=4)
-    store = FakeStore(rows=20)
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)  # a budget of 7 rows
+@dataclass
+class Rig:
+    slots: Slots
+    deliveries: HeldDeliveries
+    claimer: Claimer
+
+
+@asynccontextmanager
+async def claiming(store: FakeStore, max_in_flight: int, batch: int) -> AsyncIterator[Rig]:
+    """A claimer running on `store` (a budget of max_in_flight + batch rows), stopped at the
+    end of the block."""
+    cfg = config(max_in_flight=max_in_flight, batch=batch)
+    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
     deliveries = HeldDeliveries(slots)
-    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
+    rig = Rig(slots, deliveries, Claimer(cfg.sources[0], cfg, store, deliveries, slots))
     stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    # A full batch at once, then the rest of the budget.
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 7)
-    assert store.claims == [4, 3]
-    assert (slots.free, slots.held) == (0, 7)
-    # One settled row is not enough to claim again (half a batch is)...
-    deliveries.finish(1)
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert store.claims == [4, 3]
-    # ... a second one is.
-    deliveries.finish(1)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 9)
-    assert store.claims == [4, 3, 2]
-    assert slots.held == 7
-    deliveries.finish(7)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
-    deliveries.finish(7)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
-    assert max(store.claims) <= 4
-    stop.set()
-    slots.poke()
-    claimer.kick()
-    await asyncio.wait_for(task, 5)
+    task = asyncio.create_task(rig.claimer.run(stop))
+    try:
+        yield rig
+    finally:
+        stop.set()
+        slots.poke()
+        rig.claimer.kick()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_claims_at_most_the_budget_and_refills_in_half_batches() -> None:
+    store = FakeStore(rows=20)
+    async with claiming(store, max_in_flight=3, batch=4) as rig:  # a budget of 7 rows
+        slots, deliveries = rig.slots, rig.deliveries
+        # A full batch at once, then the rest of the budget.
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 7)
+        assert store.claims == [4, 3]
+        assert (slots.free, slots.held) == (0, 7)
+        # One settled row is not enough to claim again (half a batch is)...
+        deliveries.finish(1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert store.claims == [4, 3]
+        # ... a second one is.
+        deliveries.finish(1)
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 9)
+        assert store.claims == [4, 3, 2]
+        assert slots.held == 7
+        deliveries.finish(7)
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
+        deliveries.finish(7)
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
+        assert max(store.claims) <= 4
     assert [r.key for r in deliveries.started] == list(range(20))
 
 
@@ -142,111 +162,75 @@ async def test_outcomes_being_written_hold_budget_but_not_the_rows_claimed_ahead
 
 
 async def test_a_wake_claims_again_and_a_short_claim_ends_the_pass() -> None:
-    cfg = config(max_in_flight=10, batch=10)
     store = FakeStore(rows=2)
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
-    deliveries = HeldDeliveries(slots)
-    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
-    stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 2)
-    assert store.claims == [10]  # one claim found fewer than asked: the pass ended
-    store.waiting = [100]
-    store.claimed_event.clear()
-    claimer.wake()
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
-    assert store.claims == [10, 10]  # a batch: the budget (10 + 10) has 18 free
-    stop.set()
-    claimer.kick()
-    await asyncio.wait_for(task, 5)
+    async with claiming(store, max_in_flight=10, batch=10) as rig:
+        deliveries = rig.deliveries
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 2)
+        assert store.claims == [10]  # one claim found fewer than asked: the pass ended
+        store.waiting = [100]
+        store.claimed_event.clear()
+        rig.claimer.wake()
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 3)
+        assert store.claims == [10, 10]  # a batch: the budget (10 + 10) has 18 free
 
 
 async def test_the_next_due_row_sets_a_timer() -> None:
-    cfg = config(max_in_flight=10, batch=10)
     store = FakeStore(rows=0)
     store.due = 0.05
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
-    claimer = Claimer(cfg.sources[0], cfg, store, HeldDeliveries(slots), slots)
-    stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    # The start-up pass, then the timer's pass 50 ms later, with no wake in between.
-    await wait_until(store.claimed_event, lambda: len(store.claims) >= 2)
-    stop.set()
-    claimer.kick()
-    await asyncio.wait_for(task, 5)
+    async with claiming(store, max_in_flight=10, batch=10):
+        # The start-up pass, then the timer's pass 50 ms later, with no wake in between.
+        await wait_until(store.claimed_event, lambda: len(store.claims) >= 2)
 
 
 async def test_while_rows_keep_coming_the_next_due_row_is_looked_up_once_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(claimer_mod, "NEXT_DUE_EVERY", 0.2)
-    cfg = config(max_in_flight=3, batch=4)
     store = FakeStore(rows=0)
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
-    deliveries = HeldDeliveries(slots)
-    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
-    stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    # The pass at start finds nothing, and looks up the next scheduled row.
-    await wait_until(store.asked, lambda: store.next_due_calls == 1)
-    # Ten rows, one per notification, each claimed by a pass of its own: none asks again.
-    for n in range(10):
-        store.waiting.append(n)
-        claimer.wake()
-        await wait_until(deliveries.changed, lambda n=n: len(deliveries.started) == n + 1)
-        deliveries.finish(1)
-    assert store.next_due_calls == 1
-    # The rows stop coming: by NEXT_DUE_EVERY it looks again, with no wake-up at all.
-    await wait_until(store.asked, lambda: store.next_due_calls == 2)
-    stop.set()
-    claimer.kick()
-    await task
+    async with claiming(store, max_in_flight=3, batch=4) as rig:
+        deliveries = rig.deliveries
+        # The pass at start finds nothing, and looks up the next scheduled row.
+        await wait_until(store.asked, lambda: store.next_due_calls == 1)
+        # Ten rows, one per notification, each claimed by a pass of its own: none asks again.
+        for n in range(10):
+            store.waiting.append(n)
+            rig.claimer.wake()
+            await wait_until(deliveries.changed, lambda n=n: len(deliveries.started) == n + 1)
+            deliveries.finish(1)
+        assert store.next_due_calls == 1
+        # The rows stop coming: by NEXT_DUE_EVERY it looks again, with no wake-up at all.
+        await wait_until(store.asked, lambda: store.next_due_calls == 2)
 
 
 async def test_a_pass_goes_on_after_the_last_key_claimed_and_starts_over_at_the_end() -> None:
-    cfg = config(max_in_flight=40, batch=4)
     store = FakeStore(rows=20)
     store.passed_over = [2, 2]  # not claimable for the first two claims (its delay runs out)
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
-    deliveries = HeldDeliveries(slots)
-    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
-    stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
-    # Each full claim goes on after its last key: key 2, passed over at first, is not read
-    # again until the end of the order sends the pass back to the start, where it is taken.
-    assert store.afters == [None, 4, 8, 12, 16, None]
-    assert [r.key for r in deliveries.started][-1] == 2
-    await wait_until(store.asked, lambda: store.next_due_calls == 1)  # the pass ended
-    stop.set()
-    claimer.kick()
-    await asyncio.wait_for(task, 5)
+    async with claiming(store, max_in_flight=40, batch=4) as rig:
+        deliveries = rig.deliveries
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 20)
+        # Each full claim goes on after its last key: key 2, passed over at first, is not read
+        # again until the end of the order sends the pass back to the start, where it is taken.
+        assert store.afters == [None, 4, 8, 12, 16, None]
+        assert [r.key for r in deliveries.started][-1] == 2
+        await wait_until(store.asked, lambda: store.next_due_calls == 1)  # the pass ended
 
 
 async def test_a_long_pass_starts_over_every_wrap_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(claimer_mod, "WRAP_EVERY", 0.3)
-    cfg = config(max_in_flight=4, batch=4)
     store = FakeStore(rows=100)
-    slots = Slots(cfg.max_in_flight, ahead=cfg.batch_size)
-    deliveries = HeldDeliveries(slots)
-    claimer = Claimer(cfg.sources[0], cfg, store, deliveries, slots)
-    stop = asyncio.Event()
-    task = asyncio.create_task(claimer.run(stop))
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 8)
-    assert store.afters == [None, 3]
-    # Within WRAP_EVERY of the pass's start, the next claim goes on after key 7 ...
-    deliveries.finish(4)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 12)
-    assert store.afters[-1] == 7
-    # ... and once it has passed, from the start (a retry that fell due behind the cursor
-    # waits no longer than that).
-    await asyncio.sleep(0.35)  # time passing is what this test is about
-    deliveries.finish(4)
-    await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
-    assert store.afters[-1] is None
-    stop.set()
-    slots.poke()
-    claimer.kick()
-    await asyncio.wait_for(task, 5)
+    async with claiming(store, max_in_flight=4, batch=4) as rig:
+        deliveries = rig.deliveries
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 8)
+        assert store.afters == [None, 3]
+        # Within WRAP_EVERY of the pass's start, the next claim goes on after key 7 ...
+        deliveries.finish(4)
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 12)
+        assert store.afters[-1] == 7
+        # ... and once it has passed, from the start (a retry that fell due behind the cursor
+        # waits no longer than that).
+        await asyncio.sleep(0.35)  # time passing is what this test is about
+        deliveries.finish(4)
+        await wait_until(deliveries.changed, lambda: len(deliveries.started) == 16)
+        assert store.afters[-1] is None
